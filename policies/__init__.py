@@ -1,0 +1,1 @@
+"""Frugality routing rules and the engine that combines them."""
