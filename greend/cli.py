@@ -1,0 +1,298 @@
+"""The `greend` command line. Heavy modules are imported inside the commands that need them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from . import __version__
+
+log = logging.getLogger("greend")
+
+EXIT_USAGE = 2  # bad command line, bad config, unusable state directory
+
+DESCRIPTION = """\
+greend measures the energy, carbon and water footprint of compute jobs and routes jobs to the most
+frugal cluster tier. Figures follow docs/methodology.md; every one says whether it was measured
+(RAPL, NVML) or modelled (TDP, memory model) and which factors (PUE, WUE, EWIF, carbon
+intensity) were applied, with their sources.
+"""
+
+EPILOG = """\
+Files and environment:
+  config      --config FILE or $GREEND_CONFIG; without one, the embedded default monitors this
+              machine as a one-node cluster "local" (see `greend config check`).
+  state       --state-dir DIR, $GREEND_STATE_DIR, or state_dir in the config; default
+              /var/lib/greend as root, else $XDG_STATE_HOME/greend (~/.local/state/greend).
+
+Exit status: 0 success; 2 bad usage, configuration or state directory; `measure` exits with the
+command's own status (127 not found, 126 not executable, 128+N killed by signal N).
+"""
+
+
+class UsageError(Exception):
+    pass
+
+
+def _fail(msg: str, status: int = EXIT_USAGE) -> int:
+    print(f"greend: {msg}", file=sys.stderr)
+    return status
+
+
+def _load_config(args):
+    from . import config as config_mod
+
+    path = args.config or os.environ.get("GREEND_CONFIG") or None
+    cfg = config_mod.load(path)
+    updates = {}
+    if getattr(args, "state_dir", None):
+        updates["state_dir"] = args.state_dir
+    return cfg.model_copy(update=updates) if updates else cfg
+
+
+def _open_ledger(cfg, readonly: bool = False):
+    from .ledger import Ledger, default_path
+
+    state = cfg.resolved_state_dir()
+    return Ledger(default_path(state), readonly=readonly)
+
+
+# -- measure ----------------------------------------------------------------------------------
+def cmd_measure(args) -> int:
+    from . import measure, report
+    from .ledger import LedgerError
+
+    argv = args.command
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        return _fail("measure: no command given (usage: greend measure [options] -- CMD ARGS...)")
+    cfg = _load_config(args)
+    updates = {}
+    if args.interval is not None:
+        if args.interval <= 0:
+            return _fail("measure: --interval must be a positive number of seconds")
+        updates["sampling"] = cfg.sampling.model_copy(update={"measure_interval_s": args.interval})
+    if args.idle:
+        updates["attribution"] = cfg.attribution.model_copy(update={"idle_power": args.idle})
+    if updates:
+        cfg = cfg.model_copy(update=updates)
+    ledger = None
+    if not args.no_ledger:
+        try:
+            ledger = _open_ledger(cfg)
+        except LedgerError as e:
+            return _fail(f"measure: {e} (or use --no-ledger to only print the footprint)")
+    live = sys.stderr.isatty() and not args.quiet
+    try:
+        res = measure.run(cfg, argv, ledger, live=live)
+    except measure.MeasureError as e:
+        print(f"greend: measure: {e}", file=sys.stderr)
+        return e.status
+    factors = ledger.factor_sets_of(res.row.pk) if ledger and res.row.pk else list(
+        res.monitor._factor_sets.values())
+    cm = res.monitor.cpu_model
+    d = report.footprint_dict(
+        res.row, factors, cpu_model={"tdp_w": cm.tdp_w, "model": cm.model, "source": cm.source},
+        idle_rule=cfg.attribution.idle_power, elapsed_s=res.elapsed_s,
+    )
+    d["ledger"] = str(ledger.path) if ledger else None
+    if res.orphans_left:
+        d["note"] = (f"{res.orphans_left} background process(es) started by the command were "
+                     "still running when it exited; they were measured until then")
+    out = json.dumps(d, indent=2) + "\n" if args.json else report.text(d)
+    if args.output:
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(out)
+        except OSError as e:
+            print(f"greend: measure: cannot write {args.output}: {e.strerror}", file=sys.stderr)
+            sys.stderr.write(out)
+    elif not args.quiet or args.json:
+        sys.stderr.write(out)
+        if d.get("note") and not args.json:
+            sys.stderr.write(f"note: {d['note']}\n")
+    if ledger:
+        ledger.close()
+    return res.exit_code
+
+
+# -- config -----------------------------------------------------------------------------------
+def cmd_config_check(args) -> int:
+    from . import config as config_mod
+
+    path = args.file or args.config or os.environ.get("GREEND_CONFIG") or None
+    cfg = config_mod.load(path)
+    if args.json:
+        data = cfg.model_dump(mode="json")
+        data["resolved"] = _resolved(cfg)
+        print(json.dumps(data, indent=2))
+    else:
+        print(f"# effective configuration ({path or 'embedded default'})")
+        print(config_mod.to_toml(cfg), end="")
+        print("\n# resolved at start")
+        for k, v in _resolved(cfg).items():
+            print(f"# {k}: {json.dumps(v)}")
+    return 0
+
+
+def _resolved(cfg) -> dict:
+    from . import config as config_mod
+    from .monitor import cpu_power_model
+
+    f = config_mod.cluster_factors(cfg).at(time.time())
+    cm = cpu_power_model(cfg)
+    return {
+        "node": cfg.node_name, "state_dir": str(cfg.resolved_state_dir()),
+        "factors": f.to_dict(),
+        "cpu_power_model": {"tdp_w": cm.tdp_w, "model": cm.model, "source": cm.source},
+    }
+
+
+# -- jobs -------------------------------------------------------------------------------------
+def cmd_jobs(args) -> int:
+    from . import report
+    from . import units as u
+    from .ledger import LedgerError
+
+    cfg = _load_config(args)
+    try:
+        ledger = _open_ledger(cfg, readonly=True)
+    except LedgerError as e:
+        return _fail(f"jobs: {e}")
+    if args.job:
+        cluster, _, job_id = args.job.rpartition("/")
+        rows = ledger.get_job(cluster or cfg.cluster, job_id)
+        if not rows:
+            return _fail(f"jobs: no job {args.job!r} in {ledger.path}", 1)
+        out = [report.footprint_dict(r, ledger.factor_sets_of(r.pk)) for r in rows]
+        if args.json:
+            print(json.dumps(out if len(out) > 1 else out[0], indent=2))
+        else:
+            print("\n".join(report.text(d) for d in out), end="")
+        return 0
+    since = time.time() - args.since_hours * 3600 if args.since_hours else None
+    user = None if args.all_users else (args.user or _me())
+    rows = ledger.jobs(user=user, state=args.state, cluster=args.cluster, since=since,
+                       limit=args.limit)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return 0
+    if not rows:
+        print(f"no jobs{' of ' + user if user else ''} in {ledger.path}")
+        return 0
+    print(f"{'CLUSTER':<9} {'JOB':<24} {'USER':<10} {'STATE':<8} {'ELAPSED':>9} {'ENERGY':>10} "
+          f"{'CARBON':>12} {'WATER':>9}  NAME")
+    for r in rows:
+        el = (r.end_time or r.last_seen) - r.first_seen
+        print(f"{r.cluster:<9.9} {r.job_id:<24.24} {r.user:<10.10} {r.state:<8} "
+              f"{u.duration(el):>9} {u.energy(r.it_energy_uj / 1e6):>10} {u.carbon(r.carbon_g):>12} "
+              f"{u.water(r.water_site_l + r.water_offsite_l):>9}  {r.name}")
+    return 0
+
+
+def _me() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+# -- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="greend", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"greend {__version__}")
+    p.add_argument("-c", "--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument("--state-dir", metavar="DIR", help="where the ledger lives")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    m = sub.add_parser(
+        "measure", help="run a command and print its energy, carbon and water footprint",
+        description="Run CMD, sample this node while it runs, and print the command's footprint "
+        "when it ends: energy by source (CPU, DRAM or memory model, GPU), facility energy, "
+        "carbon and water, with the factors used and their sources. The report goes to "
+        "standard error (or --output FILE), so the command's own output is untouched. The "
+        "command is recorded in the ledger unless --no-ledger. The exit status is the "
+        "command's.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  greend measure -- python train.py --epochs 3\n"
+        "  greend measure --json -o footprint.json -- make -j2",
+    )
+    m.add_argument("--json", action="store_true", help="report as JSON")
+    m.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE")
+    m.add_argument("-q", "--quiet", action="store_true", help="no live line, no text report")
+    m.add_argument("--no-ledger", action="store_true", help="do not record the run in the ledger")
+    m.add_argument("--interval", type=float, metavar="S",
+                   help="sampling period in seconds (default: sampling.measure_interval_s, 1)")
+    m.add_argument("--idle", choices=["allocated", "unattributed"],
+                   help="charge the node's idle power to the command (allocated: by its cores) "
+                   "or not (default: attribution.idle_power)")
+    m.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
+    m.set_defaults(func=cmd_measure)
+
+    c = sub.add_parser("config", help="check and print configuration")
+    csub = c.add_subparsers(dest="config_cmd", metavar="ACTION")
+    cc = csub.add_parser(
+        "check", help="validate a config file and print the effective configuration",
+        description="Validate FILE (or --config, $GREEND_CONFIG, or the embedded default) and "
+        "print the effective configuration with defaults filled in, plus what is resolved at "
+        "start: node name, state directory, factors with their sources, CPU power model. Exits "
+        "2 with the file, key and expected value on an error.",
+    )
+    cc.add_argument("file", nargs="?", help="config file to check")
+    cc.add_argument("--json", action="store_true", help="print as JSON")
+    cc.set_defaults(func=cmd_config_check)
+    c.set_defaults(func=lambda a: (c.print_help(), 0)[1])
+
+    j = sub.add_parser(
+        "jobs", help="list jobs and their footprints from the ledger",
+        description="List jobs recorded in this node's ledger (yours by default), newest first, "
+        "or show one job's footprint with `greend jobs CLUSTER/JOBID`.",
+    )
+    j.add_argument("job", nargs="?", help="show one job: CLUSTER/JOBID or JOBID")
+    j.add_argument("--user", help="jobs of USER (default: you)")
+    j.add_argument("--all-users", action="store_true", help="jobs of every user")
+    j.add_argument("--cluster")
+    j.add_argument("--state", choices=["running", "ended"])
+    j.add_argument("--since-hours", type=float, metavar="H", help="only jobs seen in the last H hours")
+    j.add_argument("--limit", type=int, default=50)
+    j.add_argument("--json", action="store_true")
+    j.set_defaults(func=cmd_jobs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .ledger import LedgerError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="greend: %(levelname)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        return _fail(str(e))
+    except LedgerError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""greend's configuration: one TOML file validated into typed objects, or the embedded default.
+
+Errors name the file, the key and what was expected; `greend config check FILE` prints the result.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import os
+import socket
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import refdata
+from .footprint import Factors
+
+DEFAULT_PORT = 9471  # greend's documented default exporter/API port
+DEFAULT_COUNTRY = "FRA"
+
+# Defaults for a site that has not measured its own factors: REFERENCE.md §3-4.
+DEFAULT_PUE = 1.56
+DEFAULT_PUE_SOURCE = "unknown site: Uptime Institute 2024 global survey average"
+DEFAULT_WUE = 1.8
+DEFAULT_WUE_SOURCE = "unknown site: U.S. data-centre average on-site WUE (LBNL 2016)"
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the person who wrote the file."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Sampling(_Model):
+    interval_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    """Daemon sampling period. Must stay below the RAPL wrap time (max_energy_range_uj / P_max)."""
+    measure_interval_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    """Sampling period of `greend measure` (short commands need finer sampling)."""
+    series_step_s: Annotated[int, Field(ge=1, le=86400)] = 60
+    """Width of one point of a job's stored time series."""
+    checkpoint_interval_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
+    """How often the daemon commits its books to the ledger (a crash loses no energy: counters
+    resume from the last checkpoint, but metadata seen after it is re-read)."""
+
+
+class Paths(_Model):
+    procfs: Path = Path("/proc")
+    sysfs: Path = Path("/sys")
+    cgroupfs: Path = Path("/sys/fs/cgroup")
+
+
+class Attribution(_Model):
+    idle_power: Literal["allocated", "unattributed"] = "allocated"
+    """allocated: a node's idle power is shared among running jobs by allocated cores (the node is
+    powered for them; HPC practice). unattributed: idle power stays in the remainder (Kepler)."""
+    jobs_from: Literal["auto", "cgroup", "procscan"] = "auto"
+    """Where per-job CPU time comes from: Slurm job cgroups, a process scan, or auto (cgroups
+    when a Slurm cgroup tree exists, else the scan)."""
+
+
+class Power(_Model):
+    rapl: bool = True
+    cpu_model: str = ""
+    """Override the CPU model name used to look up the TDP (default: /proc/cpuinfo)."""
+    cpu_tdp_w: Annotated[float, Field(ge=0)] = 0.0
+    """Override the node's total CPU TDP in watts (0: look it up in CodeCarbon's table)."""
+    unknown_cpu_w_per_core: Annotated[float, Field(gt=0)] = 12.0
+    memory_w_per_gb: Annotated[float, Field(ge=0)] = 0.3725
+    gpu_tdp_w: Annotated[float, Field(ge=0)] = 200.0
+
+
+class Cluster(_Model):
+    tier: Literal["local", "site", "national"] = "local"
+    country: str = DEFAULT_COUNTRY
+    """ISO 3166-1 alpha-3 code; picks the default carbon intensity and EWIF from CodeCarbon's data."""
+    pue: Annotated[float, Field(ge=1.0, le=5.0)] = DEFAULT_PUE
+    wue_site_l_per_kwh: Annotated[float, Field(ge=0, le=20)] = DEFAULT_WUE
+    ewif_l_per_kwh: Annotated[float, Field(ge=0, le=50)] | None = None
+    carbon_intensity_g_per_kwh: Annotated[float, Field(ge=0, le=2000)] | None = None
+    carbon_intensity_series: Path | None = None
+    """CSV of `timestamp,g_per_kwh` rows (ISO 8601, e.g. hourly); the static value fills the gaps."""
+    hds: bool = False
+    open: bool = True
+    sources: dict[str, str] = Field(default_factory=dict)
+    """Where each factor comes from, by factor name (pue, wue_site_l_per_kwh, ...)."""
+
+    @field_validator("country")
+    @classmethod
+    def _known_country(cls, v: str) -> str:
+        v = v.upper()
+        if v not in refdata.known_countries():
+            raise ValueError(
+                f"unknown country code {v!r}: expected an ISO 3166-1 alpha-3 code present in "
+                "CodeCarbon's energy mix data (e.g. FRA, DEU, USA)"
+            )
+        return v
+
+
+class Config(_Model):
+    cluster: str = "local"
+    """The cluster this node belongs to (a key of [clusters])."""
+    node: str = ""
+    """This node's name (default: the short hostname)."""
+    state_dir: Path | None = None
+    """Where the ledger lives (default: /var/lib/greend as root, else $XDG_STATE_HOME/greend)."""
+    sampling: Sampling = Sampling()
+    paths: Paths = Paths()
+    attribution: Attribution = Attribution()
+    power: Power = Power()
+    clusters: dict[str, Cluster] = Field(default_factory=lambda: {"local": Cluster()})
+
+    @model_validator(mode="after")
+    def _cluster_exists(self) -> Config:
+        if self.cluster not in self.clusters:
+            raise ValueError(
+                f"cluster {self.cluster!r} is not defined: expected one of "
+                f"{sorted(self.clusters)} (a [clusters.{self.cluster}] table)"
+            )
+        return self
+
+    @property
+    def node_name(self) -> str:
+        return self.node or socket.gethostname().split(".")[0]
+
+    def resolved_state_dir(self) -> Path:
+        env = os.environ.get("GREEND_STATE_DIR")
+        if env:
+            return Path(env)
+        if self.state_dir is not None:
+            return self.state_dir
+        if os.geteuid() == 0:
+            return Path("/var/lib/greend")
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "greend"
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling; `greend config check --help` lists the keys)"
+        got = e.get("input")
+        shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else (
+            f" (got {got!r})"
+        )
+        lines.append(f"  key '{loc}': {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse(data: dict, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(source, e)) from None
+
+
+def load(path: str | os.PathLike | None) -> Config:
+    """Load and validate a config file; None gives the embedded default."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    cfg = parse(data, str(p))
+    # Relative series paths are relative to the config file, as a reader of the file expects.
+    clusters = {}
+    for name, c in cfg.clusters.items():
+        if c.carbon_intensity_series is not None and not c.carbon_intensity_series.is_absolute():
+            c = c.model_copy(update={"carbon_intensity_series": p.parent / c.carbon_intensity_series})
+        clusters[name] = c
+    cfg = cfg.model_copy(update={"clusters": clusters})
+    for name in cfg.clusters:
+        cluster_factors(cfg, name, source=str(p))  # fail now on a bad series, not at first sample
+    return cfg
+
+
+class CarbonSeries:
+    """A time series of carbon intensity; the value in force at t is the last point at or before t."""
+
+    def __init__(self, path: Path, max_gap_s: float = 3 * 3600):
+        self.path = path
+        self.max_gap_s = max_gap_s
+        times: list[float] = []
+        values: list[float] = []
+        try:
+            with path.open(encoding="utf-8", newline="") as f:
+                for lineno, row in enumerate(csv.reader(f), 1):
+                    if not row or row[0].startswith("#") or (lineno == 1 and not _isnum(row[-1])):
+                        continue
+                    if len(row) != 2:
+                        raise ConfigError(f"{path}:{lineno}: expected 'timestamp,g_per_kwh'")
+                    try:
+                        ts = datetime.fromisoformat(row[0].strip())
+                    except ValueError:
+                        raise ConfigError(
+                            f"{path}:{lineno}: bad timestamp {row[0]!r}: expected ISO 8601"
+                        ) from None
+                    if ts.tzinfo is None:
+                        ts = ts.replace(tzinfo=UTC)
+                    if not _isnum(row[1]) or float(row[1]) < 0:
+                        raise ConfigError(
+                            f"{path}:{lineno}: bad intensity {row[1]!r}: expected gCO2e/kWh >= 0"
+                        )
+                    times.append(ts.timestamp())
+                    values.append(float(row[1]))
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read carbon intensity series: {e.strerror}") from None
+        if not times:
+            raise ConfigError(f"{path}: carbon intensity series has no data rows")
+        order = sorted(range(len(times)), key=times.__getitem__)
+        self.times = [times[i] for i in order]
+        self.values = [values[i] for i in order]
+
+    def at(self, t: float) -> float | None:
+        i = bisect.bisect_right(self.times, t) - 1
+        if i < 0:
+            return None
+        nxt = self.times[i + 1] if i + 1 < len(self.times) else self.times[i] + self.max_gap_s
+        return self.values[i] if t < nxt else None
+
+
+def _isnum(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+class ClusterFactors:
+    """Resolves the factors in force for one cluster at a time t."""
+
+    def __init__(self, cluster: Cluster, series: CarbonSeries | None):
+        self.cluster = cluster
+        self.series = series
+        mix = refdata.country_mix(cluster.country)
+        src = dict(cluster.sources)
+        self.ci_static = cluster.carbon_intensity_g_per_kwh
+        if self.ci_static is None:
+            self.ci_static = mix.carbon_intensity_g_per_kwh
+            src.setdefault("carbon_intensity_g_per_kwh", mix.source)
+        else:
+            src.setdefault("carbon_intensity_g_per_kwh", "site configuration")
+        ewif = cluster.ewif_l_per_kwh
+        if ewif is None:
+            ewif = mix.ewif_l_per_kwh
+            src.setdefault(
+                "ewif_l_per_kwh", f"derived: {refdata.EWIF_SOURCE} on the mix of {mix.source}"
+            )
+        else:
+            src.setdefault("ewif_l_per_kwh", "site configuration")
+        src.setdefault(
+            "pue", DEFAULT_PUE_SOURCE if cluster.pue == DEFAULT_PUE else "site configuration"
+        )
+        src.setdefault(
+            "wue_site_l_per_kwh",
+            DEFAULT_WUE_SOURCE if cluster.wue_site_l_per_kwh == DEFAULT_WUE else "site configuration",
+        )
+        self._static = Factors(cluster.pue, cluster.wue_site_l_per_kwh, ewif, self.ci_static, src)
+        self._cache: dict[float, Factors] = {}
+
+    def at(self, t: float) -> Factors:
+        if self.series is None:
+            return self._static
+        ci = self.series.at(t)
+        if ci is None:
+            return self._static
+        f = self._cache.get(ci)
+        if f is None:
+            src = dict(self._static.sources)
+            src["carbon_intensity_g_per_kwh"] = f"series {self.series.path}"
+            f = Factors(self._static.pue, self._static.wue_site_l_per_kwh,
+                        self._static.ewif_l_per_kwh, ci, src)
+            self._cache[ci] = f
+        return f
+
+
+def cluster_factors(cfg: Config, name: str | None = None, source: str = "<config>") -> ClusterFactors:
+    c = cfg.clusters[name or cfg.cluster]
+    series = CarbonSeries(c.carbon_intensity_series) if c.carbon_intensity_series else None
+    return ClusterFactors(c, series)
+
+
+def to_toml(cfg: Config) -> str:
+    """The effective configuration as TOML (defaults filled in), for `greend config check`."""
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    return _dump_toml(data)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'
+
+
+def _dump_toml(data: dict, prefix: str = "") -> str:
+    scalars = [(k, v) for k, v in data.items() if not isinstance(v, dict)]
+    tables = [(k, v) for k, v in data.items() if isinstance(v, dict)]
+    out = [f"{k} = {_toml_value(v)}" for k, v in scalars]
+    for k, v in tables:
+        name = f"{prefix}.{k}" if prefix else k
+        body = _dump_toml(v, name)
+        out.append(f"\n[{name}]\n{body}" if body.strip() or not v else f"\n[{name}]")
+    return "\n".join(out).strip("\n") + "\n" if prefix == "" else "\n".join(out)

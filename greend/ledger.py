@@ -1,0 +1,337 @@
+"""The ledger: greend's SQLite store (WAL) of per-job totals, coarse time series and counter state.
+
+Writers commit whole checkpoints in one transaction (absolute totals, not increments), so a crash
+leaves the last checkpoint intact and a replayed checkpoint never double-counts. The stored counter
+readings let a restarted daemon attribute the energy used while it was down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LEDGER_FILE = "ledger.sqlite"
+
+
+class LedgerError(Exception):
+    """The ledger cannot be opened or written; the message says where and why."""
+
+
+MIGRATIONS: list[str] = [
+    # 1: the first schema
+    """
+    CREATE TABLE factor_sets (
+        id TEXT PRIMARY KEY,
+        pue REAL NOT NULL, wue_site_l_per_kwh REAL NOT NULL, ewif_l_per_kwh REAL NOT NULL,
+        carbon_intensity_g_per_kwh REAL NOT NULL, sources TEXT NOT NULL, first_used REAL NOT NULL
+    );
+    CREATE TABLE jobs (
+        pk INTEGER PRIMARY KEY,
+        cluster TEXT NOT NULL, job_id TEXT NOT NULL, submit_time INTEGER NOT NULL DEFAULT 0,
+        node TEXT NOT NULL,
+        kind TEXT NOT NULL, name TEXT NOT NULL DEFAULT '', user TEXT NOT NULL DEFAULT '',
+        uid INTEGER, account TEXT NOT NULL DEFAULT '', partition TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL, tier TEXT NOT NULL DEFAULT '',
+        alloc_cpus REAL, alloc_mem_bytes INTEGER, alloc_gpus INTEGER,
+        first_seen REAL NOT NULL, last_seen REAL NOT NULL, end_time REAL,
+        cpu_time_ns INTEGER NOT NULL DEFAULT 0,
+        cpu_uj INTEGER NOT NULL DEFAULT 0, dram_uj INTEGER NOT NULL DEFAULT 0,
+        gpu_uj INTEGER NOT NULL DEFAULT 0, memory_uj INTEGER NOT NULL DEFAULT 0,
+        facility_j REAL NOT NULL DEFAULT 0, carbon_g REAL NOT NULL DEFAULT 0,
+        water_site_l REAL NOT NULL DEFAULT 0, water_offsite_l REAL NOT NULL DEFAULT 0,
+        max_mem_bytes INTEGER NOT NULL DEFAULT 0,
+        provenance TEXT NOT NULL DEFAULT '{}', command TEXT, exit_code INTEGER,
+        meta TEXT NOT NULL DEFAULT '{}',
+        UNIQUE (cluster, job_id, submit_time, node)
+    );
+    CREATE INDEX jobs_user ON jobs (user, last_seen);
+    CREATE INDEX jobs_account ON jobs (account, last_seen);
+    CREATE INDEX jobs_state ON jobs (state, node);
+    CREATE TABLE job_series (
+        job_pk INTEGER NOT NULL REFERENCES jobs (pk),
+        t_start REAL NOT NULL, t_end REAL NOT NULL, factor_set TEXT NOT NULL,
+        cpu_uj INTEGER NOT NULL, dram_uj INTEGER NOT NULL, gpu_uj INTEGER NOT NULL,
+        memory_uj INTEGER NOT NULL, cpu_time_ns INTEGER NOT NULL,
+        carbon_g REAL NOT NULL, water_site_l REAL NOT NULL, water_offsite_l REAL NOT NULL,
+        PRIMARY KEY (job_pk, t_start, factor_set)
+    ) WITHOUT ROWID;
+    CREATE TABLE node_totals (
+        node TEXT NOT NULL, domain TEXT NOT NULL, source TEXT NOT NULL, provenance TEXT NOT NULL,
+        energy_uj INTEGER NOT NULL, unattributed_uj INTEGER NOT NULL, idle_uj INTEGER NOT NULL,
+        PRIMARY KEY (node, domain)
+    );
+    CREATE TABLE node_series (
+        node TEXT NOT NULL, t_start REAL NOT NULL, t_end REAL NOT NULL,
+        energy_uj INTEGER NOT NULL, unattributed_uj INTEGER NOT NULL,
+        PRIMARY KEY (node, t_start)
+    ) WITHOUT ROWID;
+    CREATE TABLE counters (
+        node TEXT PRIMARY KEY, t REAL NOT NULL, state TEXT NOT NULL
+    );
+    """,
+]
+
+
+@dataclass(slots=True)
+class JobRow:
+    """A job's record as stored: identity, metadata and cumulative totals."""
+
+    cluster: str
+    job_id: str
+    node: str
+    kind: str
+    state: str
+    first_seen: float
+    last_seen: float
+    submit_time: int = 0
+    name: str = ""
+    user: str = ""
+    uid: int | None = None
+    account: str = ""
+    partition: str = ""
+    tier: str = ""
+    alloc_cpus: float | None = None
+    alloc_mem_bytes: int | None = None
+    alloc_gpus: int | None = None
+    end_time: float | None = None
+    cpu_time_ns: int = 0
+    cpu_uj: int = 0
+    dram_uj: int = 0
+    gpu_uj: int = 0
+    memory_uj: int = 0
+    facility_j: float = 0.0
+    carbon_g: float = 0.0
+    water_site_l: float = 0.0
+    water_offsite_l: float = 0.0
+    max_mem_bytes: int = 0
+    provenance: dict | None = None
+    command: str | None = None
+    exit_code: int | None = None
+    meta: dict | None = None
+    pk: int | None = None
+
+    @property
+    def it_energy_uj(self) -> int:
+        return self.cpu_uj + self.dram_uj + self.gpu_uj + self.memory_uj
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__slots__ if k != "pk"}
+        d["it_energy_j"] = self.it_energy_uj / 1e6
+        d["water_l"] = self.water_site_l + self.water_offsite_l
+        return d
+
+
+_JOB_COLS = [c for c in JobRow.__slots__ if c != "pk"]
+
+
+def _row_to_job(r: sqlite3.Row) -> JobRow:
+    d = dict(r)
+    d["provenance"] = json.loads(d["provenance"] or "{}")
+    d["meta"] = json.loads(d["meta"] or "{}")
+    return JobRow(**d)
+
+
+def default_path(state_dir: Path) -> Path:
+    return Path(state_dir) / LEDGER_FILE
+
+
+class Ledger:
+    def __init__(self, path: str | os.PathLike, readonly: bool = False):
+        self.path = Path(path)
+        self.readonly = readonly
+        try:
+            if readonly:
+                if not self.path.exists():
+                    raise LedgerError(f"{self.path}: no ledger here (has greend run on this node?)")
+                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10,
+                                          check_same_thread=False)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                if not os.access(self.path.parent, os.W_OK):
+                    raise LedgerError(
+                        f"{self.path.parent}: state directory is not writable by uid "
+                        f"{os.geteuid()}; choose another with --state-dir or GREEND_STATE_DIR"
+                    )
+                self.db = sqlite3.connect(self.path, timeout=10, check_same_thread=False,
+                                          isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            if not readonly:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL mode: a committed checkpoint survives a process crash (kill -9);
+                # only a power loss can take back the last commits, never corrupt the file.
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.execute("PRAGMA foreign_keys=ON")
+                self._migrate()
+            else:
+                self._check_version()
+        except PermissionError as e:
+            raise LedgerError(f"{self.path}: permission denied ({e.strerror})") from None
+        except sqlite3.DatabaseError as e:
+            raise LedgerError(f"{self.path}: cannot open ledger: {e}") from None
+        except OSError as e:
+            raise LedgerError(f"{self.path}: {e.strerror or e}") from None
+
+    # -- schema ---------------------------------------------------------------------------------
+    @property
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _check_version(self) -> None:
+        v = self.schema_version
+        if v > len(MIGRATIONS):
+            raise LedgerError(
+                f"{self.path}: ledger schema version {v} is newer than this greend understands "
+                f"({len(MIGRATIONS)}): upgrade greend"
+            )
+
+    def _migrate(self) -> None:
+        self._check_version()
+        v = self.schema_version
+        for i, script in enumerate(MIGRATIONS[v:], start=v + 1):
+            log.info("ledger %s: migrating schema to version %d", self.path, i)
+            with self.transaction():
+                for stmt in script.split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.db.execute(f"PRAGMA user_version = {i}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                self.db.execute("ROLLBACK")
+                raise LedgerError(f"{self.path}: commit failed: {e}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- writing --------------------------------------------------------------------------------
+    def upsert_job(self, db: sqlite3.Connection, job: JobRow) -> int:
+        vals = {c: getattr(job, c) for c in _JOB_COLS}
+        vals["provenance"] = json.dumps(job.provenance or {}, sort_keys=True)
+        vals["meta"] = json.dumps(job.meta or {}, sort_keys=True)
+        cols = ", ".join(_JOB_COLS)
+        marks = ", ".join(f":{c}" for c in _JOB_COLS)
+        updates = ", ".join(
+            f"{c} = excluded.{c}" for c in _JOB_COLS
+            if c not in ("cluster", "job_id", "submit_time", "node", "first_seen")
+        )
+        row = db.execute(
+            f"INSERT INTO jobs ({cols}) VALUES ({marks}) "
+            f"ON CONFLICT (cluster, job_id, submit_time, node) DO UPDATE SET {updates} "
+            "RETURNING pk",
+            vals,
+        ).fetchone()
+        job.pk = row[0]
+        return job.pk
+
+    def put_factor_set(self, db: sqlite3.Connection, key: str, f, t: float) -> None:
+        db.execute(
+            "INSERT OR IGNORE INTO factor_sets VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key, f.pue, f.wue_site_l_per_kwh, f.ewif_l_per_kwh, f.carbon_intensity_g_per_kwh,
+             json.dumps(f.sources, sort_keys=True), t),
+        )
+
+    def put_series(self, db: sqlite3.Connection, rows: Iterable[tuple]) -> None:
+        db.executemany(
+            "INSERT OR REPLACE INTO job_series VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+        )
+
+    def put_node_totals(self, db: sqlite3.Connection, node: str, rows: Iterable[tuple]) -> None:
+        db.executemany(
+            "INSERT OR REPLACE INTO node_totals VALUES (?, ?, ?, ?, ?, ?, ?)",
+            ((node, *r) for r in rows),
+        )
+
+    def put_node_series(self, db: sqlite3.Connection, node: str, rows: Iterable[tuple]) -> None:
+        db.executemany(
+            "INSERT OR REPLACE INTO node_series VALUES (?, ?, ?, ?, ?)", ((node, *r) for r in rows)
+        )
+
+    def put_counters(self, db: sqlite3.Connection, node: str, t: float, state: dict) -> None:
+        db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?, ?)",
+                   (node, t, json.dumps(state, separators=(",", ":"))))
+
+    # -- reading --------------------------------------------------------------------------------
+    def counters(self, node: str) -> tuple[float, dict] | None:
+        r = self.db.execute("SELECT t, state FROM counters WHERE node = ?", (node,)).fetchone()
+        return (r[0], json.loads(r[1])) if r else None
+
+    def node_totals(self, node: str) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM node_totals WHERE node = ?", (node,)).fetchall()
+
+    def running_jobs(self, node: str) -> list[JobRow]:
+        rows = self.db.execute(
+            "SELECT * FROM jobs WHERE node = ? AND state = 'running'", (node,)
+        ).fetchall()
+        return [_row_to_job(r) for r in rows]
+
+    def get_job(self, cluster: str, job_id: str, node: str | None = None) -> list[JobRow]:
+        q = "SELECT * FROM jobs WHERE cluster = ? AND job_id = ?"
+        args: list = [cluster, job_id]
+        if node:
+            q += " AND node = ?"
+            args.append(node)
+        return [_row_to_job(r) for r in self.db.execute(q + " ORDER BY first_seen", args)]
+
+    def jobs(self, *, user: str | None = None, account: str | None = None,
+             cluster: str | None = None, state: str | None = None, kind: str | None = None,
+             since: float | None = None, until: float | None = None,
+             limit: int = 100, offset: int = 0) -> list[JobRow]:
+        where, args = [], []
+        for col, val in (("user", user), ("account", account), ("cluster", cluster),
+                         ("state", state), ("kind", kind)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        if since is not None:
+            where.append("last_seen >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("first_seen <= ?")
+            args.append(until)
+        q = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        q += " ORDER BY last_seen DESC, pk DESC LIMIT ? OFFSET ?"
+        args += [limit, offset]
+        return [_row_to_job(r) for r in self.db.execute(q, args)]
+
+    def series(self, job_pk: int) -> list[sqlite3.Row]:
+        return self.db.execute(
+            "SELECT s.*, f.pue, f.wue_site_l_per_kwh, f.ewif_l_per_kwh, "
+            "f.carbon_intensity_g_per_kwh, f.sources FROM job_series s "
+            "JOIN factor_sets f ON f.id = s.factor_set WHERE job_pk = ? ORDER BY t_start",
+            (job_pk,),
+        ).fetchall()
+
+    def factor_sets_of(self, job_pk: int) -> list[dict]:
+        rows = self.db.execute(
+            "SELECT DISTINCT f.* FROM job_series s JOIN factor_sets f ON f.id = s.factor_set "
+            "WHERE s.job_pk = ? ORDER BY f.first_used", (job_pk,),
+        ).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["sources"] = json.loads(d["sources"])
+            out.append(d)
+        return out
+
+
+def now() -> float:
+    return time.time()

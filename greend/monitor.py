@@ -1,0 +1,501 @@
+"""One node's books: each tick reads the collectors, splits the interval's energy among jobs and adds
+carbon and water with the factors in force; checkpoints commit the books to the ledger.
+
+Data flows one way: collectors -> attribution -> accounts -> ledger/exporter. A failing collector is
+isolated: its domain is missing from that interval (its energy is picked up by the next good read,
+since counters are cumulative) and the failure is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from greend.collectors.base import EnergyCounter, JobUsage, SourceUnavailable
+from greend.collectors.procfs import ProcStat, boot_id, cpu_model, cpu_packages, mem_total_bytes
+from greend.collectors.procscan import NS_PER_TICK, ProcScan
+
+from . import config as config_mod
+from . import refdata
+from .attribution import CpuInterval, DomainEnergy, Split, counter_delta, split_domain, tdp_power_w
+from .footprint import J_PER_KWH, UJ_PER_J, Factors
+from .ledger import JobRow, Ledger
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("cpu", "dram", "gpu", "memory")
+
+
+@dataclass(slots=True)
+class CollectorStatus:
+    name: str
+    present: bool = True
+    ok: bool = True
+    error: str = ""
+    errors_total: int = 0
+    last_duration_s: float = 0.0
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Snapshot:
+    t: float
+    boot_id: str
+    cpu_total: int
+    cpu_idle: int
+    counters: dict[str, int]
+    jobs: dict[str, int]
+
+
+@dataclass(slots=True)
+class Account:
+    """A job's running totals on this node, and its not yet checkpointed series buckets."""
+
+    key: str
+    row: JobRow
+    record: bool
+    buckets: dict[tuple[float, str], list] = field(default_factory=dict)
+    dirty: bool = True
+    last_interval_uj: int = 0
+
+
+@dataclass(slots=True)
+class CpuPowerModel:
+    tdp_w: float
+    model: str
+    source: str
+
+
+def cpu_power_model(cfg: config_mod.Config) -> CpuPowerModel:
+    """The node's CPU TDP for the fallback model: configured, looked up, or per core (documented)."""
+    procfs = cfg.paths.procfs
+    model = cfg.power.cpu_model or cpu_model(procfs) or "unknown CPU"
+    if cfg.power.cpu_tdp_w > 0:
+        return CpuPowerModel(cfg.power.cpu_tdp_w, model, "site configuration (power.cpu_tdp_w)")
+    hit = refdata.cpu_tdp_w(model)
+    if hit:
+        packages = cpu_packages(procfs)
+        return CpuPowerModel(
+            hit[1] * packages, model,
+            f"CodeCarbon {refdata.codecarbon_version()} cpu_power.csv: {hit[0]} {hit[1]:g} W "
+            f"x {packages} package(s)",
+        )
+    ncpu = os.cpu_count() or 1
+    w = cfg.power.unknown_cpu_w_per_core
+    return CpuPowerModel(
+        w * ncpu, model,
+        f"CPU model {model!r} not in CodeCarbon's table: Green Algorithms 'Any' CPU, "
+        f"{w:g} W/core x {ncpu} cores",
+    )
+
+
+class Monitor:
+    def __init__(
+        self,
+        cfg: config_mod.Config,
+        ledger: Ledger | None = None,
+        *,
+        jobs_source=None,
+        energy_sources: list | None = None,
+        record_kinds: Iterable[str] | None = None,
+        clock: Callable[[], float] = time.time,
+        resume: bool = True,
+    ):
+        self.cfg = cfg
+        self.ledger = ledger
+        self.clock = clock
+        self.node = cfg.node_name
+        self.cluster = cfg.cluster
+        self.tier = cfg.clusters[cfg.cluster].tier
+        self.factors = config_mod.cluster_factors(cfg)
+        self.record_kinds = set(record_kinds) if record_kinds is not None else None
+        self.status: dict[str, CollectorStatus] = {}
+        procfs = cfg.paths.procfs
+        self.procstat = ProcStat(procfs)
+        self.boot_id = boot_id(procfs)
+        self.mem_total_bytes = mem_total_bytes(procfs)
+        self.cpu_model = cpu_power_model(cfg)
+        self.energy_sources = (
+            energy_sources if energy_sources is not None else self._open_energy_sources()
+        )
+        self.jobs_source = jobs_source if jobs_source is not None else self._open_jobs_source()
+        self.accounts: dict[str, Account] = {}
+        self.finished: list[Account] = []
+        self.node_totals: dict[str, list] = {}  # domain -> [source, provenance, e, unattr, idle]
+        self.node_bucket: dict[float, list] = {}
+        self.prev: Snapshot | None = None
+        self.ticks = 0
+        self.last_tick_s = 0.0
+        self.last_split: list[Split] = []
+        self.interval_power_w: dict[str, float] = {}
+        self._factor_sets: dict[str, Factors] = {}
+        self._job_cpu_delta: dict[str, int] = {}
+        if ledger is not None and resume:
+            self._resume()
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _open_energy_sources(self) -> list:
+        sources = []
+        if self.cfg.power.rapl:
+            from greend.collectors.rapl import RaplCollector
+
+            st = self.status.setdefault("rapl", CollectorStatus("rapl"))
+            try:
+                rapl = RaplCollector(self.cfg.paths.sysfs)
+                sources.append(rapl)
+                st.detail = ", ".join(z.domain for z in rapl.zones)
+            except SourceUnavailable as e:
+                st.present, st.detail = False, str(e)
+                log.info("rapl: %s; CPU energy will be modelled from TDP", e)
+        return sources
+
+    def _open_jobs_source(self):
+        how = self.cfg.attribution.jobs_from
+        if how in ("auto", "cgroup"):
+            from greend.collectors.cgroups import SlurmCgroups
+
+            try:
+                src = SlurmCgroups(self.cfg.paths.cgroupfs, self.cluster, self.node)
+                self.status["cgroups"] = CollectorStatus("cgroups", detail=str(src.base))
+                return src
+            except SourceUnavailable as e:
+                if how == "cgroup":
+                    raise
+                log.debug("cgroups: %s; scanning processes instead", e)
+        self.status["procscan"] = CollectorStatus("procscan")
+        return ProcScan(self.cfg.paths.procfs, self.cluster)
+
+    def _guard(self, name: str, fn, default):
+        st = self.status.setdefault(name, CollectorStatus(name))
+        t0 = time.perf_counter()
+        try:
+            value = fn()
+        except Exception as e:  # a collector must never stop the others
+            if st.ok:
+                log.warning("collector %s failed: %s", name, e)
+            st.ok, st.error = False, f"{type(e).__name__}: {e}"
+            st.errors_total += 1
+            value = default
+        else:
+            if not st.ok:
+                log.warning("collector %s recovered", name)
+            st.ok, st.error = True, ""
+        st.last_duration_s = time.perf_counter() - t0
+        return value
+
+    # -- resume ---------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        stored = self.ledger.counters(self.node)
+        running = self.ledger.running_jobs(self.node)
+        for r in self.ledger.node_totals(self.node):
+            self.node_totals[r["domain"]] = [r["source"], r["provenance"], r["energy_uj"],
+                                             r["unattributed_uj"], r["idle_uj"]]
+        if stored is None:
+            return
+        t, state = stored
+        if state.get("boot_id") != self.boot_id:
+            # Counters from before a reboot mean nothing now; jobs seen running then are over.
+            log.info("node rebooted since the last checkpoint: closing %d job(s)", len(running))
+            with self.ledger.transaction() as db:
+                for row in running:
+                    row.state, row.end_time = "ended", row.last_seen
+                    self.ledger.upsert_job(db, row)
+            return
+        self.prev = Snapshot(t, state["boot_id"], state["cpu"][0], state["cpu"][1],
+                             dict(state["counters"]), dict(state["jobs"]))
+        for row in running:
+            key = (row.meta or {}).get("key")
+            if key:
+                self.accounts[key] = Account(key, row, self._recordable(row.kind), dirty=False)
+        if isinstance(self.jobs_source, ProcScan) and state.get("scan"):
+            self.jobs_source.import_state(state["scan"])
+        log.info("resumed from checkpoint of %s (%.0f s ago), %d running job(s)",
+                 time.strftime("%H:%M:%S", time.localtime(t)), self.clock() - t, len(self.accounts))
+
+    def _recordable(self, kind: str) -> bool:
+        return self.record_kinds is None or kind in self.record_kinds
+
+    # -- one tick -------------------------------------------------------------------------------
+    def read_counters(self) -> list[EnergyCounter]:
+        out: list[EnergyCounter] = []
+        for src in self.energy_sources:
+            out.extend(self._guard(src.name, src.read, []))
+        return out
+
+    def tick(self) -> list[Split] | None:
+        """Sample once; returns the interval's splits (None on the first, baseline sample)."""
+        t0 = time.perf_counter()
+        t = self.clock()
+        counters = self.read_counters()
+        cpu = self.procstat.read()
+        jobs_ok = True
+
+        def read_jobs():
+            return self.jobs_source.read()
+
+        jobs: list[JobUsage] | None = self._guard(self.jobs_source.name, read_jobs, None)
+        if jobs is None:
+            jobs_ok, jobs = False, []
+        snap = Snapshot(t, self.boot_id, cpu.total_ticks, cpu.idle_ticks,
+                        {c.domain: c.value_uj for c in counters},
+                        {u.key: u.cpu_time_ns for u in jobs})
+        prev = self.prev
+        for u in jobs:
+            self._account_for(u, t)
+        if prev is None:
+            self.prev = snap
+            self.ticks += 1
+            self.last_tick_s = time.perf_counter() - t0
+            return None
+        if not jobs_ok:
+            snap.jobs = prev.jobs  # keep the baseline: the next good read catches up
+        # A counter that failed this time keeps its old reading, so no energy is lost.
+        for dom, val in prev.counters.items():
+            snap.counters.setdefault(dom, val)
+        splits = self._interval(prev, snap, counters, jobs, cpu.ncpu)
+        for u_key in set(prev.jobs) - set(snap.jobs):
+            if jobs_ok:
+                self._end(u_key, prev.t, t)
+        self.prev = snap
+        self.ticks += 1
+        self.last_split = splits
+        self.last_tick_s = time.perf_counter() - t0
+        return splits
+
+    def _account_for(self, u: JobUsage, t: float) -> Account:
+        acc = self.accounts.get(u.key)
+        if acc is None:
+            user = u.meta.get("user") or _user_name(u.uid)
+            row = JobRow(
+                cluster=u.cluster or self.cluster, job_id=u.job_id, node=self.node, kind=u.kind,
+                state="running", first_seen=t, last_seen=t, user=user, uid=u.uid,
+                tier=self.tier if (u.cluster or self.cluster) == self.cluster else "",
+                alloc_cpus=u.alloc_cpus, alloc_mem_bytes=u.alloc_mem_bytes,
+                name=u.meta.get("name", ""), account=u.meta.get("account", ""),
+                partition=u.meta.get("partition", ""),
+                submit_time=int(u.meta.get("submit_time", 0) or 0),
+                meta={"key": u.key}, provenance={},
+            )
+            acc = Account(u.key, row, self._recordable(u.kind))
+            self.accounts[u.key] = acc
+        else:
+            row = acc.row
+            if u.alloc_cpus is not None:
+                row.alloc_cpus = u.alloc_cpus
+            if u.alloc_mem_bytes is not None:
+                row.alloc_mem_bytes = u.alloc_mem_bytes
+        if u.mem_bytes > acc.row.max_mem_bytes:
+            acc.row.max_mem_bytes = u.mem_bytes
+        return acc
+
+    def _end(self, key: str, last_seen: float, t: float) -> None:
+        acc = self.accounts.pop(key, None)
+        if acc is None:
+            return
+        acc.row.state = "ended"
+        acc.row.last_seen = last_seen
+        acc.row.end_time = t
+        acc.dirty = True
+        self.finished.append(acc)
+
+    def _domains(self, prev: Snapshot, snap: Snapshot, counters: list[EnergyCounter],
+                 jobs: list[JobUsage], ncpu: int) -> list[DomainEnergy]:
+        dt = max(0.0, snap.t - prev.t)
+        job_cpu: dict[str, int] = {}
+        alloc: dict[str, float] = {}
+        for u in jobs:
+            p = prev.jobs.get(u.key)
+            d = u.cpu_time_ns - p if p is not None and u.cpu_time_ns >= p else u.cpu_time_ns
+            job_cpu[u.key] = max(0, d)
+            acc = self.accounts[u.key]
+            a = u.alloc_cpus if u.alloc_cpus is not None else acc.row.alloc_cpus
+            if a:
+                alloc[u.key] = float(a)
+        cpu = CpuInterval(
+            active_ticks=max(0, (snap.cpu_total - snap.cpu_idle) - (prev.cpu_total - prev.cpu_idle)),
+            total_ticks=max(0, snap.cpu_total - prev.cpu_total),
+            ncpu=ncpu, tick_ns=NS_PER_TICK, job_cpu_ns=job_cpu, job_alloc_cpus=alloc,
+            idle_rule=self.cfg.attribution.idle_power,
+        )
+        self._job_cpu_delta = job_cpu
+        domains: list[DomainEnergy] = []
+        have = {"cpu": False, "dram": False}
+        model_uj = round(tdp_power_w(self.cpu_model.tdp_w, cpu.usage_ratio) * dt * UJ_PER_J)
+        for c in counters:
+            p = prev.counters.get(c.domain)
+            if p is None:
+                continue  # first reading of this domain: a baseline
+            e = counter_delta(p, c.value_uj, c.max_range_uj)
+            prov = c.provenance
+            if c.source in have:
+                have[c.source] = True
+                if c.max_range_uj and dt * self.cpu_model.tdp_w * 1.5 * UJ_PER_J > c.max_range_uj:
+                    # The counter may have wrapped more than once while we were not looking.
+                    n = max(1, sum(1 for x in counters if x.source == c.source))
+                    e = model_uj // n if c.source == "cpu" else 0
+                    prov = "modelled: TDP (counter gap longer than its wrap time)"
+                domains.append(cpu.domain(c.domain, c.source, e, prov))
+            else:
+                hint = getattr(self._source_of(c), "split_hint", None)
+                domains.append(hint(c, e, jobs, self.accounts, cpu) if hint else
+                               cpu.domain(c.domain, c.source, e, prov))
+        if not have["cpu"]:
+            domains.append(cpu.domain("cpu", "cpu", model_uj,
+                                      f"modelled: TDP {self.cpu_model.tdp_w:g} W x "
+                                      "(0.1 + 0.9 x load^3) (CodeCarbon)"))
+        if not have["dram"] and self.cfg.power.memory_w_per_gb > 0:
+            e = round(self.cfg.power.memory_w_per_gb * self.mem_total_bytes / 1e9 * dt * UJ_PER_J)
+            weights = {}
+            for u in jobs:
+                acc = self.accounts[u.key]
+                m = acc.row.alloc_mem_bytes or u.mem_bytes
+                if m:
+                    weights[u.key] = float(min(m, self.mem_total_bytes))
+            domains.append(DomainEnergy(
+                "memory", "memory", e,
+                f"modelled: {self.cfg.power.memory_w_per_gb:g} W/GB of memory "
+                "(Green Algorithms), allocated or resident",
+                1.0, weights, float(self.mem_total_bytes), {}, 1.0,
+            ))
+        return domains
+
+    def _source_of(self, c: EnergyCounter):
+        for s in self.energy_sources:
+            if getattr(s, "owns", None) and s.owns(c.domain):
+                return s
+        return None
+
+    def _interval(self, prev: Snapshot, snap: Snapshot, counters: list[EnergyCounter],
+                  jobs: list[JobUsage], ncpu: int) -> list[Split]:
+        domains = self._domains(prev, snap, counters, jobs, ncpu)
+        splits = [split_domain(d) for d in domains]
+        t, dt = snap.t, max(1e-9, snap.t - prev.t)
+        f = self.factors.at(t)
+        fkey = f.key()
+        self._factor_sets[fkey] = f
+        step = self.cfg.sampling.series_step_s
+        tb = math.floor(t / step) * step
+        per_job: dict[str, list[int]] = {}
+        self.interval_power_w = {}
+        for s in splits:
+            idx = SOURCES.index(s.source)
+            for key, uj in s.jobs.items():
+                per_job.setdefault(key, [0, 0, 0, 0])[idx] += uj
+            tot = self.node_totals.setdefault(s.domain, [s.source, s.provenance, 0, 0, 0])
+            tot[1] = s.provenance
+            tot[2] += s.energy_uj
+            tot[3] += s.unattributed_uj
+            tot[4] += s.idle_uj
+            self.interval_power_w[s.domain] = s.energy_uj / UJ_PER_J / dt
+            nb = self.node_bucket.setdefault(tb, [t, 0, 0])
+            nb[0] = t
+            nb[1] += s.energy_uj
+            nb[2] += s.unattributed_uj
+        provs = {s.source: s.provenance for s in splits}
+        for key, acc in self.accounts.items():
+            e = per_job.get(key)
+            cpu_ns = self._job_cpu_delta.get(key, 0)
+            row = acc.row
+            row.last_seen = t
+            acc.last_interval_uj = sum(e) if e else 0
+            if not e and not cpu_ns:
+                continue
+            e = e or [0, 0, 0, 0]
+            it_j = sum(e) / UJ_PER_J
+            carbon = it_j / J_PER_KWH * f.pue * f.carbon_intensity_g_per_kwh
+            w_site = it_j / J_PER_KWH * f.wue_site_l_per_kwh
+            w_off = it_j / J_PER_KWH * f.pue * f.ewif_l_per_kwh
+            row.cpu_uj += e[0]
+            row.dram_uj += e[1]
+            row.gpu_uj += e[2]
+            row.memory_uj += e[3]
+            row.cpu_time_ns += cpu_ns
+            row.facility_j += it_j * f.pue
+            row.carbon_g += carbon
+            row.water_site_l += w_site
+            row.water_offsite_l += w_off
+            prov = row.provenance if row.provenance is not None else {}
+            for i, src in enumerate(SOURCES):
+                if e[i] and src in provs:
+                    prov[src] = provs[src]
+            row.provenance = prov
+            b = acc.buckets.setdefault((tb, fkey), [t, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0])
+            b[0] = t
+            for i in range(4):
+                b[1 + i] += e[i]
+            b[5] += cpu_ns
+            b[6] += carbon
+            b[7] += w_site
+            b[8] += w_off
+            acc.dirty = True
+        return splits
+
+    # -- checkpoint -----------------------------------------------------------------------------
+    def state(self) -> dict:
+        p = self.prev
+        st = {
+            "boot_id": self.boot_id,
+            "cpu": [p.cpu_total, p.cpu_idle] if p else [0, 0],
+            "counters": p.counters if p else {},
+            "jobs": p.jobs if p else {},
+        }
+        if isinstance(self.jobs_source, ProcScan):
+            st["scan"] = self.jobs_source.export_state()
+        return st
+
+    def checkpoint(self) -> int:
+        """Commit the books to the ledger in one transaction; returns the number of jobs written."""
+        if self.ledger is None or self.prev is None:
+            return 0
+        written = 0
+        t = self.prev.t
+        with self.ledger.transaction() as db:
+            for key, f in self._factor_sets.items():
+                self.ledger.put_factor_set(db, key, f, t)
+            for acc in [*self.accounts.values(), *self.finished]:
+                if not acc.record or not acc.dirty:
+                    continue
+                pk = self.ledger.upsert_job(db, acc.row)
+                self.ledger.put_series(db, (
+                    (pk, tb, b[0], fk, b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8])
+                    for (tb, fk), b in acc.buckets.items()
+                ))
+                written += 1
+            self.ledger.put_node_totals(db, self.node, (
+                (dom, v[0], v[1], v[2], v[3], v[4]) for dom, v in self.node_totals.items()
+            ))
+            self.ledger.put_node_series(db, self.node, (
+                (tb, v[0], v[1], v[2]) for tb, v in self.node_bucket.items()
+            ))
+            self.ledger.put_counters(db, self.node, t, self.state())
+        # Buckets of past steps are final once written; keep only the current one in memory.
+        for acc in [*self.accounts.values(), *self.finished]:
+            acc.dirty = False
+            if len(acc.buckets) > 1:
+                last = max(acc.buckets)
+                acc.buckets = {last: acc.buckets[last]}
+        if len(self.node_bucket) > 1:
+            last = max(self.node_bucket)
+            self.node_bucket = {last: self.node_bucket[last]}
+        self.finished.clear()
+        return written
+
+    def close(self) -> None:
+        for src in [*self.energy_sources, self.jobs_source, self.procstat]:
+            close = getattr(src, "close", None)
+            if close:
+                close()
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return str(uid)
+
