@@ -268,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--limit", type=int, default=50)
     j.add_argument("--json", action="store_true")
     j.set_defaults(func=cmd_jobs)
+
+    # Other packages register their own commands; each keeps its heavy imports inside them.
+    from greend.policies import cli as policies_cli
+    from greend.tui import cli as tui_cli
+
+    from . import daemon_cli
+
+    daemon_cli.add_commands(sub)
+    policies_cli.add_commands(sub)
+    tui_cli.add_commands(sub)
     return p
 
 
