@@ -105,7 +105,10 @@ class ProcScan:
                                os.getuid(), self.cluster, self.command_cpus, None)
         parent = self.procs.get(ppid)
         if parent is None and ppid in new:
-            parent_group = self._classify(ppid, new)
+            try:
+                parent_group = self._classify(ppid, new)
+            except _Vanished:  # the parent exited mid-scan: judge the child on its own
+                parent_group = None
         else:
             parent_group = self.groups.get(parent.group) if parent else None
         if parent_group is not None and parent_group.kind != "user":
@@ -114,11 +117,14 @@ class ProcScan:
         if env is None and ppid in new and new[ppid][1] == b"slurmstepd":
             env = self._stepd_job(ppid)
         uid = self._uid(pid)
+        if uid < 0:
+            raise _Vanished(pid)
         if env is not None:
             job_id, cluster, cpus, mem = env
             cluster = cluster or self.cluster
             return self._group(f"slurm/{cluster}/{job_id}", "slurm", job_id, uid, cluster, cpus, mem)
-        return self._group(f"user/{uid}", "user", _user_name(uid), uid, self.cluster, None, None)
+        return self._group(f"user/{uid}", "user", f"user:{_user_name(uid)}", uid, self.cluster,
+                           None, None)
 
     def _classify(self, pid: int, new: dict[int, tuple]) -> _Group:
         entry = new[pid]
@@ -257,7 +263,11 @@ class ProcScan:
             g.rss_pages += rss
             g.seen = True
         for pid, entry in list(new.items()):
-            group = entry[6] or self._classify(pid, new)
+            try:
+                group = entry[6] or self._classify(pid, new)
+            except _Vanished:
+                self._close(entry[7])
+                continue
             _, _, total, ctime, start, rss, _, fd = new[pid]
             self.procs[pid] = _Proc(start, group.key, fd, total, ctime, rss)
             group.cum_ticks += total  # all of a new process's CPU time is new
@@ -309,6 +319,10 @@ class ProcScan:
             self._close(proc.fd)
         self.procs.clear()
 
+
+
+class _Vanished(Exception):
+    """The process exited while it was being classified."""
 
 
 def _user_name(uid: int) -> str:

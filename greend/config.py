@@ -75,6 +75,24 @@ class Power(_Model):
     gpu_tdp_w: Annotated[float, Field(ge=0)] = 200.0
 
 
+class Daemon(_Model):
+    listen: str = f"127.0.0.1:{DEFAULT_PORT}"
+    """HOST:PORT of the HTTP exporter and API (/metrics, /healthz, /api/v1). Loopback by default."""
+    socket: Path | None = None
+    """Unix socket of the API for local users, whose identity comes from the socket (SO_PEERCRED).
+    Default: /run/greend/api.sock as root, else <state_dir>/api.sock. Empty string: no socket."""
+    private_jobs: bool = False
+    """Like Slurm's PrivateData=jobs: a user sees only their own jobs' details."""
+    admins: list[str] = Field(default_factory=lambda: ["root"])
+    """Users (or @group) who see every job even with private_jobs."""
+    user_label: bool = True
+    """Put the user name on per-job metrics (switch off for privacy)."""
+    finished_job_grace_s: Annotated[float, Field(ge=0, le=7 * 86400)] = 300.0
+    """How long a finished job stays on /metrics; its record stays in the ledger and the API."""
+    factor_refresh_s: Annotated[float, Field(gt=0)] = 300.0
+    """How often a changed carbon intensity series file is re-read."""
+
+
 class Cluster(_Model):
     tier: Literal["local", "site", "national"] = "local"
     country: str = DEFAULT_COUNTRY
@@ -113,6 +131,7 @@ class Config(_Model):
     paths: Paths = Paths()
     attribution: Attribution = Attribution()
     power: Power = Power()
+    daemon: Daemon = Daemon()
     clusters: dict[str, Cluster] = Field(default_factory=lambda: {"local": Cluster()})
 
     @model_validator(mode="after")

@@ -1,0 +1,286 @@
+"""`greend run`: the node daemon. APScheduler drives sampling, checkpoints, expiry of finished jobs
+from /metrics and refresh of time-varying factors; HTTP serves /metrics, /healthz and the API.
+
+SIGTERM/SIGINT: final checkpoint and clean exit. SIGHUP: reload and validate the config; on an
+error the running config stays and the reason is logged and shown in /healthz.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from . import config as config_mod
+from .exporter import NodeCollector, Snapshot
+from .ledger import Ledger, LedgerError, default_path
+from .monitor import SOURCES, Monitor
+
+log = logging.getLogger(__name__)
+
+
+class DaemonError(Exception):
+    """The daemon cannot start; the message is for the admin."""
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise DaemonError(f"--listen {value!r}: expected HOST:PORT, e.g. 127.0.0.1:9471")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def default_socket(cfg: config_mod.Config) -> Path | None:
+    if cfg.daemon.socket is not None:
+        return None if str(cfg.daemon.socket) in ("", ".") else cfg.daemon.socket
+    if os.geteuid() == 0:
+        return Path("/run/greend/api.sock")
+    return cfg.resolved_state_dir() / "api.sock"
+
+
+class Daemon:
+    def __init__(self, cfg: config_mod.Config, config_path: str | None = None,
+                 listen: str | None = None, socket_path: Path | None = None):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.lock = threading.RLock()
+        self.stop_event = threading.Event()
+        self.reload_requested = threading.Event()
+        self.ledger_path = default_path(cfg.resolved_state_dir())
+        self.ledger = Ledger(self.ledger_path)
+        self.monitor = Monitor(cfg, self.ledger)
+        self.ended: dict[str, tuple[float, object]] = {}  # key -> (ended at, Account), for /metrics
+        self.checkpoint_errors = 0
+        self.last_checkpoint = 0.0
+        self.last_checkpoint_error = ""
+        self.config_error = ""
+        self.started = time.time()
+        self.listen = parse_listen(listen or cfg.daemon.listen)
+        self.socket_path = socket_path if socket_path is not None else default_socket(cfg)
+        self.servers: list = []
+        self.scheduler = None
+        self.exporter = NodeCollector(self.snapshot, user_label=cfg.daemon.user_label)
+        self._series_mtime = self._series_mtimes()
+
+    # -- periodic work --------------------------------------------------------------------------
+    def sample(self) -> None:
+        with self.lock:
+            ended_before = {id(a) for a in self.monitor.finished}
+            self.monitor.tick()
+            now = time.time()
+            for acc in self.monitor.finished:
+                if id(acc) not in ended_before:
+                    self.ended[acc.key] = (now, acc)
+
+    def checkpoint(self) -> None:
+        with self.lock:
+            try:
+                self.monitor.checkpoint()
+            except (LedgerError, OSError) as e:
+                self.checkpoint_errors += 1
+                if not self.last_checkpoint_error:
+                    log.error("checkpoint failed (books kept in memory, retrying): %s", e)
+                self.last_checkpoint_error = str(e)
+            except Exception as e:  # sqlite3 errors (disk full, I/O) must not kill the scheduler
+                self.checkpoint_errors += 1
+                if not self.last_checkpoint_error:
+                    log.error("checkpoint failed (books kept in memory, retrying): %s", e)
+                self.last_checkpoint_error = f"{type(e).__name__}: {e}"
+            else:
+                if self.last_checkpoint_error:
+                    log.warning("checkpoint works again")
+                self.last_checkpoint_error = ""
+                self.last_checkpoint = time.time()
+
+    def expire(self) -> None:
+        grace = self.cfg.daemon.finished_job_grace_s
+        now = time.time()
+        with self.lock:
+            for key in [k for k, (t, _) in self.ended.items() if now - t > grace]:
+                del self.ended[key]
+
+    def refresh_factors(self) -> None:
+        mt = self._series_mtimes()
+        if mt != self._series_mtime:
+            try:
+                factors = config_mod.cluster_factors(self.cfg)
+            except config_mod.ConfigError as e:
+                log.error("carbon intensity series changed but is invalid, keeping the old: %s", e)
+                return
+            with self.lock:
+                self.monitor.factors = factors
+            self._series_mtime = mt
+            log.info("carbon intensity series re-read")
+
+    def _series_mtimes(self) -> dict:
+        out = {}
+        for name, c in self.cfg.clusters.items():
+            if c.carbon_intensity_series:
+                try:
+                    out[name] = c.carbon_intensity_series.stat().st_mtime
+                except OSError:
+                    out[name] = None
+        return out
+
+    def reload(self) -> None:
+        """SIGHUP: validate the file again; apply what can change without losing the books."""
+        try:
+            new = config_mod.load(self.config_path)
+        except config_mod.ConfigError as e:
+            self.config_error = str(e)
+            log.error("config reload failed, keeping the running config: %s", e)
+            return
+        if (new.cluster, new.node_name, new.paths, new.resolved_state_dir()) != (
+                self.cfg.cluster, self.cfg.node_name, self.cfg.paths, self.cfg.resolved_state_dir()):
+            self.config_error = ("reload: cluster, node, paths and state_dir need a restart; "
+                                 "kept the running values")
+            log.error("%s", self.config_error)
+            return
+        with self.lock:
+            self.cfg = new
+            self.monitor.cfg = new
+            self.monitor.factors = config_mod.cluster_factors(new)
+            self.exporter.user_label = new.daemon.user_label
+        self.config_error = ""
+        log.info("config reloaded from %s", self.config_path or "the embedded default")
+
+    # -- views ----------------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        m = self.monitor
+        with self.lock:
+            nodes = [(dom, v[0], v[1], v[2], v[3], v[4], m.interval_power_w.get(dom, 0.0))
+                     for dom, v in m.node_totals.items()]
+            jobs = []
+            dt = self.cfg.sampling.interval_s
+            for running, accs in ((True, m.accounts.values()),
+                                  (False, (a for _, a in self.ended.values()))):
+                for acc in accs:
+                    r = acc.row
+                    labels = (r.cluster, r.node, r.job_id, r.user, r.account, r.partition, r.kind)
+                    jobs.append((labels, running, r.cpu_uj, r.dram_uj, r.gpu_uj, r.memory_uj,
+                                 r.facility_j, r.carbon_g, r.water_site_l, r.water_offsite_l,
+                                 r.cpu_time_ns, acc.last_interval_uj / 1e6 / dt if running else 0.0))
+            now = time.time()
+            factors = {}
+            for name in self.cfg.clusters:
+                try:
+                    f = config_mod.cluster_factors(self.cfg, name).at(now) if name != m.cluster \
+                        else m.factors.at(now)
+                except Exception:  # a bad series of another cluster must not break a scrape
+                    continue
+                factors[name] = (f.pue, f.wue_site_l_per_kwh, f.ewif_l_per_kwh,
+                                 f.carbon_intensity_g_per_kwh)
+            collectors = [(s.name, s.ok, s.errors_total, s.last_duration_s)
+                          for s in m.status.values() if s.present]
+            gauges = []
+            for src in m.energy_sources:
+                g = getattr(src, "gauges", None)
+                if g:
+                    gauges.extend(g())
+            return Snapshot(m.cluster, m.node, nodes, jobs, factors, collectors, m.last_tick_s,
+                            m.ticks, self.checkpoint_errors, self.last_checkpoint, gauges)
+
+    def health(self) -> dict:
+        reasons = []
+        with self.lock:
+            for s in self.monitor.status.values():
+                if s.present and not s.ok:
+                    reasons.append(f"collector {s.name} failing: {s.error}")
+            if self.last_checkpoint_error:
+                reasons.append(f"ledger checkpoint failing: {self.last_checkpoint_error}")
+            if self.config_error:
+                reasons.append(self.config_error)
+            age = time.time() - (self.monitor.prev.t if self.monitor.prev else self.started)
+            if age > max(3 * self.cfg.sampling.interval_s, 30):
+                reasons.append(f"no sample for {age:.0f} s")
+            collectors = {
+                s.name: {"present": s.present, "ok": s.ok, "error": s.error,
+                         "errors_total": s.errors_total, "detail": s.detail}
+                for s in self.monitor.status.values()
+            }
+            return {
+                "status": "degraded" if reasons else "ok",
+                "reasons": reasons,
+                "node": self.monitor.node,
+                "cluster": self.monitor.cluster,
+                "uptime_s": time.time() - self.started,
+                "samples": self.monitor.ticks,
+                "jobs_running": len(self.monitor.accounts),
+                "last_checkpoint": self.last_checkpoint or None,
+                "collectors": collectors,
+                "cpu_power_model": asdict(self.monitor.cpu_model),
+                "sources": list(SOURCES),
+            }
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        from . import api
+
+        self.servers = api.start_servers(self, self.listen, self.socket_path)
+        self.sample()  # baseline (or the catch-up interval after a restart) before serving data
+        self.checkpoint()
+        sch = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1,
+                                                             "misfire_grace_time": 30})
+        s = self.cfg.sampling
+        sch.add_job(self.sample, "interval", seconds=s.interval_s, id="sample")
+        sch.add_job(self.checkpoint, "interval", seconds=s.checkpoint_interval_s, id="checkpoint")
+        sch.add_job(self.expire, "interval", seconds=max(1.0, min(30.0, self.cfg.daemon.finished_job_grace_s / 2 or 1)), id="expire")
+        sch.add_job(self.refresh_factors, "interval", seconds=self.cfg.daemon.factor_refresh_s,
+                    id="factors")
+        sch.start()
+        self.scheduler = sch
+        where = [f"http://{self.listen[0]}:{self.servers[0].server_address[1]}"]
+        if self.socket_path and len(self.servers) > 1:
+            where.append(f"unix:{self.socket_path}")
+        log.warning("greend %s monitoring node %s (cluster %s): %s; ledger %s",
+                    __import__("greend").__version__, self.monitor.node, self.monitor.cluster,
+                    ", ".join(where), self.ledger_path)
+
+    def run_forever(self) -> None:
+        def on_stop(signum, _frame):
+            log.warning("received %s: final checkpoint and exit", signal.Signals(signum).name)
+            self.stop_event.set()
+
+        def on_hup(_signum, _frame):
+            self.reload_requested.set()
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+        self.start()
+        try:
+            while True:
+                self.stop_event.wait()
+                if self.reload_requested.is_set():
+                    self.reload_requested.clear()
+                    self.stop_event.clear()
+                    self.reload()
+                    continue
+                break
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+            self.scheduler = None
+        with self.lock:
+            self.sample()
+            self.checkpoint()
+        for srv in self.servers:
+            srv.shutdown()
+            srv.server_close()
+        if self.socket_path and len(self.servers) > 1:
+            try:
+                self.socket_path.unlink()
+            except OSError:
+                pass
+        self.monitor.close()
+        self.ledger.close()

@@ -1,0 +1,193 @@
+"""Prometheus exposition of a node's books: a custom collector built from a snapshot of the monitor.
+
+Per-job series come and go with jobs, so no long-lived labelled Gauge is kept: each scrape yields
+families from the current accounts (running jobs, and finished ones for a grace period). Names follow
+Prometheus conventions: greend_<what>_<base unit>, _total on counters. Every metric is listed in
+METRICS, from which docs/metrics.md is generated.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+from . import __version__
+
+# name -> (type, help, labels)
+JOB_LABELS = ["cluster", "node", "job_id", "user", "account", "partition", "kind"]
+METRICS: dict[str, tuple[str, str, list[str]]] = {
+    "greend_build": ("info", "greend version and Python version.", ["version", "python"]),
+    "greend_node_energy_joules_total": (
+        "counter", "IT energy measured (or modelled) on this node by domain since greend first ran.",
+        ["cluster", "node", "domain", "source", "method"]),
+    "greend_node_power_watts": (
+        "gauge", "Average power of each domain over the last sampling interval.",
+        ["cluster", "node", "domain", "source", "method"]),
+    "greend_node_unattributed_energy_joules_total": (
+        "counter", "Part of the node energy not attributed to any job (idle per the idle rule, "
+        "processes outside jobs, greend itself).", ["cluster", "node", "domain", "source"]),
+    "greend_node_idle_energy_joules_total": (
+        "counter", "Part of the node energy due to idle power (before the idle rule shares it).",
+        ["cluster", "node", "domain", "source"]),
+    "greend_job_energy_joules_total": (
+        "counter", "IT energy attributed to a job on this node, by source (cpu, dram, gpu, memory).",
+        [*JOB_LABELS, "source"]),
+    "greend_job_facility_energy_joules_total": (
+        "counter", "Facility energy of a job on this node: IT energy x PUE in force.", JOB_LABELS),
+    "greend_job_carbon_grams_total": (
+        "counter", "Location-based carbon emissions of a job on this node, gCO2e.", JOB_LABELS),
+    "greend_job_water_litres_total": (
+        "counter", "Estimated water consumption of a job on this node, by scope (site: on-site "
+        "cooling, WUE; offsite: electricity generation, EWIF).", [*JOB_LABELS, "scope"]),
+    "greend_job_cpu_seconds_total": (
+        "counter", "CPU time of a job on this node seen by greend.", JOB_LABELS),
+    "greend_job_power_watts": (
+        "gauge", "Average IT power attributed to a job over the last sampling interval.", JOB_LABELS),
+    "greend_job_running": (
+        "gauge", "1 while the job runs on this node, 0 during its grace period after it ended.",
+        JOB_LABELS),
+    "greend_jobs_active": ("gauge", "Jobs running on this node.", ["cluster", "node"]),
+    "greend_factor_pue": ("gauge", "PUE in force for the cluster.", ["cluster"]),
+    "greend_factor_wue_site_litres_per_kilowatt_hour": (
+        "gauge", "On-site water usage effectiveness in force, L per kWh of IT energy.", ["cluster"]),
+    "greend_factor_ewif_litres_per_kilowatt_hour": (
+        "gauge", "Off-site water intensity of electricity in force, L per kWh.", ["cluster"]),
+    "greend_factor_carbon_intensity_grams_per_kilowatt_hour": (
+        "gauge", "Carbon intensity of electricity in force, gCO2e per kWh.", ["cluster"]),
+    "greend_collector_up": (
+        "gauge", "1 if the collector's last read succeeded, 0 if it failed (absent sources are "
+        "not listed).", ["collector"]),
+    "greend_collector_errors_total": ("counter", "Failed reads of a collector.", ["collector"]),
+    "greend_collector_duration_seconds": (
+        "gauge", "Duration of the collector's last read.", ["collector"]),
+    "greend_sample_duration_seconds": ("gauge", "Duration of the last sampling tick.", []),
+    "greend_samples_total": ("counter", "Sampling ticks taken.", []),
+    "greend_checkpoint_errors_total": ("counter", "Failed ledger checkpoints.", []),
+    "greend_last_checkpoint_timestamp_seconds": (
+        "gauge", "Unix time of the last successful ledger checkpoint.", []),
+    "greend_gpu_power_watts": ("gauge", "GPU power draw (NVML).", ["gpu", "uuid", "model"]),
+    "greend_gpu_utilization_ratio": ("gauge", "GPU utilisation, 0 to 1 (NVML).", ["gpu", "uuid", "model"]),
+    "greend_gpu_memory_used_bytes": ("gauge", "GPU memory in use (NVML).", ["gpu", "uuid", "model"]),
+    "greend_gpu_power_limit_watts": ("gauge", "GPU power limit (NVML).", ["gpu", "uuid", "model"]),
+    "greend_gpu_temperature_celsius": ("gauge", "GPU temperature (NVML).", ["gpu", "uuid", "model"]),
+}
+
+
+def _method(provenance: str) -> str:
+    return provenance.split(":", 1)[0] if ":" in provenance else "unknown"
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """What one scrape shows, copied under the daemon's lock so rendering does not hold it."""
+
+    cluster: str
+    node: str
+    nodes: list[tuple]  # (domain, source, provenance, energy_uj, unattributed_uj, idle_uj, power_w)
+    jobs: list[tuple]  # (labels tuple, running, cpu, dram, gpu, mem, facility_j, carbon, ws, wo, cpu_ns, w)
+    factors: dict[str, tuple[float, float, float, float]]
+    collectors: list[tuple[str, bool, int, float]]
+    sample_duration_s: float
+    samples: int
+    checkpoint_errors: int
+    last_checkpoint: float
+    gauges: list[tuple[str, dict, float]]
+
+
+class NodeCollector:
+    """prometheus_client custom collector; `snapshot` is a callable returning a Snapshot."""
+
+    def __init__(self, snapshot, user_label: bool = True):
+        self.snapshot = snapshot
+        self.user_label = user_label
+
+    def describe(self):
+        return []  # series depend on the jobs present: no fixed description
+
+    def collect(self):
+        s: Snapshot = self.snapshot()
+        fam = {}
+
+        def f(name):
+            if name not in fam:
+                kind, help_, labels = METRICS[name]
+                if kind == "counter":
+                    # CounterMetricFamily wants the name without _total and adds it back.
+                    fam[name] = CounterMetricFamily(name.removesuffix("_total"), help_, labels=labels)
+                elif kind == "info":
+                    fam[name] = InfoMetricFamily(name, help_, labels=[])
+                else:
+                    fam[name] = GaugeMetricFamily(name, help_, labels=labels)
+            return fam[name]
+
+        f("greend_build").add_metric([], {"version": __version__, "python": platform.python_version()})
+        cn = [s.cluster, s.node]
+        for dom, src, prov, e, un, idle, pw in s.nodes:
+            m = _method(prov)
+            f("greend_node_energy_joules_total").add_metric([*cn, dom, src, m], e / 1e6)
+            f("greend_node_power_watts").add_metric([*cn, dom, src, m], pw)
+            f("greend_node_unattributed_energy_joules_total").add_metric([*cn, dom, src], un / 1e6)
+            f("greend_node_idle_energy_joules_total").add_metric([*cn, dom, src], idle / 1e6)
+        en = f("greend_job_energy_joules_total")
+        fac = f("greend_job_facility_energy_joules_total")
+        co2 = f("greend_job_carbon_grams_total")
+        wat = f("greend_job_water_litres_total")
+        cpu = f("greend_job_cpu_seconds_total")
+        pw = f("greend_job_power_watts")
+        run = f("greend_job_running")
+        active = 0
+        for labels, running, c, d, g, mem, facility, carbon, ws, wo, cpu_ns, power in s.jobs:
+            lab = list(labels)
+            if not self.user_label:
+                lab[3] = ""
+            # cpu and memory always appear so that a job's series exist from its first scrape.
+            en.add_metric([*lab, "cpu"], c / 1e6)
+            en.add_metric([*lab, "memory"], mem / 1e6)
+            if d:
+                en.add_metric([*lab, "dram"], d / 1e6)
+            if g:
+                en.add_metric([*lab, "gpu"], g / 1e6)
+            fac.add_metric(lab, facility)
+            co2.add_metric(lab, carbon)
+            wat.add_metric([*lab, "site"], ws)
+            wat.add_metric([*lab, "offsite"], wo)
+            cpu.add_metric(lab, cpu_ns / 1e9)
+            pw.add_metric(lab, power)
+            run.add_metric(lab, 1.0 if running else 0.0)
+            active += bool(running)
+        f("greend_jobs_active").add_metric(cn, active)
+        for cluster, (pue, wue, ewif, ci) in s.factors.items():
+            f("greend_factor_pue").add_metric([cluster], pue)
+            f("greend_factor_wue_site_litres_per_kilowatt_hour").add_metric([cluster], wue)
+            f("greend_factor_ewif_litres_per_kilowatt_hour").add_metric([cluster], ewif)
+            f("greend_factor_carbon_intensity_grams_per_kilowatt_hour").add_metric([cluster], ci)
+        for name, ok, errors, dur in s.collectors:
+            f("greend_collector_up").add_metric([name], 1.0 if ok else 0.0)
+            f("greend_collector_errors_total").add_metric([name], errors)
+            f("greend_collector_duration_seconds").add_metric([name], dur)
+        f("greend_sample_duration_seconds").add_metric([], s.sample_duration_s)
+        f("greend_samples_total").add_metric([], s.samples)
+        f("greend_checkpoint_errors_total").add_metric([], s.checkpoint_errors)
+        f("greend_last_checkpoint_timestamp_seconds").add_metric([], s.last_checkpoint)
+        for name, labels, value in s.gauges:
+            if name in METRICS:
+                f(name).add_metric([str(labels.get(k, "")) for k in METRICS[name][2]], value)
+        yield from fam.values()
+
+
+def metrics_markdown() -> str:
+    """docs/metrics.md, generated from METRICS so that it cannot drift from the code."""
+    lines = [
+        "# greend metrics",
+        "",
+        "Generated from `greend/exporter.py` (`greend metrics-doc`); do not edit by hand.",
+        "",
+        "| metric | type | labels | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, (kind, help_, labels) in sorted(METRICS.items()):
+        shown = name + "_info" if kind == "info" else name
+        lines.append(f"| `{shown}` | {kind} | {', '.join(labels) or '-'} | {help_} |")
+    return "\n".join(lines) + "\n"
