@@ -101,8 +101,7 @@ class ProcScan:
     def _group_for(self, pid: int, ppid: int, comm: bytes, new: dict[int, tuple]) -> _Group:
         if self.command_pid is not None and (pid == self.command_pid or ppid == self._self_pid):
             # The measured command, and orphans re-parented to greend as their subreaper.
-            return self._group(f"cmd/{self.command_job_id}", "command", self.command_job_id or "",
-                               os.getuid(), self.cluster, self.command_cpus, None)
+            return self.command_group()
         parent = self.procs.get(ppid)
         if parent is None and ppid in new:
             try:
@@ -125,6 +124,11 @@ class ProcScan:
             return self._group(f"slurm/{cluster}/{job_id}", "slurm", job_id, uid, cluster, cpus, mem)
         return self._group(f"user/{uid}", "user", f"user:{_user_name(uid)}", uid, self.cluster,
                            None, None)
+
+    def command_group(self) -> _Group:
+        """The measured command's group (created if no scan has seen the command yet)."""
+        return self._group(f"cmd/{self.command_job_id}", "command", self.command_job_id or "",
+                           os.getuid(), self.cluster, self.command_cpus, None)
 
     def _classify(self, pid: int, new: dict[int, tuple]) -> _Group:
         entry = new[pid]

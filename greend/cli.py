@@ -93,8 +93,9 @@ def cmd_measure(args) -> int:
     except measure.MeasureError as e:
         print(f"greend: measure: {e}", file=sys.stderr)
         return e.status
-    factors = ledger.factor_sets_of(res.row.pk) if ledger and res.row.pk else list(
-        res.monitor._factor_sets.values())
+    factors = ledger.factor_sets_of(res.row.pk) if ledger and res.row.pk else []
+    if not factors:  # nothing was attributed (an instant command): show the factors in force
+        factors = [res.monitor.factors.at(time.time())]
     cm = res.monitor.cpu_model
     d = report.footprint_dict(
         res.row, factors, cpu_model={"tdp_w": cm.tdp_w, "model": cm.model, "source": cm.source},

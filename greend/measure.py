@@ -137,16 +137,11 @@ def run(cfg: config_mod.Config, argv: list[str], ledger: Ledger | None, *,
         out.write("\r\033[K")
         out.flush()
     # Exact CPU time of everything reaped in the tree beats the last partial scan.
-    group = scan.groups.get(f"cmd/{job_id}")
-    if group is not None:
-        group.cum_ticks = max(group.cum_ticks, reaped_ns // NS_PER_TICK)
+    # (A command that ended before any scan saw it gets its group here.)
+    group = scan.command_group()
+    group.cum_ticks = max(group.cum_ticks, reaped_ns // NS_PER_TICK)
     monitor.tick()
-    acc = monitor.accounts.get(f"cmd/{job_id}")
-    if acc is None:  # the command ended before any scan saw it
-        from greend.collectors.base import JobUsage
-
-        acc = monitor._account_for(JobUsage(f"cmd/{job_id}", "command", job_id, os.getuid(), 0,
-                                            alloc_cpus=cpus, cluster=cfg.cluster), t_start)
+    acc = monitor.accounts[f"cmd/{job_id}"]
     row = acc.row
     code = child.returncode
     row.exit_code = code if code >= 0 else 128 - code
