@@ -78,6 +78,19 @@ MIGRATIONS: list[str] = [
         node TEXT PRIMARY KEY, t REAL NOT NULL, state TEXT NOT NULL
     );
     """,
+    # 2: the site outbox. One row per job (kind 'job', ref = jobs.pk) or per node (kind 'node',
+    # ref 0) with changes the controller has not acknowledged; the record itself is read from jobs
+    # when sent, so a job queued many times is sent once, with its latest totals. seq changes at
+    # every queueing: an acknowledged row is deleted only if it was not queued again meanwhile.
+    # series_from: the oldest series bucket not yet acknowledged.
+    """
+    CREATE TABLE outbox (
+        kind TEXT NOT NULL, ref INTEGER NOT NULL, seq INTEGER NOT NULL DEFAULT 1,
+        series_from REAL NOT NULL, queued REAL NOT NULL,
+        PRIMARY KEY (kind, ref)
+    );
+    CREATE INDEX outbox_queued ON outbox (queued);
+    """,
 ]
 
 

@@ -134,6 +134,9 @@ class Monitor:
         self.interval_power_w: dict[str, float] = {}
         self._factor_sets: dict[str, Factors] = {}
         self._job_cpu_delta: dict[str, int] = {}
+        # Called inside the checkpoint's transaction with the accounts written, so that what they
+        # write (the site outbox) commits or rolls back with the books.
+        self.on_checkpoint: list[Callable[[object, list[Account]], None]] = []
         if ledger is not None and resume:
             self._resume()
 
@@ -451,7 +454,7 @@ class Monitor:
         """Commit the books to the ledger in one transaction; returns the number of jobs written."""
         if self.ledger is None or self.prev is None:
             return 0
-        written = 0
+        written: list[Account] = []
         t = self.prev.t
         with self.ledger.transaction() as db:
             for key, f in self._factor_sets.items():
@@ -464,7 +467,7 @@ class Monitor:
                     (pk, tb, b[0], fk, b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8])
                     for (tb, fk), b in acc.buckets.items()
                 ))
-                written += 1
+                written.append(acc)
             self.ledger.put_node_totals(db, self.node, (
                 (dom, v[0], v[1], v[2], v[3], v[4]) for dom, v in self.node_totals.items()
             ))
@@ -472,6 +475,8 @@ class Monitor:
                 (tb, v[0], v[1], v[2]) for tb, v in self.node_bucket.items()
             ))
             self.ledger.put_counters(db, self.node, t, self.state())
+            for hook in self.on_checkpoint:
+                hook(db, written)
         # Buckets of past steps are final once written; keep only the current one in memory.
         for acc in [*self.accounts.values(), *self.finished]:
             acc.dirty = False
@@ -482,7 +487,7 @@ class Monitor:
             last = max(self.node_bucket)
             self.node_bucket = {last: self.node_bucket[last]}
         self.finished.clear()
-        return written
+        return len(written)
 
     def close(self) -> None:
         for src in [*self.energy_sources, self.jobs_source, self.procstat]:
