@@ -93,6 +93,69 @@ class Daemon(_Model):
     """How often a changed carbon intensity series file is re-read."""
 
 
+class Controller(_Model):
+    """Site mode (docs/site-mode.md): every node's greend sends its job records to one controller,
+    `greend controller`, which keeps the site's ledger. Agents read url and token_file and the
+    send_* keys; the controller reads token_file, listen, state_dir, socket and the limits."""
+
+    url: str = ""
+    """Agents: base URL of the site controller, e.g. "http://ctl.example.org:9472". Empty: this
+    node keeps its records to itself (no site mode)."""
+    token_file: Path | None = None
+    """Both sides: file holding the site's shared secret; must be readable by its owner only
+    (chmod 600), owned by root or greend's user. Required with url, and for the controller."""
+    send_interval_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    """Agents: how often queued records are sent when the outbox is drained."""
+    batch_records: Annotated[int, Field(ge=1, le=10000)] = 500
+    """Agents: most job records in one request (a backlog drains in batches, back to back)."""
+    timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    """Agents: timeout of one request to the controller."""
+    backoff_max_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    """Agents: longest wait between retries while the controller is unreachable (the wait
+    doubles from 1 s up to this)."""
+    unreachable_after_s: Annotated[float, Field(ge=0, le=86400)] = 120.0
+    """Agents: /healthz says degraded once the controller has been unreachable this long."""
+    listen: str = "127.0.0.1:9472"
+    """Controller: HOST:PORT it serves on (records from agents, the read API, /metrics). Loopback
+    by default: set e.g. "0.0.0.0:9472" so that agents can reach it."""
+    state_dir: Path | None = None
+    """Controller: where the site ledger lives (default: <state_dir>/controller)."""
+    socket: Path | None = None
+    """Controller: unix socket of its read API (default: /run/greend/controller.sock as root, else
+    <controller state_dir>/api.sock). Empty string: no socket."""
+    max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 8 << 20
+    """Controller: largest request body accepted (larger: 413)."""
+    max_batch_records: Annotated[int, Field(ge=1, le=100000)] = 10000
+    """Controller: most records accepted in one request (more: 400)."""
+    agent_stale_s: Annotated[float, Field(gt=0)] = 300.0
+    """Controller: an agent not heard from for this long no longer counts as reporting."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v:
+            return v
+        from urllib.parse import urlsplit
+
+        try:
+            u = urlsplit(v)
+            u.port  # noqa: B018 - raises on a bad port
+        except ValueError as e:
+            raise ValueError(f"bad URL: {e}") from None
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError('expected http://HOST:PORT or https://HOST:PORT, e.g. "http://ctl:9472"')
+        if u.query or u.fragment:
+            raise ValueError("expected a base URL without ?query or #fragment")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _token_with_url(self) -> Controller:
+        if self.url and self.token_file is None:
+            raise ValueError("controller.url is set but controller.token_file is not: agents "
+                             "authenticate to the controller with the site's token")
+        return self
+
+
 class Cluster(_Model):
     tier: Literal["local", "site", "national"] = "local"
     country: str = DEFAULT_COUNTRY
@@ -132,6 +195,7 @@ class Config(_Model):
     attribution: Attribution = Attribution()
     power: Power = Power()
     daemon: Daemon = Daemon()
+    controller: Controller = Controller()
     clusters: dict[str, Cluster] = Field(default_factory=lambda: {"local": Cluster()})
 
     @model_validator(mode="after")
