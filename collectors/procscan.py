@@ -50,6 +50,7 @@ class _Proc:
     total: int  # utime + stime, ticks
     ctime: int  # cutime + cstime, ticks
     rss: int
+    stepd: bool = False  # slurmstepd: its children belong to the job on its command line
 
 
 @dataclass(slots=True)
@@ -113,7 +114,8 @@ class ProcScan:
         if parent_group is not None and parent_group.kind != "user":
             return parent_group
         env = self._slurm_env(pid)
-        if env is None and ppid in new and new[ppid][1] == b"slurmstepd":
+        if env is None and (new[ppid][1] == b"slurmstepd" if ppid in new else
+                            parent is not None and parent.stepd):
             env = self._stepd_job(ppid)
         uid = self._uid(pid)
         if uid < 0:
@@ -272,8 +274,8 @@ class ProcScan:
             except _Vanished:
                 self._close(entry[7])
                 continue
-            _, _, total, ctime, start, rss, _, fd = new[pid]
-            self.procs[pid] = _Proc(start, group.key, fd, total, ctime, rss)
+            _, comm, total, ctime, start, rss, _, fd = new[pid]
+            self.procs[pid] = _Proc(start, group.key, fd, total, ctime, rss, comm == b"slurmstepd")
             group.cum_ticks += total  # all of a new process's CPU time is new
             group.rss_pages += rss
             group.seen = True
