@@ -168,7 +168,13 @@ class Ledger:
                 self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10,
                                           check_same_thread=False)
             else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise LedgerError(
+                        f"{self.path.parent}: cannot create the state directory ({e.strerror}); "
+                        "choose another with --state-dir or GREEND_STATE_DIR"
+                    ) from None
                 if not os.access(self.path.parent, os.W_OK):
                     raise LedgerError(
                         f"{self.path.parent}: state directory is not writable by uid "
