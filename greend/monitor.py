@@ -477,12 +477,13 @@ class Monitor:
             self.ledger.put_counters(db, self.node, t, self.state())
             for hook in self.on_checkpoint:
                 hook(db, written)
-        # Buckets of past steps are final once written; keep only the current one in memory.
+        # Buckets of past steps are final once written; keep only the current step's in memory
+        # (one per factor set used in it: factors can change within a step).
         for acc in [*self.accounts.values(), *self.finished]:
             acc.dirty = False
             if len(acc.buckets) > 1:
-                last = max(acc.buckets)
-                acc.buckets = {last: acc.buckets[last]}
+                last = max(tb for tb, _ in acc.buckets)
+                acc.buckets = {k: b for k, b in acc.buckets.items() if k[0] == last}
         if len(self.node_bucket) > 1:
             last = max(self.node_bucket)
             self.node_bucket = {last: self.node_bucket[last]}
