@@ -134,6 +134,7 @@ class Monitor:
         self.interval_power_w: dict[str, float] = {}
         self._factor_sets: dict[str, Factors] = {}
         self._job_cpu_delta: dict[str, int] = {}
+        self._domain_source: dict[str, str] = {}  # counter domain -> source (cpu, dram, gpu)
         # Called inside the checkpoint's transaction with the accounts written, so that what they
         # write (the site outbox) commits or rolls back with the books.
         self.on_checkpoint: list[Callable[[object, list[Account]], None]] = []
@@ -227,6 +228,8 @@ class Monitor:
         out: list[EnergyCounter] = []
         for src in self.energy_sources:
             out.extend(self._guard(src.name, src.read, []))
+        for c in out:
+            self._domain_source[c.domain] = c.source
         return out
 
     def tick(self) -> list[Split] | None:
@@ -327,6 +330,12 @@ class Monitor:
         self._job_cpu_delta = job_cpu
         domains: list[DomainEnergy] = []
         have = {"cpu": False, "dram": False}
+        for dom in prev.counters.keys() - {c.domain for c in counters}:
+            # This counter's read failed: its energy comes with the next good read, so no model
+            # may stand in for it now (that would count the interval twice).
+            src = self._domain_source.get(dom) or self.node_totals.get(dom, [None])[0]
+            if src in have:
+                have[src] = True
         model_uj = round(tdp_power_w(self.cpu_model.tdp_w, cpu.usage_ratio) * dt * UJ_PER_J)
         for c in counters:
             p = prev.counters.get(c.domain)
