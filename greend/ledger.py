@@ -296,6 +296,18 @@ class Ledger:
     def node_totals(self, node: str) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM node_totals WHERE node = ?", (node,)).fetchall()
 
+    def last_series_step(self, job_pk: int) -> list[sqlite3.Row]:
+        """A job's series rows of its latest step (one per factor set), which a restart carries on."""
+        return self.db.execute(
+            "SELECT * FROM job_series WHERE job_pk = ? AND t_start = "
+            "(SELECT MAX(t_start) FROM job_series WHERE job_pk = ?)", (job_pk, job_pk),
+        ).fetchall()
+
+    def last_node_series(self, node: str) -> sqlite3.Row | None:
+        return self.db.execute(
+            "SELECT * FROM node_series WHERE node = ? ORDER BY t_start DESC LIMIT 1", (node,)
+        ).fetchone()
+
     def running_jobs(self, node: str) -> list[JobRow]:
         rows = self.db.execute(
             "SELECT * FROM jobs WHERE node = ? AND state = 'running'", (node,)

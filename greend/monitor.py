@@ -214,7 +214,17 @@ class Monitor:
         for row in running:
             key = (row.meta or {}).get("key")
             if key:
-                self.accounts[key] = Account(key, row, self._recordable(row.kind), dirty=False)
+                acc = Account(key, row, self._recordable(row.kind), dirty=False)
+                # A restart within a series step carries the step's stored buckets on: starting
+                # them from zero would overwrite what was stored before the restart.
+                for r in self.ledger.last_series_step(row.pk):
+                    acc.buckets[(r["t_start"], r["factor_set"])] = [
+                        r["t_end"], r["cpu_uj"], r["dram_uj"], r["gpu_uj"], r["memory_uj"],
+                        r["cpu_time_ns"], r["carbon_g"], r["water_site_l"], r["water_offsite_l"]]
+                self.accounts[key] = acc
+        nb = self.ledger.last_node_series(self.node)
+        if nb is not None:
+            self.node_bucket[nb["t_start"]] = [nb["t_end"], nb["energy_uj"], nb["unattributed_uj"]]
         if isinstance(self.jobs_source, ProcScan) and state.get("scan"):
             self.jobs_source.import_state(state["scan"])
         log.info("resumed from checkpoint of %s (%.0f s ago), %d running job(s)",
