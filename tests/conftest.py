@@ -1,0 +1,28 @@
+"""Shared fixtures. Tree builders live in fixtures.py; keep this file small and generic."""
+
+from __future__ import annotations
+
+import pytest
+from fixtures import Clock, FakeProc, FakeRapl, make_procfs, make_rapl
+
+
+@pytest.fixture(autouse=True)
+def _no_site_environment(monkeypatch):
+    """A test never picks up the host's greend configuration or state directory by accident."""
+    monkeypatch.delenv("GREEND_CONFIG", raising=False)
+    monkeypatch.delenv("GREEND_STATE_DIR", raising=False)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def procfs(tmp_path) -> FakeProc:
+    return make_procfs(tmp_path / "proc")
+
+
+@pytest.fixture
+def rapl(tmp_path) -> FakeRapl:
+    return make_rapl(tmp_path / "sys")

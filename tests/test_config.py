@@ -1,0 +1,241 @@
+"""Configuration: the embedded default, precise errors, carbon intensity series, `greend config check`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from greend import config as config_mod
+from greend.config import ConfigError
+
+GREEND = Path(sys.executable).with_name("greend")
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def ts(iso: str) -> float:
+    return datetime.fromisoformat(iso).replace(tzinfo=UTC).timestamp()
+
+
+def load_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as e:
+        config_mod.load(path)
+    return str(e.value)
+
+
+# -- the embedded default -------------------------------------------------------------------------
+def test_embedded_default_is_valid_and_uses_french_factors():
+    cfg = config_mod.load(None)
+    assert cfg.cluster == "local" and "local" in cfg.clusters
+    f = config_mod.cluster_factors(cfg).at(0.0)
+    assert f.carbon_intensity_g_per_kwh == pytest.approx(56.039)
+    assert f.ewif_l_per_kwh == pytest.approx(1.62, abs=0.01)
+    assert f.pue == config_mod.DEFAULT_PUE == 1.56
+    # every factor says where it comes from
+    assert set(f.sources) >= {"pue", "wue_site_l_per_kwh", "ewif_l_per_kwh", "carbon_intensity_g_per_kwh"}
+    assert "CodeCarbon" in f.sources["carbon_intensity_g_per_kwh"]
+
+
+def test_effective_config_printed_by_config_check_loads_back_unchanged():
+    cfg = config_mod.load(None)
+    assert config_mod.parse(tomllib.loads(config_mod.to_toml(cfg))) == cfg
+
+
+def test_a_valid_file_overrides_defaults(tmp_path):
+    p = write(tmp_path / "greend.toml", """
+cluster = "site"
+node = "n1"
+[sampling]
+interval_s = 2
+[attribution]
+idle_power = "unattributed"
+[clusters.site]
+tier = "site"
+country = "deu"
+pue = 1.2
+wue_site_l_per_kwh = 0.0
+carbon_intensity_g_per_kwh = 100
+sources = { pue = "measured 2024" }
+""")
+    cfg = config_mod.load(p)
+    assert cfg.node_name == "n1"
+    assert cfg.sampling.interval_s == 2.0
+    assert cfg.attribution.idle_power == "unattributed"
+    c = cfg.clusters["site"]
+    assert c.country == "DEU"
+    f = config_mod.cluster_factors(cfg).at(0.0)
+    assert (f.pue, f.wue_site_l_per_kwh, f.carbon_intensity_g_per_kwh) == (1.2, 0.0, 100.0)
+    assert f.sources["pue"] == "measured 2024"
+    assert f.sources["carbon_intensity_g_per_kwh"] == "site configuration"
+
+
+# -- errors: file, key path, what was expected ----------------------------------------------------
+@pytest.mark.parametrize(("body", "key", "expected"), [
+    ('[sampling]\ninterval_s = "fast"\n', "sampling.interval_s", "valid number"),
+    ("[clusters.local]\npue = 0.5\n", "clusters.local.pue", "greater than or equal to 1"),
+    ("[clusters.local]\npue = 9\n", "clusters.local.pue", "less than or equal to 5"),
+    ("[sampling]\nintervall_s = 5\n", "sampling.intervall_s", "unknown key"),
+    ("colour = 'green'\n", "colour", "unknown key"),
+    ('[clusters.local]\ncountry = "XYZ"\n', "clusters.local.country", "ISO 3166-1 alpha-3"),
+    ('[attribution]\nidle_power = "everyone"\n', "attribution.idle_power", "'allocated' or 'unattributed'"),
+])
+def test_invalid_value_names_file_key_and_expectation(tmp_path, body, key, expected):
+    p = write(tmp_path / "bad.toml", body)
+    msg = load_error(p)
+    assert str(p) in msg
+    assert f"key '{key}'" in msg
+    assert expected in msg
+
+
+def test_all_problems_of_a_file_are_reported_at_once(tmp_path):
+    p = write(tmp_path / "bad.toml", '[sampling]\ninterval_s = -1\n[clusters.local]\npue = 0.5\n')
+    msg = load_error(p)
+    assert "sampling.interval_s" in msg and "clusters.local.pue" in msg
+
+
+def test_cluster_not_defined(tmp_path):
+    p = write(tmp_path / "bad.toml", 'cluster = "site"\n')
+    msg = load_error(p)
+    assert str(p) in msg
+    assert "cluster 'site' is not defined" in msg
+    assert "expected one of ['local']" in msg
+
+
+def test_invalid_toml_gives_the_line(tmp_path):
+    p = write(tmp_path / "bad.toml", 'cluster = "local"\n[sampling]\ninterval_s = \n')
+    msg = load_error(p)
+    assert str(p) in msg and "invalid TOML" in msg and "line 3" in msg
+
+
+def test_missing_file(tmp_path):
+    msg = load_error(tmp_path / "nope.toml")
+    assert str(tmp_path / "nope.toml") in msg and "no such config file" in msg
+
+
+def test_not_utf8(tmp_path):
+    p = tmp_path / "latin1.toml"
+    p.write_bytes('node = "nœud"\n'.encode("latin-1", errors="replace") + b"\xe9\n")
+    assert "not UTF-8" in load_error(p)
+
+
+@pytest.mark.parametrize(("row", "expected"), [
+    ("2024-01-01T02:00:00Z,abc", "bad intensity 'abc'"),
+    ("2024-01-01T02:00:00Z,-3", "bad intensity '-3'"),
+    ("yesterday,50", "bad timestamp 'yesterday'"),
+    ("2024-01-01T02:00:00Z,50,extra", "expected 'timestamp,g_per_kwh'"),
+])
+def test_bad_series_row_names_file_and_line(tmp_path, row, expected):
+    series = write(tmp_path / "ci.csv",
+                   f"timestamp,g_per_kwh\n2024-01-01T00:00:00Z,50\n2024-01-01T01:00:00Z,60\n{row}\n")
+    p = write(tmp_path / "greend.toml", f'[clusters.local]\ncarbon_intensity_series = "{series}"\n')
+    msg = load_error(p)
+    assert f"{series}:4" in msg
+    assert expected in msg
+
+
+def test_missing_or_empty_series(tmp_path):
+    p = write(tmp_path / "greend.toml", '[clusters.local]\ncarbon_intensity_series = "none.csv"\n')
+    msg = load_error(p)
+    assert str(tmp_path / "none.csv") in msg
+    write(tmp_path / "none.csv", "timestamp,g_per_kwh\n")
+    assert "no data rows" in load_error(p)
+
+
+# -- carbon intensity series ----------------------------------------------------------------------
+SERIES = """timestamp,g_per_kwh
+# RTE eCO2mix-style hourly intensity
+2024-01-01T00:00:00Z,50
+2024-01-01T01:00:00Z,80
+2024-01-01T02:00:00+00:00,20
+"""
+
+
+def test_relative_series_path_is_resolved_against_the_config_file(tmp_path, monkeypatch):
+    conf = tmp_path / "etc"
+    write(conf / "ci.csv", SERIES)
+    p = write(conf / "greend.toml", '[clusters.local]\ncarbon_intensity_series = "ci.csv"\n')
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = config_mod.load(p)
+    assert cfg.clusters["local"].carbon_intensity_series == conf / "ci.csv"
+    assert config_mod.cluster_factors(cfg).at(ts("2024-01-01T00:30:00")).carbon_intensity_g_per_kwh == 50
+
+
+def test_hourly_series_values_apply_at_the_right_times_with_static_fallback(tmp_path):
+    write(tmp_path / "ci.csv", SERIES)
+    p = write(tmp_path / "greend.toml", """
+[clusters.local]
+carbon_intensity_g_per_kwh = 100
+carbon_intensity_series = "ci.csv"
+""")
+    cf = config_mod.cluster_factors(config_mod.load(p))
+
+    def ci(iso: str) -> float:
+        return cf.at(ts(iso)).carbon_intensity_g_per_kwh
+
+    assert ci("2023-12-31T23:59:59") == 100  # before the series: static value
+    assert ci("2024-01-01T00:00:00") == 50
+    assert ci("2024-01-01T00:59:59") == 50
+    assert ci("2024-01-01T01:00:00") == 80
+    assert ci("2024-01-01T01:30:00") == 80
+    assert ci("2024-01-01T02:00:00") == 20
+    assert ci("2024-01-01T04:59:59") == 20  # the last point holds for a while...
+    assert ci("2024-01-01T05:00:00") == 100  # ...then the static value takes over again
+    series_f = cf.at(ts("2024-01-01T01:30:00"))
+    static_f = cf.at(ts("2024-01-02T00:00:00"))
+    assert "series" in series_f.sources["carbon_intensity_g_per_kwh"]
+    assert static_f.sources["carbon_intensity_g_per_kwh"] == "site configuration"
+    assert series_f.key() != static_f.key()
+    # Other factors are the cluster's whatever the intensity.
+    assert (series_f.pue, series_f.ewif_l_per_kwh) == (static_f.pue, static_f.ewif_l_per_kwh)
+    # The same value at two times is the same factor set (one ledger row, not one per sample).
+    assert cf.at(ts("2024-01-01T00:10:00")) is cf.at(ts("2024-01-01T00:20:00"))
+
+
+def test_unsorted_series_is_sorted(tmp_path):
+    write(tmp_path / "ci.csv", "2024-01-01T01:00:00Z,80\n2024-01-01T00:00:00Z,50\n")
+    series = config_mod.CarbonSeries(tmp_path / "ci.csv")
+    assert series.at(ts("2024-01-01T00:30:00")) == 50
+    assert series.at(ts("2024-01-01T01:30:00")) == 80
+
+
+# -- greend config check --------------------------------------------------------------------------
+def run_check(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("GREEND_CONFIG", "GREEND_STATE_DIR")}
+    return subprocess.run([str(GREEND), "config", "check", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=60)
+
+
+def test_config_check_prints_the_effective_config(tmp_path):
+    p = write(tmp_path / "greend.toml", '[clusters.local]\npue = 1.2\n')
+    r = run_check(str(p), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"# effective configuration ({p})" in r.stdout
+    assert "pue = 1.2" in r.stdout
+    assert "interval_s = 5.0" in r.stdout  # defaults filled in
+    assert "# factors:" in r.stdout
+    # what it prints is itself a valid configuration
+    body = r.stdout.split("\n# resolved at start")[0]
+    assert config_mod.parse(tomllib.loads(body)).clusters["local"].pue == 1.2
+
+
+def test_config_check_bad_file_exits_2_with_the_message_and_no_traceback(tmp_path):
+    p = write(tmp_path / "greend.toml", '[clusters.local]\npue = 0.5\n')
+    r = run_check(str(p), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr + r.stdout
+    assert str(p) in r.stderr and "clusters.local.pue" in r.stderr
+    r = run_check(str(tmp_path / "missing.toml"), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "no such config file" in r.stderr
