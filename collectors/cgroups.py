@@ -83,8 +83,10 @@ class SlurmCgroups:
                     return 2, hits[0]
         raise SourceUnavailable(f"no Slurm job cgroups under {self.root}")
 
-    def _job_dirs(self) -> dict[str, tuple[int, Path]]:
-        found: dict[str, tuple[int, Path]] = {}
+    def _job_dirs(self) -> dict[str, tuple[int | None, str]]:
+        """Job id -> (uid, directory) as listed now. Runs every tick, so it builds no Path; a v2 job
+        directory's owner (None here) is looked up once, when the job is attached."""
+        found: dict[str, tuple[int | None, str]] = {}
         try:
             if self.version == 1:
                 for udir in os.scandir(self.base):
@@ -93,11 +95,11 @@ class SlurmCgroups:
                     uid = int(udir.name[4:])
                     for jdir in os.scandir(udir.path):
                         if jdir.name.startswith("job_"):
-                            found[jdir.name[4:]] = (uid, Path(jdir.path))
+                            found[jdir.name[4:]] = (uid, jdir.path)
             else:
                 for jdir in os.scandir(self.base):
                     if jdir.name.startswith("job_"):
-                        found[jdir.name[4:]] = (os.stat(jdir.path).st_uid, Path(jdir.path))
+                        found[jdir.name[4:]] = (None, jdir.path)
         except FileNotFoundError:
             pass
         return found
@@ -138,7 +140,11 @@ class SlurmCgroups:
         for job_id, (uid, path) in dirs.items():
             job = self.jobs.get(job_id)
             if job is None:
-                job = self._attach(job_id, uid, path)
+                try:
+                    owner = uid if uid is not None else os.stat(path).st_uid
+                except OSError:
+                    continue
+                job = self._attach(job_id, owner, Path(path))
                 if job is None:
                     continue
                 self.jobs[job_id] = job
@@ -154,7 +160,7 @@ class SlurmCgroups:
                 self._detach(self.jobs.pop(job_id))
                 continue
             out.append(JobUsage(
-                key=f"slurm/{self.cluster}/{job_id}", kind="slurm", job_id=job_id, uid=uid,
+                key=f"slurm/{self.cluster}/{job_id}", kind="slurm", job_id=job_id, uid=job.uid,
                 cpu_time_ns=cpu_ns, mem_bytes=mem, alloc_cpus=job.alloc_cpus,
                 alloc_mem_bytes=job.alloc_mem_bytes, cluster=self.cluster,
             ))
