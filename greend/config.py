@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import refdata
 from .footprint import Factors
+from .policies.config import Partition, PolicyConfig, PowerModel, SlurmAccess
 
 DEFAULT_PORT = 9471  # greend's documented default exporter/API port
 DEFAULT_COUNTRY = "FRA"
@@ -170,6 +171,17 @@ class Cluster(_Model):
     open: bool = True
     sources: dict[str, str] = Field(default_factory=dict)
     """Where each factor comes from, by factor name (pue, wue_site_l_per_kwh, ...)."""
+    slurm: SlurmAccess = SlurmAccess()
+    """How to reach this cluster's Slurm controller (SLURM_CONF, commands, timeouts)."""
+    partitions: dict[str, Partition] = Field(default_factory=dict)
+    """Partitions and their limits, in order of preference; empty: one unnamed, unlimited."""
+    accounts: list[str] = Field(default_factory=list)
+    """Projects (Slurm accounts) allowed to run here; empty: any."""
+    gpu_types: list[str] = Field(default_factory=list)
+    data_stores: list[str] = Field(default_factory=list)
+    """Data stores (file systems, object stores) local to this cluster, for the data_locality rule."""
+    power_model: PowerModel = PowerModel()
+    """Power model of this cluster's nodes for estimates before a job runs."""
 
     @field_validator("country")
     @classmethod
@@ -197,6 +209,8 @@ class Config(_Model):
     daemon: Daemon = Daemon()
     controller: Controller = Controller()
     clusters: dict[str, Cluster] = Field(default_factory=lambda: {"local": Cluster()})
+    policy: PolicyConfig = PolicyConfig()
+    """Routing rules, budgets and live-state settings (docs/policy.md)."""
 
     @model_validator(mode="after")
     def _cluster_exists(self) -> Config:

@@ -1,0 +1,165 @@
+"""Configuration models of the routing policy: a cluster's Slurm access, partitions and power model,
+and the [policy] table (rules in order, budgets, live-state and history settings).
+
+greend/config.py imports this module, so it must import nothing of greend's own at module level
+(the rule registry is looked up lazily, when a [policy] table names rules).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from . import quantities as q
+
+TIERS = ("local", "site", "national")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _duration(v: str | int) -> str | int:
+    q.parse_duration(v)
+    return v
+
+
+def _memory(v: str | int | float) -> str | int | float:
+    q.parse_memory_mb(v)
+    return v
+
+
+Duration = Annotated[str | int, AfterValidator(_duration)]
+"""A Slurm time string ("2-00:00:00", "30:00"), a short form ("90m", "2h") or minutes (int)."""
+Memory = Annotated[str | int | float, AfterValidator(_memory)]
+"""A size: MB as a number, or "512M", "8G", "1T"."""
+
+
+class SlurmAccess(_Model):
+    """How greend reaches one cluster's controller: the Slurm commands run with SLURM_CONF=conf."""
+
+    conf: Path | None = None
+    """The cluster's slurm.conf (SLURM_CONF); unset: the commands' own default."""
+    bin_dir: Path | None = None
+    """Directory holding sbatch, squeue, sinfo for this cluster; unset: looked up in PATH."""
+    timeout_s: Annotated[float, Field(gt=0, le=300)] = 3.0
+    """Limit for squeue/sinfo; a controller that does not answer in time is reported as down."""
+    submit_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+    """Limit for sbatch; after it, greend checks squeue for the job before trying elsewhere."""
+
+
+class Partition(_Model):
+    """A partition and the limits a job must fit (unset: no limit)."""
+
+    default: bool = False
+    max_walltime: Duration | None = None
+    default_walltime: Duration | None = None
+    """Slurm's DefaultTime: what a job without --time gets (else max_walltime)."""
+    max_cpus: Annotated[int, Field(ge=1)] | None = None
+    """CPUs per job."""
+    max_nodes: Annotated[int, Field(ge=1)] | None = None
+    cpus_per_node: Annotated[int, Field(ge=1)] | None = None
+    mem_per_node: Memory | None = None
+    def_mem_per_cpu: Memory | None = None
+    """Memory a job gets per CPU when it asks for none (Slurm's DefMemPerCPU)."""
+    max_gpus: Annotated[int, Field(ge=0)] | None = None
+    """GPUs per job; 0 for a CPU-only partition."""
+    gpus_per_node: Annotated[int, Field(ge=0)] | None = None
+    gpu_types: list[str] | None = None
+    """GPU types of this partition; unset: the cluster's gpu_types."""
+
+
+class PowerModel(_Model):
+    """The cluster's power model for estimates (Green Algorithms); unset values: the [power] table."""
+
+    cpu_w_per_core: Annotated[float, Field(gt=0)] | None = None
+    """Power of one core at full load; unset: power.unknown_cpu_w_per_core (12 W, GA 'Any')."""
+    cpu_usage: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Core usage factor u_c assumed before any history of the job is known."""
+    memory_w_per_gb: Annotated[float, Field(ge=0)] | None = None
+    gpu_tdp_w: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    """TDP by GPU type (keys as in --gres=gpu:TYPE:N); other types: power.gpu_tdp_w."""
+    gpu_usage: Annotated[float, Field(gt=0, le=1)] = 1.0
+    sources: dict[str, str] = Field(default_factory=dict)
+    """Where each number comes from (cpu_w_per_core, gpu_tdp_w, ...)."""
+
+
+class RuleSpec(BaseModel):
+    """One entry of policy.rules: `rule` names it; `weight` is for score rules; the other keys are
+    the rule's own parameters, checked against the rule when the configuration is loaded."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    rule: str
+    weight: Annotated[float, Field(ge=0)] | None = None
+    enabled: bool = True
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Budget(_Model):
+    """A project's (Slurm account's) allowance per period; usage is read from the ledger."""
+
+    account: str
+    period: Literal["day", "week", "month", "quarter", "year"] = "month"
+    energy_kwh: Annotated[float, Field(ge=0)] | None = None
+    """Facility energy (IT energy x PUE), what the site pays for."""
+    carbon_kg: Annotated[float, Field(ge=0)] | None = None
+    water_l: Annotated[float, Field(ge=0)] | None = None
+    """On-site plus off-site water consumption."""
+    action: Literal["warn", "nice", "defer", "refuse"] = "warn"
+    """When exceeded: warn; nice (lower the job's priority with sbatch --nice); defer (--begin at
+    the start of the next period); refuse (do not submit)."""
+    nice: Annotated[int, Field(ge=1, le=2147483645)] = 1000
+    include_estimate: bool = True
+    """Count the job's own estimate: act when this job would cross the budget, not only after."""
+
+    @model_validator(mode="after")
+    def _has_limit(self) -> Budget:
+        if self.energy_kwh is None and self.carbon_kg is None and self.water_l is None:
+            raise ValueError("a budget needs at least one of energy_kwh, carbon_kg, water_l")
+        return self
+
+
+class PolicyConfig(_Model):
+    rules: list[RuleSpec] | None = None
+    """Rules in the order they run; unset: the default rule set (docs/policy.md)."""
+    budgets: list[Budget] = Field(default_factory=list)
+    ledger: Path | None = None
+    """Ledger read for history and budgets and written with decisions; unset: the state directory's."""
+    live_state: bool = True
+    """Ask each cluster's Slurm for its queue (squeue/sinfo); false: decide without it."""
+    state_max_age_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    """Cached cluster state younger than this is used as is."""
+    state_cache: Path | None = None
+    """File shared by successive commands; unset: $XDG_CACHE_HOME/greend/cluster-state.json."""
+    default_walltime: Duration = "1:00:00"
+    """Walltime assumed for a job that gives none when its partition has no limit either."""
+    default_mem_per_cpu: Memory = "2G"
+    """Memory per CPU assumed for a job that gives none when its partition sets no default."""
+    history_days: Annotated[float, Field(gt=0)] = 90.0
+    """How far back similar jobs are looked up in the ledger."""
+    history_max_jobs: Annotated[int, Field(ge=1, le=10000)] = 50
+
+    @field_validator("rules")
+    @classmethod
+    def _check_rules(cls, rules: list[RuleSpec] | None) -> list[RuleSpec] | None:
+        if rules is not None:
+            # Lazy: the registry imports the rule classes, which greend.config must not pull in.
+            from .rules import check_rule_specs
+
+            check_rule_specs(rules)
+        return rules
+
+    @model_validator(mode="after")
+    def _budget_rule(self) -> PolicyConfig:
+        # The default rule set has the budget rule; an explicit list must name it to use budgets.
+        if self.rules is not None and self.budgets and not any(
+            r.rule == "budget" and r.enabled for r in self.rules
+        ):
+            raise ValueError("policy.budgets is set but policy.rules has no enabled 'budget' rule")
+        return self

@@ -1,0 +1,210 @@
+"""What the ledger knows that a decision needs: the measured history of a user's similar jobs (same
+job name) and each project's (account's) usage over a budget period. Answers are cached briefly, so a
+busy router does not query SQLite for every job.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PastJob:
+    cluster: str
+    job_id: str
+    elapsed_s: float
+    cpus: float
+    mem_mb: float
+    gpus: int
+    cpu_time_s: float
+    it_energy_j: float
+    gpu_energy_j: float
+    max_mem_mb: float
+    modelled_j: float
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """Similar jobs (same user, same job name, ended) and what they really used."""
+
+    user: str
+    name: str
+    jobs: tuple[PastJob, ...]
+    measured_j: float
+    modelled_j: float
+    median_elapsed_s: float
+    cpu_efficiency: float | None
+    """CPU time / (CPUs x elapsed), over all of them."""
+    peak_cpus_used: float
+    mem_efficiency: float | None
+    """Highest memory used / memory allocated."""
+    peak_mem_mb: float
+    gpu_use: float | None
+    """GPU energy / (GPUs x TDP x elapsed): ~0 for GPUs that sat idle."""
+
+    @property
+    def n(self) -> int:
+        return len(self.jobs)
+
+    @property
+    def power_ratio(self) -> float | None:
+        return self.measured_j / self.modelled_j if self.modelled_j > 0 and self.measured_j > 0 else None
+
+    def to_dict(self) -> dict:
+        return {
+            "jobs": self.n, "job_ids": [f"{j.cluster}/{j.job_id}" for j in self.jobs[:10]],
+            "measured_it_energy_j": round(self.measured_j, 1),
+            "modelled_it_energy_j": round(self.modelled_j, 1),
+            "power_ratio": None if self.power_ratio is None else round(self.power_ratio, 4),
+            "median_elapsed_s": round(self.median_elapsed_s, 1),
+            "cpu_efficiency": None if self.cpu_efficiency is None else round(self.cpu_efficiency, 4),
+            "peak_cpus_used": round(self.peak_cpus_used, 2),
+            "mem_efficiency": None if self.mem_efficiency is None else round(self.mem_efficiency, 4),
+            "peak_mem_mb": round(self.peak_mem_mb, 1),
+            "gpu_use": None if self.gpu_use is None else round(self.gpu_use, 4),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    account: str
+    since: float
+    jobs: int
+    facility_energy_j: float
+    carbon_g: float
+    water_l: float
+
+
+_SIMILAR_SQL = """
+SELECT cluster, job_id, MIN(first_seen) AS start, MAX(COALESCE(end_time, last_seen)) AS stop,
+       SUM(COALESCE(alloc_cpus, 0)) AS cpus, SUM(COALESCE(alloc_mem_bytes, 0)) AS mem,
+       SUM(COALESCE(alloc_gpus, 0)) AS gpus, SUM(cpu_time_ns) AS cpu_ns,
+       SUM(cpu_uj + dram_uj + gpu_uj + memory_uj) AS it_uj, SUM(gpu_uj) AS gpu_uj,
+       SUM(max_mem_bytes) AS max_mem
+FROM jobs
+WHERE user = ? AND name = ? AND state = 'ended' AND last_seen >= ?
+GROUP BY cluster, job_id, submit_time
+ORDER BY MAX(last_seen) DESC
+LIMIT ?
+"""
+
+_USAGE_SQL = """
+SELECT COUNT(*), COALESCE(SUM(facility_j), 0), COALESCE(SUM(carbon_g), 0),
+       COALESCE(SUM(water_site_l + water_offsite_l), 0)
+FROM jobs WHERE account = ? AND last_seen >= ?
+"""
+
+
+class LedgerView:
+    """Read-only queries on the ledger, cached for ttl_s seconds. A missing ledger is no history."""
+
+    def __init__(self, path: Path | None, site, ttl_s: float = 60.0, clock=time.time):
+        self.path = path
+        self.site = site
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.db: sqlite3.Connection | None = None
+        self.error = ""
+        self._cache: dict[tuple, tuple[float, object]] = {}
+        self._lock = threading.Lock()
+        if path is None:
+            self.error = "no ledger configured"
+            return
+        if not Path(path).exists():
+            self.error = f"no ledger at {path}"
+            return
+        try:
+            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5, check_same_thread=False)
+            self.db.execute("SELECT 1 FROM jobs LIMIT 1")
+        except sqlite3.Error as e:
+            self.error = f"cannot read ledger {path}: {e}"
+            self.db = None
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    def _cached(self, key: tuple, compute):
+        now = self.clock()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and now - hit[0] < self.ttl_s:
+                return hit[1]
+        value = compute()
+        with self._lock:
+            self._cache[key] = (now, value)
+        return value
+
+    def similar(self, user: str, name: str, now: float) -> History | None:
+        if self.db is None or not user or not name:
+            return None
+        days = self.site.settings.history_days
+        limit = self.site.settings.history_max_jobs
+        since = now - days * 86400
+        return self._cached(("similar", user, name), lambda: self._similar(user, name, since, limit))
+
+    def _similar(self, user: str, name: str, since: float, limit: int) -> History | None:
+        try:
+            rows = self.db.execute(_SIMILAR_SQL, (user, name, since, limit)).fetchall()
+        except sqlite3.Error as e:
+            log.warning("ledger %s: history query failed: %s", self.path, e)
+            return None
+        jobs = []
+        for cluster, job_id, start, stop, cpus, mem, gpus, cpu_ns, it_uj, gpu_uj, max_mem in rows:
+            elapsed = max((stop or start) - start, 0.0)
+            if elapsed <= 0 or not it_uj:
+                continue
+            cpus = float(cpus or 0) or 1.0
+            mem_mb = (mem or 0) / MB
+            spec = self.site.by_name.get(cluster)
+            power = spec.power if spec is not None else self.site.clusters[0].power
+            modelled = elapsed * (cpus * power.cpu_w_per_core * power.cpu_usage
+                                  + mem_mb / 1024 * power.memory_w_per_gb
+                                  + (gpus or 0) * power.default_gpu_w * power.gpu_usage)
+            jobs.append(PastJob(cluster, str(job_id), elapsed, cpus, mem_mb, int(gpus or 0),
+                                (cpu_ns or 0) / 1e9, it_uj / 1e6, (gpu_uj or 0) / 1e6,
+                                (max_mem or 0) / MB, modelled))
+        if not jobs:
+            return None
+        cpu_den = sum(j.cpus * j.elapsed_s for j in jobs)
+        mem_ratios = [j.max_mem_mb / j.mem_mb for j in jobs if j.mem_mb > 0 and j.max_mem_mb > 0]
+        gpu_jobs = [j for j in jobs if j.gpus > 0]
+        gpu_den = 0.0
+        for j in gpu_jobs:
+            spec = self.site.by_name.get(j.cluster)
+            w = spec.power.default_gpu_w if spec is not None else self.site.clusters[0].power.default_gpu_w
+            gpu_den += j.gpus * w * j.elapsed_s
+        return History(
+            user=user, name=name, jobs=tuple(jobs),
+            measured_j=sum(j.it_energy_j for j in jobs), modelled_j=sum(j.modelled_j for j in jobs),
+            median_elapsed_s=statistics.median(j.elapsed_s for j in jobs),
+            cpu_efficiency=sum(j.cpu_time_s for j in jobs) / cpu_den if cpu_den > 0 else None,
+            peak_cpus_used=max(j.cpu_time_s / j.elapsed_s for j in jobs),
+            mem_efficiency=max(mem_ratios) if mem_ratios else None,
+            peak_mem_mb=max(j.max_mem_mb for j in jobs),
+            gpu_use=sum(j.gpu_energy_j for j in gpu_jobs) / gpu_den if gpu_den > 0 else None,
+        )
+
+    def usage(self, account: str, since: float) -> Usage | None:
+        if self.db is None:
+            return None
+        return self._cached(("usage", account, since), lambda: self._usage(account, since))
+
+    def _usage(self, account: str, since: float) -> Usage | None:
+        try:
+            n, fac, carbon, water = self.db.execute(_USAGE_SQL, (account, since)).fetchone()
+        except sqlite3.Error as e:
+            log.warning("ledger %s: usage query failed: %s", self.path, e)
+            return None
+        return Usage(account, since, n, fac, carbon, water)

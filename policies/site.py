@@ -1,0 +1,216 @@
+"""The site as the engine sees it: clusters with partitions, power model, factors and Slurm access,
+compiled once from the validated configuration into plain objects that are quick to read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from greend import config as config_mod
+from greend.footprint import Factors
+
+from . import quantities as q
+from .carbon import CarbonWindow
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionSpec:
+    name: str
+    default: bool = False
+    max_walltime_s: int | None = None
+    default_walltime_s: int | None = None
+    max_cpus: int | None = None
+    max_nodes: int | None = None
+    cpus_per_node: int | None = None
+    mem_per_node_mb: float | None = None
+    def_mem_per_cpu_mb: float | None = None
+    max_gpus: int | None = None
+    gpus_per_node: int | None = None
+    gpu_types: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SlurmSpec:
+    conf: Path | None
+    bin_dir: Path | None
+    timeout_s: float
+    submit_timeout_s: float
+
+    def command(self, name: str) -> str:
+        return str(self.bin_dir / name) if self.bin_dir else name
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        env = dict(base)
+        if self.conf is not None:
+            env["SLURM_CONF"] = str(self.conf)
+        return env
+
+
+@dataclass(frozen=True, slots=True)
+class PowerSpec:
+    cpu_w_per_core: float
+    cpu_usage: float
+    memory_w_per_gb: float
+    gpu_tdp_w: dict[str, float]
+    default_gpu_w: float
+    gpu_usage: float
+    sources: dict[str, str]
+
+    def gpu_w(self, gpu_type: str | None) -> float:
+        if gpu_type and gpu_type in self.gpu_tdp_w:
+            return self.gpu_tdp_w[gpu_type]
+        return self.default_gpu_w
+
+
+@dataclass(slots=True)
+class ClusterSpec:
+    name: str
+    index: int
+    tier: str
+    hds: bool
+    open: bool
+    accounts: frozenset[str] | None
+    gpu_types: frozenset[str]
+    data_stores: frozenset[str]
+    partitions: tuple[PartitionSpec, ...]
+    slurm: SlurmSpec
+    power: PowerSpec
+    factors: Factors
+    """Static factors (carbon intensity without the series), with sources."""
+    carbon: CarbonWindow
+    config: config_mod.Cluster = field(repr=False)
+
+    def partition(self, name: str) -> PartitionSpec | None:
+        for p in self.partitions:
+            if p.name == name:
+                return p
+        return None
+
+    @property
+    def default_partition(self) -> PartitionSpec | None:
+        for p in self.partitions:
+            if p.default:
+                return p
+        return self.partitions[0] if self.partitions else None
+
+    def factors_for(self, start: float, end: float) -> Factors:
+        """Factors with the mean carbon intensity over [start, end] and its source."""
+        if not self.carbon.has_series:
+            return self.factors
+        ci = self.carbon.mean(start, end)
+        src = dict(self.factors.sources)
+        src["carbon_intensity_g_per_kwh"] = (
+            f"mean of series {self.carbon.source} over the job's run (static "
+            f"{self.factors.carbon_intensity_g_per_kwh:g} outside it)"
+        )
+        return Factors(self.factors.pue, self.factors.wue_site_l_per_kwh, self.factors.ewif_l_per_kwh,
+                       ci, src)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    live_state: bool
+    state_max_age_s: float
+    state_cache: Path | None
+    default_walltime_s: int
+    default_mem_per_cpu_mb: float
+    history_days: float
+    history_max_jobs: int
+    ledger: Path | None
+
+
+@dataclass(slots=True)
+class Site:
+    clusters: tuple[ClusterSpec, ...]
+    by_name: dict[str, ClusterSpec]
+    settings: Settings
+    config: config_mod.Config = field(repr=False)
+    config_path: Path | None = None
+
+    def cluster(self, name: str) -> ClusterSpec:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            raise config_mod.ConfigError(
+                f"unknown cluster {name!r}: the configuration defines {', '.join(self.by_name)}"
+            ) from None
+
+
+def _rel(path: Path | None, base: Path | None) -> Path | None:
+    if path is None or path.is_absolute() or base is None:
+        return path
+    return base / path
+
+
+def _secs(v) -> int | None:
+    return None if v is None else q.parse_duration(v)
+
+
+def _mb(v) -> float | None:
+    return None if v is None else q.parse_memory_mb(v)
+
+
+def compile_site(cfg: config_mod.Config, config_path: str | Path | None = None) -> Site:
+    """Plain, precomputed objects of the configuration. Relative paths (slurm.conf, bin_dir, the
+    ledger, the state cache) are relative to the configuration file."""
+    base = Path(config_path).resolve().parent if config_path else None
+    pw = cfg.power
+    clusters = []
+    for i, (name, c) in enumerate(cfg.clusters.items()):
+        parts = []
+        for pname, p in c.partitions.items():
+            parts.append(PartitionSpec(
+                name=pname, default=p.default, max_walltime_s=_secs(p.max_walltime),
+                default_walltime_s=_secs(p.default_walltime), max_cpus=p.max_cpus,
+                max_nodes=p.max_nodes, cpus_per_node=p.cpus_per_node,
+                mem_per_node_mb=_mb(p.mem_per_node), def_mem_per_cpu_mb=_mb(p.def_mem_per_cpu),
+                max_gpus=p.max_gpus, gpus_per_node=p.gpus_per_node,
+                gpu_types=frozenset(p.gpu_types) if p.gpu_types is not None else None,
+            ))
+        pm = c.power_model
+        src = dict(pm.sources)
+        if pm.cpu_w_per_core is None:
+            src.setdefault("cpu_w_per_core", f"Green Algorithms 'Any' CPU, {pw.unknown_cpu_w_per_core:g} "
+                           "W/core (power.unknown_cpu_w_per_core)")
+        else:
+            src.setdefault("cpu_w_per_core", "site configuration")
+        if pm.memory_w_per_gb is None:
+            src.setdefault("memory_w_per_gb", f"Green Algorithms, {pw.memory_w_per_gb:g} W/GB "
+                           "(power.memory_w_per_gb)")
+        src.setdefault("gpu_tdp_w", "site configuration" if pm.gpu_tdp_w else
+                       f"Green Algorithms 'Any' GPU, {pw.gpu_tdp_w:g} W (power.gpu_tdp_w)")
+        power = PowerSpec(
+            cpu_w_per_core=pm.cpu_w_per_core or pw.unknown_cpu_w_per_core, cpu_usage=pm.cpu_usage,
+            memory_w_per_gb=pw.memory_w_per_gb if pm.memory_w_per_gb is None else pm.memory_w_per_gb,
+            gpu_tdp_w=dict(pm.gpu_tdp_w), default_gpu_w=pw.gpu_tdp_w, gpu_usage=pm.gpu_usage,
+            sources=src,
+        )
+        cf = config_mod.cluster_factors(cfg, name)
+        static = cf.at(-math.inf)  # before any series point: the static factors
+        if cf.series is not None:
+            window = CarbonWindow(static.carbon_intensity_g_per_kwh, cf.series.times, cf.series.values,
+                                  cf.series.max_gap_s, str(cf.series.path))
+        else:
+            window = CarbonWindow(static.carbon_intensity_g_per_kwh)
+        s = c.slurm
+        clusters.append(ClusterSpec(
+            name=name, index=i, tier=c.tier, hds=c.hds, open=c.open,
+            accounts=frozenset(c.accounts) if c.accounts else None,
+            gpu_types=frozenset(c.gpu_types), data_stores=frozenset(c.data_stores),
+            partitions=tuple(parts),
+            slurm=SlurmSpec(_rel(s.conf, base), _rel(s.bin_dir, base), s.timeout_s, s.submit_timeout_s),
+            power=power, factors=static, carbon=window, config=c,
+        ))
+    pol = cfg.policy
+    settings = Settings(
+        live_state=pol.live_state, state_max_age_s=pol.state_max_age_s,
+        state_cache=_rel(pol.state_cache, base),
+        default_walltime_s=q.parse_duration(pol.default_walltime) or 3600,
+        default_mem_per_cpu_mb=q.parse_memory_mb(pol.default_mem_per_cpu),
+        history_days=pol.history_days, history_max_jobs=pol.history_max_jobs,
+        ledger=_rel(pol.ledger, base),
+    )
+    return Site(tuple(clusters), {c.name: c for c in clusters}, settings, cfg,
+                Path(config_path) if config_path else None)
