@@ -135,6 +135,7 @@ class Monitor:
         self._factor_sets: dict[str, Factors] = {}
         self._job_cpu_delta: dict[str, int] = {}
         self._domain_source: dict[str, str] = {}  # counter domain -> source (cpu, dram, gpu)
+        self._fkey: tuple[Factors | None, str] = (None, "")
         # Called inside the checkpoint's transaction with the accounts written, so that what they
         # write (the site outbox) commits or rolls back with the books.
         self.on_checkpoint: list[Callable[[object, list[Account]], None]] = []
@@ -397,7 +398,9 @@ class Monitor:
         splits = [split_domain(d) for d in domains]
         t, dt = snap.t, max(1e-9, snap.t - prev.t)
         f = self.factors.at(t)
-        fkey = f.key()
+        if f is not self._fkey[0]:  # the key hashes the factors: once per factor set, not per tick
+            self._fkey = (f, f.key())
+        fkey = self._fkey[1]
         self._factor_sets[fkey] = f
         step = self.cfg.sampling.series_step_s
         tb = math.floor(t / step) * step
@@ -406,7 +409,10 @@ class Monitor:
         for s in splits:
             idx = SOURCES.index(s.source)
             for key, uj in s.jobs.items():
-                per_job.setdefault(key, [0, 0, 0, 0])[idx] += uj
+                e = per_job.get(key)
+                if e is None:
+                    e = per_job[key] = [0, 0, 0, 0]
+                e[idx] += uj
             tot = self.node_totals.setdefault(s.domain, [s.source, s.provenance, 0, 0, 0])
             tot[1] = s.provenance
             tot[2] += s.energy_uj
@@ -418,9 +424,15 @@ class Monitor:
             nb[1] += s.energy_uj
             nb[2] += s.unattributed_uj
         provs = {s.source: s.provenance for s in splits}
+        prov_of = [(i, src, provs[src]) for i, src in enumerate(SOURCES) if src in provs]
+        # This loop runs for every job at every tick: factors and the bucket key are hoisted.
+        pue, ci = f.pue, f.carbon_intensity_g_per_kwh
+        wue, ewif = f.wue_site_l_per_kwh, f.ewif_l_per_kwh
+        bkey = (tb, fkey)
+        cpu_delta = self._job_cpu_delta
         for key, acc in self.accounts.items():
             e = per_job.get(key)
-            cpu_ns = self._job_cpu_delta.get(key, 0)
+            cpu_ns = cpu_delta.get(key, 0)
             row = acc.row
             row.last_seen = t
             acc.last_interval_uj = sum(e) if e else 0
@@ -428,27 +440,31 @@ class Monitor:
                 continue
             e = e or [0, 0, 0, 0]
             it_j = sum(e) / UJ_PER_J
-            carbon = it_j / J_PER_KWH * f.pue * f.carbon_intensity_g_per_kwh
-            w_site = it_j / J_PER_KWH * f.wue_site_l_per_kwh
-            w_off = it_j / J_PER_KWH * f.pue * f.ewif_l_per_kwh
+            carbon = it_j / J_PER_KWH * pue * ci
+            w_site = it_j / J_PER_KWH * wue
+            w_off = it_j / J_PER_KWH * pue * ewif
             row.cpu_uj += e[0]
             row.dram_uj += e[1]
             row.gpu_uj += e[2]
             row.memory_uj += e[3]
             row.cpu_time_ns += cpu_ns
-            row.facility_j += it_j * f.pue
+            row.facility_j += it_j * pue
             row.carbon_g += carbon
             row.water_site_l += w_site
             row.water_offsite_l += w_off
             prov = row.provenance if row.provenance is not None else {}
-            for i, src in enumerate(SOURCES):
-                if e[i] and src in provs:
-                    prov[src] = provs[src]
+            for i, src, p in prov_of:
+                if e[i]:
+                    prov[src] = p
             row.provenance = prov
-            b = acc.buckets.setdefault((tb, fkey), [t, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0])
+            b = acc.buckets.get(bkey)
+            if b is None:
+                b = acc.buckets[bkey] = [t, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0]
             b[0] = t
-            for i in range(4):
-                b[1 + i] += e[i]
+            b[1] += e[0]
+            b[2] += e[1]
+            b[3] += e[2]
+            b[4] += e[3]
             b[5] += cpu_ns
             b[6] += carbon
             b[7] += w_site
