@@ -59,6 +59,7 @@ class SlurmCgroups:
     """Slurm job cgroups of one node (v1 or v2, detected)."""
 
     name = "cgroups"
+    procfs = Path("/proc")  # where owner_of reads a process's cgroup
 
     def __init__(self, cgroupfs: Path, cluster: str, node: str):
         self.root = Path(cgroupfs)
@@ -165,6 +166,18 @@ class SlurmCgroups:
                 alloc_mem_bytes=job.alloc_mem_bytes, cluster=self.cluster,
             ))
         return out
+
+    def owner_of(self, pid: int) -> str | None:
+        """The key of the Slurm job a process runs in, from its /proc/<pid>/cgroup (None: none)."""
+        try:
+            text = (self.procfs / str(pid) / "cgroup").read_text()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            for part in line.split(":", 2)[-1].split("/"):
+                if part.startswith("job_") and part[4:].isdigit():
+                    return f"slurm/{self.cluster}/{part[4:]}"
+        return None
 
     def close(self) -> None:
         for job in self.jobs.values():

@@ -302,6 +302,11 @@ class ProcScan:
             ))
         return out
 
+    def owner_of(self, pid: int) -> str | None:
+        """The key of the job a process belongs to, as of the last scan (None: not seen)."""
+        proc = self.procs.get(pid)
+        return proc.group if proc is not None else None
+
     def export_state(self) -> dict:
         """What a restarted greend needs to carry each group's CPU time on (see Monitor)."""
         return {

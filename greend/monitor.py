@@ -156,7 +156,22 @@ class Monitor:
             except SourceUnavailable as e:
                 st.present, st.detail = False, str(e)
                 log.info("rapl: %s; CPU energy will be modelled from TDP", e)
+        from greend.collectors.nvml import NvmlCollector
+
+        st = self.status.setdefault("nvml", CollectorStatus("nvml"))
+        try:
+            nvml = NvmlCollector()
+            sources.append(nvml)
+            st.detail = nvml.describe()
+        except SourceUnavailable as e:
+            st.present, st.detail = False, str(e)
+            log.info("nvml: %s; no GPU energy", e)
         return sources
+
+    def _pid_owner(self, pid: int) -> str | None:
+        """The job a process belongs to, if the jobs source can tell (for GPU attribution)."""
+        owner_of = getattr(self.jobs_source, "owner_of", None)
+        return owner_of(pid) if owner_of is not None else None
 
     def _open_jobs_source(self):
         how = self.cfg.attribution.jobs_from
@@ -364,8 +379,8 @@ class Monitor:
                 domains.append(cpu.domain(c.domain, c.source, e, prov))
             else:
                 hint = getattr(self._source_of(c), "split_hint", None)
-                domains.append(hint(c, e, jobs, self.accounts, cpu) if hint else
-                               cpu.domain(c.domain, c.source, e, prov))
+                domains.append(hint(c, e, jobs, self.accounts, cpu, pid_owner=self._pid_owner)
+                               if hint else cpu.domain(c.domain, c.source, e, prov))
         if not have["cpu"]:
             domains.append(cpu.domain("cpu", "cpu", model_uj,
                                       f"modelled: TDP {self.cpu_model.tdp_w:g} W x "
