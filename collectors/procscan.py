@@ -51,6 +51,7 @@ class _Proc:
     ctime: int  # cutime + cstime, ticks
     rss: int
     stepd: bool = False  # slurmstepd: its children belong to the job on its command line
+    raw: bytes = b""  # the stat line last parsed: an unchanged line (a sleeping process) is not re-parsed
 
 
 @dataclass(slots=True)
@@ -233,11 +234,25 @@ class ProcScan:
         for g in self.groups.values():
             g.rss_pages = 0
             g.seen = False
+        pread = os.pread
         for pid in pids:
             if pid == self._self_pid:
                 continue
             proc = self.procs.get(pid)
-            raw, fd = self._read_stat(pid, proc)
+            if proc is not None and proc.fd is not None:  # the common case, kept inline
+                fd = proc.fd
+                try:
+                    raw = pread(fd, 1024, 0)
+                except OSError:
+                    raw = None
+                if raw and raw == proc.raw:
+                    gone.discard(pid)
+                    g = self.groups[proc.group]
+                    g.rss_pages += proc.rss
+                    g.seen = True
+                    continue
+            else:
+                raw, fd = self._read_stat(pid, proc)
             parsed = _parse_stat(raw) if raw else None
             if parsed is None:
                 if proc is None:
@@ -265,7 +280,7 @@ class ProcScan:
             g.cum_ticks += max(0, total - proc.total)
             if ctime > proc.ctime:
                 dctime[proc.group] = dctime.get(proc.group, 0) + ctime - proc.ctime
-            proc.total, proc.ctime = total, ctime
+            proc.total, proc.ctime, proc.rss, proc.raw = total, ctime, rss, raw
             g.rss_pages += rss
             g.seen = True
         for pid, entry in list(new.items()):
