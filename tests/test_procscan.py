@@ -231,15 +231,21 @@ def wait_for(pred, timeout=10.0, step=0.02):
 
 
 def test_real_cpu_bound_job_is_grouped_with_growing_cpu_time(spawn):
-    spawn([PY, "-c", "while True: pass"], env=slurm_env("777"))
+    p = spawn([PY, "-c", "while True: pass"], env=slurm_env("777"))
+
+    def own_cpu_ns() -> int:  # the child's CPU time as the kernel reports it
+        return _parse_stat(Path(f"/proc/{p.pid}/stat").read_bytes())[2] * NS_PER_TICK
+
     scan = ProcScan(Path("/proc"), "c1")
     try:
         first = groups(scan)["slurm/site/777"]
         assert first.kind == "slurm" and first.cluster == "site" and first.uid == os.getuid()
-        time.sleep(0.5)
+        assert wait_for(lambda: own_cpu_ns() > first.cpu_time_ns + 300_000_000)
+        lo = own_cpu_ns()
         later = groups(scan)["slurm/site/777"]
-        grown = later.cpu_time_ns - first.cpu_time_ns
-        assert 0.2e9 < grown < 0.8e9  # one busy core for ~0.5 s
+        hi = own_cpu_ns()
+        assert lo <= later.cpu_time_ns <= hi
+        assert later.cpu_time_ns - first.cpu_time_ns > 300_000_000
     finally:
         scan.close()
 
@@ -287,7 +293,8 @@ def test_real_short_lived_children_are_credited_through_their_parent(spawn):
 
         def done() -> bool:
             nonlocal last
-            last = groups(scan).get("slurm/site/779", None).cpu_time_ns
+            g = groups(scan).get("slurm/site/779")
+            last = g.cpu_time_ns if g is not None else last
             return Path(f"/proc/{p.pid}/comm").read_text().strip() == "sleep"
 
         assert wait_for(done, timeout=30, step=0.4)
@@ -316,5 +323,24 @@ def test_real_processes_outside_jobs_are_grouped_per_user(spawn):
         u = g[f"user/{uid}"]
         assert u.kind == "user" and u.uid == uid
         assert not any(k.startswith("slurm/") and v.uid == uid for k, v in g.items())
+    finally:
+        scan.close()
+
+
+def test_unchanged_processes_keep_their_figures(fake):
+    # A sleeping process's stat line does not change: later scans reuse what was parsed.
+    fake.add_process(60, comm="python", utime=10, rss_pages=7, env={"SLURM_JOB_ID": "99"})
+    scan = ProcScan(fake.root, "c1", fd_budget=100)
+    try:
+        first = groups(scan)["slurm/c1/99"]
+        for _ in range(3):
+            again = groups(scan)["slurm/c1/99"]
+            assert (again.cpu_time_ns, again.mem_bytes) == (first.cpu_time_ns, first.mem_bytes)
+        fake.set_process(60, comm="python", utime=12, rss_pages=9)
+        moved = groups(scan)["slurm/c1/99"]
+        assert moved.cpu_time_ns == 12 * NS_PER_TICK
+        assert moved.mem_bytes == 9 * os.sysconf("SC_PAGE_SIZE")
+        fake.set_process(60, comm="python", utime=12, rss_pages=4)
+        assert groups(scan)["slurm/c1/99"].mem_bytes == 4 * os.sysconf("SC_PAGE_SIZE")
     finally:
         scan.close()
