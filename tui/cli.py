@@ -1,5 +1,95 @@
-"""`greend tui`: command-line entry point of the Textual app."""
+"""`greend tui`: command-line entry point of the Textual app (imported lazily: the CLI stays fast)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_SOCKET = Path("/run/greend/api.sock")
 
 
 def add_commands(sub) -> None:
     """Register this package's subcommands on greend's argparse subparsers."""
+    p = sub.add_parser(
+        "tui", help="browse jobs' energy, carbon and water footprints in the terminal",
+        description="Open greend's terminal UI: your jobs and their footprints, one job in\n"
+        "detail (breakdown, power over time, factors and their sources, advice), the clusters,\n"
+        "and accounts and users by footprint. Works over SSH in an 80x24 terminal; `?` lists\n"
+        "the keys. Reads the local daemon's socket if there is one, else this node's ledger.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  greend tui\n  greend tui --ledger /var/lib/greend/ledger.sqlite "
+        "--all-users\n  greend tui --url https://greend-controller.example.org:9471",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--ledger", metavar="FILE", help="read this ledger file (read-only)")
+    src.add_argument("--socket", metavar="PATH",
+                     help=f"the local daemon's API socket (default: {DEFAULT_SOCKET} if present)")
+    src.add_argument("--url", metavar="URL", help="a site controller's API, e.g. http://host:9471")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--user", metavar="USER", help="show USER's jobs (default: yours)")
+    who.add_argument("--all-users", action="store_true", help="show every user's jobs")
+    p.add_argument("--refresh", type=float, default=5.0, metavar="S",
+                   help="refresh every S seconds while the screen is open (0: only on r; default 5)")
+    p.set_defaults(func=cmd_tui)
+
+
+def _me() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def default_socket(cfg) -> Path | None:
+    """The daemon's socket if one exists: configured, system-wide, or in the state directory."""
+    daemon = getattr(cfg, "daemon", None)
+    configured = getattr(daemon, "socket", None)
+    if configured is not None and str(configured) in ("", "."):
+        return None  # configured off
+    for p in (configured, DEFAULT_SOCKET, cfg.resolved_state_dir() / "api.sock"):
+        if p is not None and Path(p).is_socket():
+            return Path(p)
+    return None
+
+
+def make_source(args, cfg):
+    from greend.ledger import default_path
+
+    from .data import LedgerSource, SocketSource, UrlSource
+
+    if args.url:
+        return UrlSource(args.url)
+    if args.socket:
+        return SocketSource(args.socket)
+    if args.ledger:
+        return LedgerSource(args.ledger, cfg)
+    sock = default_socket(cfg)
+    if sock is not None:
+        return SocketSource(sock)
+    return LedgerSource(default_path(cfg.resolved_state_dir()), cfg)
+
+
+def cmd_tui(args) -> int:
+    from greend.cli import _load_config
+
+    from .data import SourceError
+
+    cfg = _load_config(args)
+    if args.refresh < 0:
+        print("greend: tui: --refresh must be 0 or more seconds", file=sys.stderr)
+        return 2
+    try:
+        source = make_source(args, cfg)
+    except SourceError as e:
+        print(f"greend: tui: {e}", file=sys.stderr)
+        return 2
+    from .app import GreendApp
+
+    me = _me()
+    user = None if args.all_users else (args.user or me)
+    GreendApp(source, user=user, me=me, refresh_s=args.refresh).run()
+    return 0

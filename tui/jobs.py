@@ -1,0 +1,452 @@
+"""The "My jobs" screen: a page of jobs with their footprints; sort, filter, search, time range."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Input, Static
+from textual.worker import get_current_worker
+
+from greend import units
+from greend.ledger import JobRow
+
+from .data import RUNNING, SORT_KEYS, JobPage, JobQuery, elapsed_s, how_obtained, water_l
+from .formatting import DEFAULT_PERIOD, PERIODS, SORT_LABELS, carbon_short, clock, since
+
+log = logging.getLogger(__name__)
+
+WIDE = 120  # columns from which the table shows full units and more columns
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    key: str
+    label: str
+    value: Callable[[JobRow, float], str]
+    right: bool = False
+    width: int | None = None  # None: fit the content
+    sort: str | None = None  # the sort key this column shows; the header marks it ↓ or ↑
+
+
+def _cut(s: str, n: int) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _cut_left(s: str, n: int) -> str:
+    """Job ids of `greend measure` runs end with what tells them apart (time, pid)."""
+    return s if len(s) <= n else "…" + s[-(n - 1):]
+
+
+TIER_SHORT = {"local": "loc.", "site": "site", "national": "nat."}
+HOW_SHORT = {"measured": "meas", "modelled": "model", "mixed": "mix"}
+
+
+def columns(wide: bool, all_users: bool) -> list[Column]:
+    """The table's columns: all of them with full units when wide, squeezed into 80 columns if not."""
+    energy = Column("energy", "Energy", lambda r, n: units.energy(r.it_energy_uj / 1e6), True,
+                    width=None if wide else 8, sort="energy")
+    water = Column("water", "Water", lambda r, n: units.water(water_l(r)), True,
+                   width=None if wide else 7, sort="water")
+    if wide:
+        cols = [
+            Column("cluster", "Cluster", lambda r, n: r.cluster),
+            Column("tier", "Tier", lambda r, n: r.tier or "—"),
+            Column("job", "Job", lambda r, n: r.job_id, sort="job"),
+            Column("name", "Name", lambda r, n: _cut(r.name, 24), sort="name"),
+        ]
+        if all_users:
+            cols += [Column("user", "User", lambda r, n: r.user),
+                     Column("account", "Account", lambda r, n: r.account or "—")]
+        return [
+            *cols,
+            Column("state", "State", lambda r, n: r.state),
+            Column("elapsed", "Elapsed", lambda r, n: units.duration(elapsed_s(r, n)), True,
+                   sort="elapsed"),
+            energy,
+            Column("carbon", "Carbon", lambda r, n: units.carbon(r.carbon_g), True, sort="carbon"),
+            water,
+            Column("how", "Figures", lambda r, n: how_obtained(r) or "—"),
+        ]
+    # 80 columns: 69 of content, a space before each of the 10 columns, 1 for the scroll bar.
+    # Everyone's jobs trade the tier and the provenance for the user (both are on the job's screen).
+    cols = [Column("cluster", "Cluster", lambda r, n: _cut(r.cluster, 8), width=8)]
+    if all_users:
+        cols.append(Column("user", "User", lambda r, n: _cut(r.user, 8), width=8))
+    else:
+        cols.append(Column("tier", "Tier", lambda r, n: TIER_SHORT.get(r.tier, _cut(r.tier, 4)) or "—",
+                           width=4))
+    cols += [
+        Column("job", "Job", lambda r, n: _cut_left(r.job_id, 9), width=9, sort="job"),
+        Column("name", "Name", lambda r, n: _cut(r.name, 8), width=8, sort="name"),
+        Column("state", "State", lambda r, n: "run" if r.state == RUNNING else r.state[:3], width=5),
+        Column("elapsed", "Elapsed", lambda r, n: short_duration(elapsed_s(r, n)), True, width=8,
+               sort="elapsed"),
+        energy,
+        Column("carbon", "CO2e", lambda r, n: carbon_short(r.carbon_g), True, width=7, sort="carbon"),
+        water,
+    ]
+    if not all_users:
+        cols.append(Column("how", "How", lambda r, n: HOW_SHORT.get(how_obtained(r), "—"), width=5))
+    return cols
+
+
+def short_duration(s: float) -> str:
+    """At most 8 characters: '45 s', '12:05', '3:02:41', '12d 03h'."""
+    if s >= 86400:
+        d, rest = divmod(int(s), 86400)
+        return f"{d}d {rest // 3600:02d}h"
+    return units.duration(s) if s >= 60 else f"{s:.0f} s"
+
+
+def row_key(r: JobRow) -> str:
+    return f"{r.cluster}\x1f{r.job_id}\x1f{r.submit_time}"
+
+
+class JobsScreen(Screen):
+    """Jobs of one user (default: whoever runs `greend tui`) or of everyone."""
+
+    AUTO_FOCUS = "#jobs"
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("enter", "open", "Open", show=False),
+        Binding("slash", "search", "Search"),
+        Binding("s", "sort", "Sort"),
+        Binding("S", "reverse", "Reverse", show=False),
+        Binding("f", "state", "Running/ended"),
+        Binding("t", "period", "Period"),
+        Binding("c", "cluster", "Cluster", show=False),
+        Binding("u", "users", "Mine/all", show=False),
+        Binding("r", "refresh", "Refresh"),
+        Binding("n", "page(1)", "Next page", show=False),
+        Binding("p", "page(-1)", "Previous page", show=False),
+        Binding("escape", "clear_search", "Clear search", show=False),
+    ]
+    HELP: ClassVar[list[tuple[str, str]]] = [
+        ("↑ ↓ PgUp PgDn", "move in the list"),
+        ("Enter", "open the job: breakdown, power, factors, advice"),
+        ("/", "search job id, name, account, cluster, command (Enter: apply, Esc: clear)"),
+        ("s / S", "sort by the next column / reverse the order"),
+        ("f", "show all jobs, running jobs only, ended jobs only"),
+        ("t", "period: last 24 h, 7, 30, 365 days, all time"),
+        ("c", "cluster: all, or one cluster"),
+        ("u", "your jobs or everyone's (when the source lets you)"),
+        ("n / p", "next / previous page of 100 jobs"),
+        ("r", "refresh now (also retries after a connection problem)"),
+    ]
+
+    state_filter: reactive[str | None] = reactive(None, init=False)
+    period: reactive[int] = reactive(DEFAULT_PERIOD, init=False)
+    sort: reactive[str] = reactive("recent", init=False)
+    descending: reactive[bool] = reactive(True, init=False)
+    search: reactive[str] = reactive("", init=False)
+    all_users: reactive[bool] = reactive(False, init=False)
+    cluster: reactive[str | None] = reactive(None, init=False)
+    offset: reactive[int] = reactive(0, init=False)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.page: JobPage | None = None
+        self._cols: list[Column] = []
+        self._keys: list[str] = []
+        self._shown: list[str] = []  # the rows' lines on screen, to update only what changed
+        self._header = ""
+        self._pending = False
+        self._clusters: list[str] = []
+        self.loaded_at: float | None = None
+        self.error: str | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static(id="filters")
+        with Horizontal(id="search-bar"):
+            yield Static("Search:", id="search-label")
+            yield Input(placeholder="job id, name, account, cluster… (Enter: apply, Esc: clear)",
+                        id="search", compact=True)
+        yield DataTable(id="jobs", cursor_type="row", zebra_stripes=True, cell_padding=0)
+        yield Static(id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        app = self.app
+        self.all_users = app.user is None  # type: ignore[attr-defined]
+        self.query_one("#search-bar").display = False
+        self._set_columns()
+        self._show_filters()
+        self.reload()
+        if app.refresh_s > 0:  # type: ignore[attr-defined]
+            self.set_interval(app.refresh_s, self._tick)  # type: ignore[attr-defined]
+
+    def _tick(self) -> None:
+        if self.is_current and not self.error:
+            self.reload()
+
+    # -- the query --------------------------------------------------------------------------------
+    def query_now(self) -> JobQuery:
+        app = self.app
+        now = app.now()  # type: ignore[attr-defined]
+        return JobQuery(
+            user=None if self.all_users else app.user,  # type: ignore[attr-defined]
+            cluster=self.cluster, state=self.state_filter, since=since(self.period, now),
+            search=self.search, sort=self.sort, descending=self.descending,
+            limit=app.page_size, offset=self.offset,  # type: ignore[attr-defined]
+        )
+
+    def _changed(self, reset: bool = True) -> None:
+        if reset and self.offset:
+            self.offset = 0  # its own watcher reloads
+            return
+        self._show_filters()
+        if not self._pending:
+            self._pending = True
+            self.call_after_refresh(self._reload_pending)
+
+    def _reload_pending(self) -> None:
+        self._pending = False
+        self.reload()
+
+    def watch_state_filter(self) -> None:
+        self._changed()
+
+    def watch_period(self) -> None:
+        self._changed()
+
+    def watch_sort(self) -> None:
+        self._changed()
+
+    def watch_descending(self) -> None:
+        self._changed()
+
+
+    def watch_search(self) -> None:
+        self._changed()
+
+    def watch_cluster(self) -> None:
+        self._changed()
+
+    def watch_all_users(self) -> None:
+        self._set_columns()
+        self._changed()
+
+    def watch_offset(self) -> None:
+        self._changed(reset=False)
+
+    # -- loading ----------------------------------------------------------------------------------
+    def reload(self) -> None:
+        self._load(self.query_now())
+
+    @work(thread=True, exclusive=True, group="jobs")
+    def _load(self, q: JobQuery) -> None:
+        worker = get_current_worker()
+        app = self.app
+        try:
+            page = app.source.jobs(q, app.now())  # type: ignore[attr-defined]
+        except Exception as e:  # shown in the app, never as a traceback
+            msg = app.describe_error(e)  # type: ignore[attr-defined]
+            if not worker.is_cancelled:
+                app.call_from_thread(self._failed, msg)
+            return
+        if not worker.is_cancelled:
+            app.call_from_thread(self._show, q, page)
+
+    def _failed(self, msg: str) -> None:
+        self.error = msg
+        status = self.query_one("#status", Static)
+        status.add_class("error")
+        stale = f" (showing data from {clock(self.loaded_at)})" if self.loaded_at else ""
+        status.update(Text(f"⚠ {msg}{stale}. Press r to retry."))
+
+    def _show(self, q: JobQuery, page: JobPage) -> None:
+        app = self.app
+        now = app.now()  # type: ignore[attr-defined]
+        self.page = page
+        self.error = None
+        self.loaded_at = now
+        for r in page.jobs:
+            if r.cluster not in self._clusters:
+                self._clusters.append(r.cluster)
+        self._fill(page, now)
+        self.app.load_cluster_names()  # type: ignore[attr-defined]
+        status = self.query_one("#status", Static)
+        status.remove_class("error")
+        if page.total == 0:
+            who = "you" if q.user else "anyone"
+            text = f"No jobs of {who} match. Try t (period), f (state) or u (all users)."
+        else:
+            end = page.offset + len(page.jobs)
+            more = "+" if page.truncated else ""
+            bits = [f"Jobs {page.offset + 1}–{end} of {page.total:,}{more}", f"{page.running} running",
+                    "Enter: details"]
+            if page.total > end or page.offset:
+                bits.append("n/p: pages")
+            text = " · ".join([*bits, f"at {clock(now)}"])
+        status.update(text)
+
+    # -- the table --------------------------------------------------------------------------------
+    # One cell per row, the line laid out here: DataTable measures and renders every cell on its
+    # own, and ten cells a row made paging through 100 jobs three times slower.
+    def _set_columns(self) -> None:
+        wide = self.size.width >= WIDE if self.size.width else self.app.size.width >= WIDE
+        cols = columns(wide, self.all_users)
+        if [c.key for c in cols] == [c.key for c in self._cols]:
+            return
+        self._cols = cols
+        self._header = ""
+        if self.page is not None:
+            self._fill(self.page, self.app.now())  # type: ignore[attr-defined]
+        else:
+            self._layout([])
+
+    def _widths(self, values: list[list[str]]) -> list[int]:
+        out = []
+        for i, c in enumerate(self._cols):
+            if c.width is not None:
+                out.append(c.width)
+            else:
+                out.append(max([len(c.label) + 1, *(len(v[i]) for v in values)]))
+        return out
+
+    def _line(self, vals: list[str], widths: list[int]) -> str:
+        parts = []
+        for c, v, w in zip(self._cols, vals, widths, strict=True):
+            v = v if len(v) <= w else v[: w - 1] + "…"
+            parts.append(" " + (v.rjust(w) if c.right else v.ljust(w)))
+        return "".join(parts)
+
+    def _layout(self, values: list[list[str]]) -> tuple[str, list[str]]:
+        widths = self._widths(values)
+        arrow = "↓" if self.descending else "↑"
+        labels = [c.label + arrow if c.sort == self.sort else c.label for c in self._cols]
+        header = self._line(labels, widths)
+        lines = [self._line(v, widths) for v in values]
+        if header != self._header:
+            table = self.query_one(DataTable)
+            table.clear(columns=True)
+            table.add_column(Text(header, no_wrap=True), key="line", width=len(header))
+            self._header = header
+            self._keys = []
+        return header, lines
+
+    def _fill(self, page: JobPage, now: float) -> None:
+        table = self.query_one(DataTable)
+        keys = [row_key(r) for r in page.jobs]
+        _, lines = self._layout([[c.value(r, now) for c in self._cols] for r in page.jobs])
+        if keys == self._keys and keys:
+            # The same jobs in the same order (a live refresh): change only the rows that moved.
+            for k, line, was in zip(keys, lines, self._shown, strict=True):
+                if line != was:
+                    table.update_cell(k, "line", Text(line, no_wrap=True))
+            self._shown = lines
+            return
+        at = table.cursor_row
+        current = self._keys[at] if self._keys and 0 <= at < len(self._keys) else None
+        table.clear()
+        for k, line in zip(keys, lines, strict=True):
+            table.add_row(Text(line, no_wrap=True), key=k)
+        self._keys = keys
+        self._shown = lines
+        if current in keys:
+            table.move_cursor(row=keys.index(current), animate=False)
+
+    def on_resize(self) -> None:
+        self._set_columns()
+
+    def selected(self) -> JobRow | None:
+        if not self.page or not self.page.jobs:
+            return None
+        i = self.query_one(DataTable).cursor_row
+        return self.page.jobs[i] if 0 <= i < len(self.page.jobs) else None
+
+    @on(DataTable.RowSelected, "#jobs")
+    def _row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_open()
+
+    # -- actions ----------------------------------------------------------------------------------
+    def action_open(self) -> None:
+        r = self.selected()
+        if r is not None:
+            from .job import JobScreen
+
+            self.app.push_screen(JobScreen(r.cluster, r.job_id))
+
+    def action_search(self) -> None:
+        bar = self.query_one("#search-bar")
+        bar.display = True
+        inp = self.query_one("#search", Input)
+        inp.value = self.search
+        inp.focus()
+
+    @on(Input.Submitted, "#search")
+    def _search_submitted(self, event: Input.Submitted) -> None:
+        self.search = event.value.strip()
+        if not self.search:
+            self.query_one("#search-bar").display = False
+        self.query_one(DataTable).focus()
+
+    def action_clear_search(self) -> None:
+        bar = self.query_one("#search-bar")
+        if bar.display or self.search:
+            self.query_one("#search", Input).value = ""
+            bar.display = False
+            self.search = ""
+            self.query_one(DataTable).focus()
+
+    def action_sort(self) -> None:
+        i = SORT_KEYS.index(self.sort)
+        self.sort = SORT_KEYS[(i + 1) % len(SORT_KEYS)]
+        # names and ids read best A to Z, figures biggest first
+        self.descending = self.sort not in ("job", "name")
+
+    def action_reverse(self) -> None:
+        self.descending = not self.descending
+
+    def action_state(self) -> None:
+        order = [None, RUNNING, "ended"]
+        self.state_filter = order[(order.index(self.state_filter) + 1) % len(order)]
+
+    def action_period(self) -> None:
+        self.period = (self.period + 1) % len(PERIODS)
+
+    def action_cluster(self) -> None:
+        names = sorted(set(self._clusters) | set(self.app.cluster_names))  # type: ignore[attr-defined]
+        order: list[str | None] = [None, *names]
+        i = order.index(self.cluster) if self.cluster in order else 0
+        self.cluster = order[(i + 1) % len(order)]
+
+    def action_users(self) -> None:
+        if self.app.user is None and self.all_users:  # type: ignore[attr-defined]
+            # started with --all-users: "mine" is the person at the keyboard
+            self.app.user = self.app.me  # type: ignore[attr-defined]
+        self.all_users = not self.all_users
+
+    def action_refresh(self) -> None:
+        self.reload()
+
+    def action_page(self, step: int) -> None:
+        if self.page is None:
+            return
+        size = self.app.page_size  # type: ignore[attr-defined]
+        new = self.offset + step * size
+        if 0 <= new < max(self.page.total, 1):
+            self.offset = new
+
+    # -- the line above the table ---------------------------------------------------------------
+    def _show_filters(self) -> None:
+        app = self.app
+        who = "Everyone's jobs" if self.all_users else f"Jobs of {app.user}"  # type: ignore[attr-defined]
+        bits = [who, PERIODS[self.period][0],
+                {None: "all states", RUNNING: "running only", "ended": "ended only"}[self.state_filter],
+                self.cluster or "all clusters",
+                f"by {SORT_LABELS[self.sort]} {'↓' if self.descending else '↑'}"]
+        if self.search:
+            bits.append(f"search “{self.search}”")
+        self.query_one("#filters", Static).update(" · ".join(bits))
