@@ -115,6 +115,12 @@ def add_commands(sub) -> None:
     )
     _add_request_options(r, script_required=False)
     r.add_argument("--at", metavar="TIME", help="decide as if it were TIME (what-if; budgets, windows)")
+    c = r.add_argument_group("Slurm cli_filter integration (docs/policy.md)")
+    c.add_argument("--sbatch-json", metavar="FILE", help="take the job's options from FILE ('-': standard "
+                   "input), as a cli_filter's slurm.json_cli_options() writes them")
+    c.add_argument("--cli-filter", metavar="CLUSTER", help="answer for a cli_filter running on CLUSTER: "
+                   "key=value lines (verdict, cluster, message, set OPTION=VALUE), exit status 0 unless "
+                   "the arguments are wrong")
     r.set_defaults(func=cmd_route)
 
     s = sub.add_parser(
@@ -201,11 +207,41 @@ def _decide(args, *, live: bool, now: float | None = None):
         only = frozenset(n.strip() for n in args.cluster.split(",") if n.strip())
         for name in only:
             site.cluster(name)  # an unknown name is a clear error, not an empty decision
-    req = build_request(args.script, _cli_options(args), user=_user(), now=now)
+    script, options = args.script, _cli_options(args)
+    if getattr(args, "sbatch_json", None):
+        script, more = _sbatch_json(args.sbatch_json)
+        options = more + options
+    req = build_request(script, options, user=_user(), now=now)
     decision = engine.decide(req, now=now, only=only)
     if engine.states is not None:
         engine.states.save()
     return engine, decision, ledger_path
+
+
+def _sbatch_json(path: str) -> tuple[str | None, list[tuple[str, str | None]]]:
+    """(script, options) of a cli_filter's JSON: {"time": "00:10:00", "argv": ["job.sh"], ...}."""
+    import json
+
+    from .request import RequestError
+
+    where = "standard input" if path == "-" else path
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()  # noqa: SIM115
+        data = json.loads(text)
+    except OSError as e:
+        raise RequestError(f"{where}: cannot read: {e.strerror}") from None
+    except ValueError as e:
+        raise RequestError(f"{where}: not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise RequestError(f"{where}: expected a JSON object of sbatch options")
+    argv = data.pop("argv", None) or []
+    script = argv[0] if argv and isinstance(argv[0], str) else None
+    options = []
+    for k, v in data.items():
+        if isinstance(v, bool | int | float):
+            v = str(v)
+        options.append((str(k), None if v in (None, "set") else str(v)))
+    return script, options
 
 
 def _run(args, body) -> int:
@@ -250,6 +286,9 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_route(args) -> int:
+    if getattr(args, "cli_filter", None):
+        return _cli_filter(args)
+
     def body() -> int:
         import json
 
@@ -263,6 +302,52 @@ def cmd_route(args) -> int:
         return 0 if d.outcome == "route" else 1
 
     return _run(args, body)
+
+
+def _cli_filter(args) -> int:
+    """Answer a Slurm cli_filter: never blocks a submission because greend itself failed."""
+    from greend.config import ConfigError
+    from greend.ledger import LedgerError
+
+    from .request import RequestError
+
+    def line(key: str, value: str) -> None:
+        print(f"{key}={' '.join(str(value).split())}")
+
+    here = args.cli_filter
+    try:
+        _, d, _ = _decide(args, live=True)
+    except (ConfigError, RequestError, LedgerError, OSError) as e:
+        line("verdict", "error")
+        line("message", f"greend could not route this job ({e}); it is submitted unchanged")
+        return 0
+    if d.outcome == "no_cluster":
+        line("verdict", "refuse")
+        line("message", f"greend: {d.summary()}")
+        return 0
+    if d.outcome == "refused":
+        line("verdict", "refuse")
+        line("cluster", d.plan.cluster)
+        line("message", f"greend: {d.plan.refused}")
+        return 0
+    line("cluster", d.plan.cluster)
+    if d.plan.cluster != here:
+        line("verdict", "redirect")
+        script = d.request.script or "SCRIPT"
+        line("message", f"greend: this job belongs on {d.plan.cluster}, not {here}: {d.summary()}. "
+             f"Submit it with: greend submit {script}")
+        return 0
+    line("verdict", "accept")
+    line("message", f"greend: {d.summary()}")
+    from . import quantities as q
+
+    if d.plan.partition:
+        print(f"set partition={d.plan.partition}")
+    if d.plan.begin is not None:
+        print(f"set begin={q.slurm_time_point(d.plan.begin)}")
+    if d.plan.nice is not None:
+        print(f"set nice={d.plan.nice}")
+    return 0
 
 
 def cmd_submit(args) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import signal
 import subprocess
 import threading
 import time
@@ -19,6 +21,8 @@ from pathlib import Path
 from . import quantities as q
 
 log = logging.getLogger(__name__)
+
+_ERR_PREFIX = re.compile(r"^\w+: (?:error|fatal): ", re.IGNORECASE)
 
 _BAD_NODE_STATES = frozenset({"down", "drain", "drained", "draining", "fail", "failing", "future",
                               "unknown", "maint", "reboot_requested", "powered_down", "inval"})
@@ -227,15 +231,19 @@ def parse_squeue(data: dict, now: float) -> tuple[list[JobState], list[JobState]
 
 
 # -- fetching -----------------------------------------------------------------------------------
-def run_slurm(spec, argv: list[str], timeout_s: float) -> tuple[int, str, str]:
+def run_slurm(spec, argv: list[str], timeout_s: float,
+              extra_env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run a Slurm command for one cluster: (exit status, stdout, stderr); raises TimeoutError."""
     if spec.conf is not None and not Path(spec.conf).is_file():
         # Slurm's commands retry a missing slurm.conf for a minute before giving up.
         return 1, "", f"slurm.conf {spec.conf} does not exist"
     cmd = [spec.command(argv[0]), *argv[1:]]
     try:
+        # Own process group: on a timeout the command and anything it started (a wrapper's
+        # children keep the pipes open) are killed together.
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=spec.env(os.environ), stdin=subprocess.DEVNULL)
+                                env={**spec.env(os.environ), **(extra_env or {})}, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
     except FileNotFoundError:
         return 127, "", f"{cmd[0]}: command not found"
     except PermissionError:
@@ -243,17 +251,29 @@ def run_slurm(spec, argv: list[str], timeout_s: float) -> tuple[int, str, str]:
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
+        _kill_group(proc)
         raise TimeoutError(f"{argv[0]} did not answer within {timeout_s:g} s") from None
+    except BaseException:
+        _kill_group(proc)
+        raise
     return proc.returncode, out, err
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.communicate()
+
+
 def _first_error(err: str) -> str:
+    """The first error line of a Slurm command's stderr, without its "sbatch: error: " prefix."""
     lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
     for ln in lines:
-        if "error" in ln.lower() or "fatal" in ln.lower():
-            return ln
+        m = _ERR_PREFIX.match(ln)
+        if m:
+            return ln[m.end():]
     return lines[-1] if lines else "no output"
 
 
@@ -278,7 +298,7 @@ def fetch(cluster, now: float | None = None) -> ClusterState:
     for name in ("sinfo", "squeue"):
         rc, _, err = results[name]
         if rc != 0:
-            msg = err if rc is None else f"{name} failed: {_first_error(err)}"
+            msg = err if rc is None else f"{name}: {_first_error(err)}"
             return ClusterState(cluster.name, False, now, error=f"controller did not answer: {msg}",
                                 fetch_s=elapsed)
     try:

@@ -185,7 +185,9 @@ def submit(engine, decision, script: Path, decisions: DecisionLog | None, *,
             argv = ["sbatch", "--parsable", f"--comment={comment}", *plan.sbatch_options(r), str(script)]
             sub.command = [cluster.slurm.command("sbatch"), *argv[1:]]
             try:
-                rc, out, err = run_slurm(cluster.slurm, argv, cluster.slurm.submit_timeout_s)
+                # GREEND_SUBMIT tells a greend cli_filter (docs/policy.md) that this job is routed.
+                rc, out, err = run_slurm(cluster.slurm, argv, cluster.slurm.submit_timeout_s,
+                                         extra_env={"GREEND_SUBMIT": token})
                 # "Socket timed out": the controller may have queued the job before the reply was lost.
                 timed_out = rc != 0 and "timed out" in err.lower()
             except TimeoutError:
