@@ -1,13 +1,16 @@
 """greend's HTTP API: /metrics, /healthz and /api/v1 (JSON), on TCP and on a unix socket.
 
-On the unix socket the caller's identity comes from the socket itself (SO_PEERCRED), so with
+The read API works over any ledger: a node daemon's or the site controller's (`ApiHost`). On the
+unix socket the caller's identity comes from the socket itself (SO_PEERCRED), so with
 `private_jobs = true` a user sees only their own jobs' details while admins see all. TCP callers
-have no identity: with private_jobs they get /metrics and /healthz only.
+have no identity (unless they present the site token, which makes them admins): with private_jobs
+they get /metrics and /healthz only. docs/api.md describes every endpoint.
 """
 
 from __future__ import annotations
 
 import grp
+import hmac
 import json
 import logging
 import os
@@ -18,13 +21,16 @@ import stat
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
 
 from . import config as config_mod
 from . import report
@@ -34,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
 MAX_LIMIT = 1000
+MAX_QUERY = 8192
 
 
 class ApiError(Exception):
@@ -42,11 +49,31 @@ class ApiError(Exception):
         self.status = status
 
 
+# (method, path) -> handler(body, caller, headers) -> (status, content type, payload)
+Route = Callable[[bytes, "Caller", object], tuple[int, str, bytes]]
+
+
+class ApiHost(Protocol):
+    """What the API serves: a node daemon (its monitor's ledger) or the site controller."""
+
+    cfg: config_mod.Config  # daemon.private_jobs and daemon.admins apply; clusters are listed
+    ledger_path: Path
+    socket_path: Path | None
+    node: str | None  # the node served, or None for the controller
+    token: bytes | None  # the site token: a TCP caller presenting it is an admin
+    max_body: int
+    routes: dict[tuple[str, str], Route]
+
+    def health(self) -> dict: ...
+
+    def metric_collectors(self) -> Iterable: ...
+
+
 class Caller:
-    def __init__(self, uid: int | None, admins: list[str]):
+    def __init__(self, uid: int | None, admins: list[str], token_admin: bool = False):
         self.uid = uid
         self.user = None
-        self.admin = False
+        self.admin = token_admin
         if uid is None:
             return
         try:
@@ -94,40 +121,111 @@ def _str(q: dict, name: str) -> str | None:
     return q[name][-1] if name in q else None
 
 
-class Api:
-    """Routes requests to the daemon's state and its ledger (read through per-thread connections)."""
+_TYPES = {"counter": ("_total", "counter"), "info": ("_info", "gauge"), "stateset": ("", "gauge"),
+          "gaugehistogram": ("", "histogram"), "unknown": ("", "untyped")}
+_NEEDS_ESCAPE = frozenset('\\"\n')
 
-    def __init__(self, daemon):
-        self.daemon = daemon
+
+def _label_value(v: str) -> str:
+    if _NEEDS_ESCAPE.isdisjoint(v):
+        return v
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render_metrics(registry: CollectorRegistry) -> bytes:
+    """The Prometheus text format (0.0.4) of a registry, as prometheus_client's generate_latest
+    writes it but several times faster on thousands of per-job series: our label names are valid
+    by construction, and a label set shared by a job's series is formatted once."""
+    out: list[str] = []
+    add = out.append
+    cache: dict[tuple, str] = {}
+    fmt = floatToGoString
+    for metric in registry.collect():
+        suffix, mtype = _TYPES.get(metric.type, ("", metric.type))
+        mname = metric.name + suffix
+        doc = metric.documentation.replace("\\", "\\\\").replace("\n", "\\n")
+        add(f"# HELP {mname} {doc}\n# TYPE {mname} {mtype}\n")
+        text = getattr(metric, "text", None)
+        if text is not None:  # a family that writes itself (exporter.JobFamily)
+            add(text())
+            continue
+        extra: dict[str, list[str]] = {}
+        for smp in metric.samples:
+            labels = smp.labels
+            if labels:
+                key = tuple(labels.items())
+                ls = cache.get(key)
+                if ls is None:
+                    ls = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
+                    cache[key] = ls
+                line = f"{smp.name}{{{ls}}} {fmt(smp.value)}"
+            else:
+                line = f"{smp.name} {fmt(smp.value)}"
+            if smp.timestamp is not None:
+                line += f" {int(float(smp.timestamp) * 1000):d}"
+            sfx = smp.name[len(metric.name):]
+            if sfx in ("_created", "_gsum", "_gcount"):
+                extra.setdefault(sfx, []).append(line + "\n")
+            else:
+                add(line + "\n")
+        for sfx, lines in sorted(extra.items()):
+            add(f"# HELP {metric.name}{sfx} {doc}\n# TYPE {metric.name}{sfx} gauge\n")
+            out.extend(lines)
+    return "".join(out).encode()
+
+
+class _HostMetrics:
+    """Yields the host's collectors at each scrape, so that collectors added later (site mode
+    switched on by a reload) appear without rebuilding the registry."""
+
+    def __init__(self, host: ApiHost):
+        self.host = host
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        for c in self.host.metric_collectors():
+            yield from c.collect()
+
+
+class Api:
+    """Routes requests to the host's state and its ledger (read through per-thread connections)."""
+
+    def __init__(self, host: ApiHost):
+        self.host = host
         self.local = threading.local()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(daemon.exporter)
+        self.registry.register(_HostMetrics(host))
         self.registry.register(ProcessCollector(namespace="greend", registry=None))
-        self.extra_routes = {}  # (method, prefix) -> handler, for the controller
 
     def ledger(self) -> Ledger:
         led = getattr(self.local, "ledger", None)
         if led is None:
-            led = Ledger(self.daemon.ledger_path, readonly=True)
+            led = Ledger(self.host.ledger_path, readonly=True)
             self.local.ledger = led
         return led
 
     def handle(self, method: str, path: str, query: dict, body: bytes, caller: Caller,
                headers) -> tuple[int, str, bytes]:
-        for (m, prefix), fn in self.extra_routes.items():
-            if m == method and path.startswith(prefix):
-                return fn(path, query, body, caller, headers)
-        if method != "GET":
-            raise ApiError(405, f"{method} not allowed on {path}")
+        route = self.host.routes.get((method, path))
+        if route is not None:
+            return route(body, caller, headers)
+        allowed = [m for m, p in self.host.routes if p == path]
+        if allowed or method not in ("GET", "HEAD"):
+            raise ApiError(405, f"{method} not allowed on {path} (allowed: "
+                                f"{', '.join(allowed or ['GET'])})")
         if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+            return 200, CONTENT_TYPE_LATEST, render_metrics(self.registry)
         if path == "/healthz":
-            return self._json(self.daemon.health())
+            return self._json(self.host.health())
         if path.startswith("/api/v1/"):
-            cfg = self.daemon.cfg
-            if cfg.daemon.private_jobs and caller.uid is None and path != "/api/v1/clusters":
-                raise ApiError(403, "private_jobs is on: job data is served on the unix socket "
-                                    f"({self.daemon.socket_path}), where greend knows who asks")
+            cfg = self.host.cfg
+            if cfg.daemon.private_jobs and caller.uid is None and not caller.admin \
+                    and path != "/api/v1/clusters":
+                where = (f" ({self.host.socket_path})" if self.host.socket_path else "")
+                raise ApiError(403, "private_jobs is on: job data is served on the unix socket"
+                                    f"{where}, where greend knows who asks")
             if path == "/api/v1/jobs":
                 return self._json(self.jobs(query, caller))
             if path.startswith("/api/v1/jobs/"):
@@ -147,7 +245,7 @@ class Api:
 
     def _restrict(self, caller: Caller) -> str | None:
         """The only user whose jobs this caller may see, or None for all."""
-        if self.daemon.cfg.daemon.private_jobs and not caller.admin:
+        if self.host.cfg.daemon.private_jobs and not caller.admin:
             return caller.user or "\0nobody"
         return None
 
@@ -191,7 +289,7 @@ class Api:
         return {"records": records}
 
     def clusters(self) -> dict:
-        cfg = self.daemon.cfg
+        cfg = self.host.cfg
         now = time.time()
         out = {}
         for name, c in cfg.clusters.items():
@@ -201,14 +299,16 @@ class Api:
                 f = {"error": str(e)}
             out[name] = {"tier": c.tier, "hds": c.hds, "open": c.open, "country": c.country,
                          "factors": f}
-        return {"clusters": out, "this_cluster": cfg.cluster, "node": self.daemon.monitor.node}
+        return {"clusters": out, "this_cluster": cfg.cluster, "node": self.host.node}
 
     def summary(self, q: dict, caller: Caller) -> dict:
         by = _str(q, "by") or "account"
-        if by not in ("account", "user", "cluster"):
-            raise ApiError(400, "query parameter 'by': expected account, user or cluster")
-        since = _float(q, "since") or 0.0
-        until = _float(q, "until") or time.time() + 1
+        if by not in ("account", "user", "cluster", "node"):
+            raise ApiError(400, "query parameter 'by': expected account, user, cluster or node")
+        since = _float(q, "since")
+        since = 0.0 if since is None else since
+        until = _float(q, "until")
+        until = time.time() + 1 if until is None else until
         only = self._restrict(caller)
         where = "last_seen >= ? AND first_seen <= ?"
         args: list = [since, until]
@@ -245,24 +345,43 @@ class Handler(BaseHTTPRequestHandler):
 
     def _caller(self) -> Caller:
         uid = None
+        host = self.api.host
         if self.request.family == socket.AF_UNIX:
             creds = self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                             struct.calcsize("3i"))
             _pid, uid, _gid = struct.unpack("3i", creds)
-        return Caller(uid, self.api.daemon.cfg.daemon.admins)
+        return Caller(uid, host.cfg.daemon.admins, token_admin=bearer_ok(self.headers, host.token))
 
     def _serve(self, method: str) -> None:
         try:
+            if len(self.path) > MAX_QUERY:
+                raise ApiError(414, f"request target over {MAX_QUERY} bytes")
             parts = urlsplit(self.path)
-            query = parse_qs(parts.query, keep_blank_values=False)
+            try:
+                query = parse_qs(parts.query, keep_blank_values=False, strict_parsing=False,
+                                 errors="strict", max_num_fields=100)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ApiError(400, f"bad query string: {e}") from None
             body = b""
+            if self.headers.get("Transfer-Encoding"):
+                self.close_connection = True
+                raise ApiError(411, "chunked requests are not accepted: send a Content-Length")
             length = self.headers.get("Content-Length")
             if length:
+                length = length.strip()
                 if not length.isdigit():
+                    self.close_connection = True
                     raise ApiError(400, "bad Content-Length")
-                if int(length) > MAX_BODY:
-                    raise ApiError(413, f"request body over {MAX_BODY} bytes")
+                if int(length) > self.api.host.max_body:
+                    self.close_connection = True  # the body is not read: the connection is unusable
+                    count = getattr(self.api.host, "count_reject", None)
+                    if count and (method, parts.path) in self.api.host.routes:
+                        count("too_large")
+                    raise ApiError(413, f"request body over {self.api.host.max_body} bytes")
                 body = self.rfile.read(int(length))
+                if len(body) != int(length):
+                    self.close_connection = True
+                    raise ApiError(400, "request body shorter than its Content-Length")
             status, ctype, payload = self.api.handle(method, parts.path, query, body,
                                                      self._caller(), self.headers)
         except ApiError as e:
@@ -275,15 +394,41 @@ class Handler(BaseHTTPRequestHandler):
             log.exception("API error on %s %s", method, self.path)
             status, ctype = 500, "application/json"
             payload = b'{"error": "internal error (see greend log)"}\n'
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        if method != "HEAD":
-            self.wfile.write(payload)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(payload)))
+            if status == 401:
+                self.send_header("WWW-Authenticate", 'Bearer realm="greend"')
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if method != "HEAD":
+                self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away: nothing to tell it
+
+    def send_error(self, code, message=None, explain=None):
+        # Malformed requests (bad request line, header too long) get a JSON error, not HTML.
+        self.close_connection = True
+        try:
+            payload = (json.dumps({"error": f"{code}: {message or HTTPStatus(code).phrase}"})
+                       + "\n").encode()
+            self.send_response(code, message)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+                self.wfile.write(payload)
+        except OSError:
+            pass
 
     def do_GET(self):
         self._serve("GET")
+
+    def do_HEAD(self):
+        self._serve("HEAD")
 
     def do_POST(self):
         self._serve("POST")
@@ -308,18 +453,31 @@ class TcpHTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
 
-def start_servers(daemon, listen: tuple[str, int], socket_path: Path | None) -> list:
+def bearer_ok(headers, token: bytes | None) -> bool:
+    """True if the request carries `Authorization: Bearer <token>` with the site token."""
+    if not token:
+        return False
+    auth = headers.get("Authorization") or ""
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(value.strip().encode("utf-8", "replace"), token)
+
+
+def start_servers(host: ApiHost, listen: tuple[str, int], socket_path: Path | None,
+                  what: str = "greend") -> list:
     from .daemon import DaemonError
 
-    api = Api(daemon)
-    daemon.api = api
+    api = Api(host)
+    host.api = api
     handler = type("BoundHandler", (Handler,), {"api": api})
     servers = []
     host, port = listen
     try:
         tcp = TcpHTTPServer((host, port), handler)
     except OSError as e:
-        hint = " (another greend running? choose another with --listen)" if e.errno == 98 else ""
+        hint = (f" (another {what} running? choose another address with --listen)"
+                if e.errno == 98 else "")
         raise DaemonError(f"cannot listen on {host}:{port}: {e.strerror}{hint}") from None
     servers.append(tcp)
     if socket_path:
@@ -331,7 +489,7 @@ def start_servers(daemon, listen: tuple[str, int], socket_path: Path | None) -> 
                 probe = socket.socket(socket.AF_UNIX)
                 try:
                     probe.connect(str(socket_path))
-                    raise DaemonError(f"{socket_path} is in use by another greend")
+                    raise DaemonError(f"{socket_path} is in use by another {what}")
                 except (ConnectionRefusedError, FileNotFoundError):
                     socket_path.unlink()  # stale socket of a crashed greend
                 finally:

@@ -2,7 +2,8 @@
 from /metrics and refresh of time-varying factors; HTTP serves /metrics, /healthz and the API.
 
 SIGTERM/SIGINT: final checkpoint and clean exit. SIGHUP: reload and validate the config; on an
-error the running config stays and the reason is logged and shown in /healthz.
+error the running config stays and the reason is logged and shown in /healthz. With
+[controller] url set, job records also go to the site controller through the outbox (site.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import config as config_mod
+from . import site
+from .api import MAX_BODY
 from .exporter import NodeCollector, Snapshot
 from .ledger import Ledger, LedgerError, default_path
 from .monitor import SOURCES, Monitor
@@ -39,14 +42,16 @@ def default_socket(cfg: config_mod.Config) -> Path | None:
         return None if str(cfg.daemon.socket) in ("", ".") else cfg.daemon.socket
     if os.geteuid() == 0:
         return Path("/run/greend/api.sock")
-    return cfg.resolved_state_dir() / "api.sock"
+    return Path(cfg.resolved_state_dir()) / "api.sock"
 
 
 class Daemon:
     def __init__(self, cfg: config_mod.Config, config_path: str | None = None,
-                 listen: str | None = None, socket_path: Path | None = None):
+                 listen: str | None = None, socket_path: Path | None = None,
+                 overrides: dict | None = None):
         self.cfg = cfg
         self.config_path = config_path
+        self.overrides = overrides or {}  # from the command line (--state-dir): kept on reload
         self.lock = threading.RLock()
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
@@ -65,6 +70,55 @@ class Daemon:
         self.scheduler = None
         self.exporter = NodeCollector(self.snapshot, user_label=cfg.daemon.user_label)
         self._series_mtime = self._series_mtimes()
+        self.node = self.monitor.node
+        self.max_body = MAX_BODY
+        self.routes: dict = {}  # a node takes no writes over HTTP
+        self.api = None
+        self.token: bytes | None = None
+        self.outbox: site.Outbox | None = None
+        self.sender: site.Sender | None = None
+        try:
+            self._site(cfg)
+        except DaemonError:
+            self.monitor.close()
+            self.ledger.close()
+            raise
+
+    # -- site mode ------------------------------------------------------------------------------
+    def _site(self, cfg: config_mod.Config) -> None:
+        """Start, change or stop sending records to the controller as cfg.controller says."""
+        c = cfg.controller
+        if not c.url:
+            if self.sender is not None:
+                self.sender.stop()
+                self.sender.close()
+                self.monitor.on_checkpoint.remove(self.outbox)
+                self.sender = self.outbox = None
+                log.warning("site mode off: records are no longer sent to a controller")
+            self.token = None
+            return
+        try:
+            token = site.read_token(c.token_file)
+        except site.SiteError as e:
+            raise DaemonError(str(e)) from None
+        self.token = token
+        if self.sender is not None:
+            self.sender.update(c, token)
+            return
+        self.outbox = site.Outbox(self.monitor)
+        self.monitor.on_checkpoint.append(self.outbox)
+        self.sender = site.Sender(c, token, self.ledger_path, self.monitor.cluster, self.monitor.node,
+                                  self.outbox)
+        try:
+            self.outbox.backlog = self.ledger.db.execute(
+                "SELECT COUNT(*) FROM outbox WHERE kind = 'job'").fetchone()[0]
+        except Exception:
+            pass
+        if self.scheduler is not None:  # switched on by a reload
+            self.sender.start()
+
+    def metric_collectors(self) -> list:
+        return [self.exporter, self.sender] if self.sender is not None else [self.exporter]
 
     # -- periodic work --------------------------------------------------------------------------
     def sample(self) -> None:
@@ -131,9 +185,11 @@ class Daemon:
         try:
             new = config_mod.load(self.config_path)
         except config_mod.ConfigError as e:
-            self.config_error = str(e)
+            self.config_error = f"reload: {e}; kept the running config"
             log.error("config reload failed, keeping the running config: %s", e)
             return
+        if self.overrides:
+            new = new.model_copy(update=self.overrides)
         if (new.cluster, new.node_name, new.paths, new.resolved_state_dir()) != (
                 self.cfg.cluster, self.cfg.node_name, self.cfg.paths, self.cfg.resolved_state_dir()):
             self.config_error = ("reload: cluster, node, paths and state_dir need a restart; "
@@ -141,6 +197,12 @@ class Daemon:
             log.error("%s", self.config_error)
             return
         with self.lock:
+            try:
+                self._site(new)
+            except DaemonError as e:
+                self.config_error = f"reload: {e}; kept the running config"
+                log.error("%s", self.config_error)
+                return
             self.cfg = new
             self.monitor.cfg = new
             self.monitor.factors = config_mod.cluster_factors(new)
@@ -197,6 +259,8 @@ class Daemon:
             age = time.time() - (self.monitor.prev.t if self.monitor.prev else self.started)
             if age > max(3 * self.cfg.sampling.interval_s, 30):
                 reasons.append(f"no sample for {age:.0f} s")
+            if self.sender is not None:
+                reasons.extend(self.sender.health_reasons())
             collectors = {
                 s.name: {"present": s.present, "ok": s.ok, "error": s.error,
                          "errors_total": s.errors_total, "detail": s.detail}
@@ -214,6 +278,7 @@ class Daemon:
                 "collectors": collectors,
                 "cpu_power_model": asdict(self.monitor.cpu_model),
                 "sources": list(SOURCES),
+                "site": self.sender.status() if self.sender is not None else None,
             }
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -230,11 +295,15 @@ class Daemon:
         s = self.cfg.sampling
         sch.add_job(self.sample, "interval", seconds=s.interval_s, id="sample")
         sch.add_job(self.checkpoint, "interval", seconds=s.checkpoint_interval_s, id="checkpoint")
-        sch.add_job(self.expire, "interval", seconds=max(1.0, min(30.0, self.cfg.daemon.finished_job_grace_s / 2 or 1)), id="expire")
+        # Often enough that a finished job leaves /metrics close to finished_job_grace_s after it
+        # ended, whatever a reload sets it to.
+        sch.add_job(self.expire, "interval", seconds=1.0, id="expire")
         sch.add_job(self.refresh_factors, "interval", seconds=self.cfg.daemon.factor_refresh_s,
                     id="factors")
         sch.start()
         self.scheduler = sch
+        if self.sender is not None:
+            self.sender.start()
         where = [f"http://{self.listen[0]}:{self.servers[0].server_address[1]}"]
         if self.socket_path and len(self.servers) > 1:
             where.append(f"unix:{self.socket_path}")
@@ -257,7 +326,10 @@ class Daemon:
         self.start()
         try:
             while True:
-                self.stop_event.wait()
+                # A signal delivered to another thread runs its handler only when the main thread
+                # wakes up: never block it indefinitely.
+                while not self.stop_event.wait(0.5):
+                    pass
                 if self.reload_requested.is_set():
                     self.reload_requested.clear()
                     self.stop_event.clear()
@@ -274,6 +346,10 @@ class Daemon:
         with self.lock:
             self.sample()
             self.checkpoint()
+        if self.sender is not None:
+            self.sender.stop()
+            self.sender.drain()  # the final records, if the controller answers quickly
+            self.sender.close()
         for srv in self.servers:
             srv.shutdown()
             srv.server_close()

@@ -1,4 +1,5 @@
-"""`greend run`: command-line entry point of the node daemon."""
+"""`greend run` and `greend controller`: command-line entry points of the node daemon and of the
+site controller."""
 
 from __future__ import annotations
 
@@ -30,6 +31,26 @@ def add_commands(sub) -> None:
     r.add_argument("--json", action="store_true", help="with --once: print JSON")
     r.set_defaults(func=cmd_run)
 
+    c = sub.add_parser(
+        "controller", help="run the site controller: receive every node's job records, serve "
+        "the site's ledger",
+        description="Run the site controller (docs/site-mode.md): nodes running `greend run` "
+        "with [controller] url set send their job records (partials and final) to it over HTTP, "
+        "authenticated by the site token; it keeps them in its own ledger (--state-dir, "
+        "controller.state_dir, or <state_dir>/controller) and serves the same read API as a node "
+        "(/api/v1/jobs, /api/v1/summary, ...), /healthz and /metrics. SIGTERM/SIGINT: exit; "
+        "SIGHUP: re-read the config and the token file (token rotation).",
+    )
+    c.add_argument("--listen", metavar="HOST:PORT",
+                   help="HTTP address (default: controller.listen, 127.0.0.1:9472)")
+    c.add_argument("--token-file", metavar="FILE",
+                   help="the site token, readable by its owner only (default: "
+                   "controller.token_file)")
+    c.add_argument("--socket", metavar="PATH",
+                   help="read API unix socket (default: /run/greend/controller.sock as root, else "
+                   "<controller state dir>/api.sock); '' for none")
+    c.set_defaults(func=cmd_controller)
+
     d = sub.add_parser("metrics-doc", help="print docs/metrics.md (generated from the exporter)")
     d.set_defaults(func=lambda a: (sys.stdout.write(__import__(
         "greend.exporter", fromlist=["x"]).metrics_markdown()), 0)[1])
@@ -49,14 +70,46 @@ def cmd_run(args) -> int:
     sock = None
     if args.socket is not None:
         sock = Path(args.socket) if args.socket else Path("")
+    overrides = {"state_dir": Path(args.state_dir)} if getattr(args, "state_dir", None) else {}
+    cfg = cfg.model_copy(update=overrides)
     try:
         d = Daemon(cfg, args.config or os.environ.get("GREEND_CONFIG"), listen=args.listen,
-                   socket_path=sock if args.socket != "" else None)
+                   socket_path=sock if args.socket != "" else None, overrides=overrides)
         if args.socket == "":
             d.socket_path = None
         d.run_forever()
     except DaemonError as e:
         return _fail(f"run: {e}")
+    return 0
+
+
+def cmd_controller(args) -> int:
+    import logging
+
+    from .cli import _fail, _load_config
+    from .daemon import DaemonError
+    from .site import Controller
+
+    cfg = _load_config(args)
+    if getattr(args, "state_dir", None):
+        cfg = cfg.model_copy(update={"controller": cfg.controller.model_copy(
+            update={"state_dir": Path(args.state_dir)})})
+    if not args.token_file and cfg.controller.token_file is None:
+        return _fail("controller: no token file: give --token-file FILE or set "
+                     "controller.token_file (the site's shared secret, chmod 600)")
+    if args.verbose == 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    sock = None
+    if args.socket is not None:
+        sock = Path(args.socket) if args.socket else None
+    try:
+        c = Controller(cfg, args.config or os.environ.get("GREEND_CONFIG"), listen=args.listen,
+                       token_file=args.token_file, socket_path=sock)
+        if args.socket == "":
+            c.socket_path = None
+        c.run_forever()
+    except DaemonError as e:
+        return _fail(f"controller: {e}")
     return 0
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from . import __version__
 
@@ -96,6 +98,41 @@ class Snapshot:
     gauges: list[tuple[str, dict, float]]
 
 
+def _label_value(v: str) -> str:
+    if "\\" in v or '"' in v or "\n" in v:
+        return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return v
+
+
+class JobFamily(Metric):
+    """A per-job family (a node can run a thousand jobs: several thousand series a scrape). Each
+    job's label set is formatted once for all its families, and the family writes its own
+    exposition text (api.render_metrics); `samples` are built only for other consumers."""
+
+    def __init__(self, name: str):
+        kind, help_, labels = METRICS[name]
+        super().__init__(name.removesuffix("_total") if kind == "counter" else name, help_, kind)
+        self.sample_name = name
+        self.labelnames = labels
+        self.rows: list[tuple[tuple, str, float]] = []  # (label values, formatted labels, value)
+
+    @property
+    def samples(self) -> list[Sample]:
+        n, names = self.sample_name, self.labelnames
+        return [Sample(n, dict(zip(names, v, strict=True)), x, None, None) for v, _, x in self.rows]
+
+    @samples.setter
+    def samples(self, _value) -> None:  # Metric.__init__ sets an empty list
+        pass
+
+    def add(self, values: tuple, labels: str, value: float) -> None:
+        self.rows.append((values, labels, value))
+
+    def text(self) -> str:
+        n, fmt = self.sample_name, floatToGoString
+        return "".join([f"{n}{{{ls}}} {fmt(x)}\n" for _, ls, x in self.rows])
+
+
 class NodeCollector:
     """prometheus_client custom collector; `snapshot` is a callable returning a Snapshot."""
 
@@ -130,32 +167,35 @@ class NodeCollector:
             f("greend_node_power_watts").add_metric([*cn, dom, src, m], pw)
             f("greend_node_unattributed_energy_joules_total").add_metric([*cn, dom, src], un / 1e6)
             f("greend_node_idle_energy_joules_total").add_metric([*cn, dom, src], idle / 1e6)
-        en = f("greend_job_energy_joules_total")
-        fac = f("greend_job_facility_energy_joules_total")
-        co2 = f("greend_job_carbon_grams_total")
-        wat = f("greend_job_water_litres_total")
-        cpu = f("greend_job_cpu_seconds_total")
-        pw = f("greend_job_power_watts")
-        run = f("greend_job_running")
+        for name in ("greend_job_energy_joules_total", "greend_job_facility_energy_joules_total",
+                     "greend_job_carbon_grams_total", "greend_job_water_litres_total",
+                     "greend_job_cpu_seconds_total", "greend_job_power_watts", "greend_job_running"):
+            fam[name] = JobFamily(name)
+        en = fam["greend_job_energy_joules_total"].add
+        fac = fam["greend_job_facility_energy_joules_total"].add
+        co2 = fam["greend_job_carbon_grams_total"].add
+        wat = fam["greend_job_water_litres_total"].add
+        cpu = fam["greend_job_cpu_seconds_total"].add
+        pw = fam["greend_job_power_watts"].add
+        run = fam["greend_job_running"].add
         active = 0
         for labels, running, c, d, g, mem, facility, carbon, ws, wo, cpu_ns, power in s.jobs:
-            lab = list(labels)
-            if not self.user_label:
-                lab[3] = ""
+            lab = tuple(labels) if self.user_label else (*labels[:3], "", *labels[4:])
+            ls = ",".join([f'{k}="{_label_value(v)}"' for k, v in zip(JOB_LABELS, lab, strict=True)])
             # cpu and memory always appear so that a job's series exist from its first scrape.
-            en.add_metric([*lab, "cpu"], c / 1e6)
-            en.add_metric([*lab, "memory"], mem / 1e6)
+            en((*lab, "cpu"), ls + ',source="cpu"', c / 1e6)
+            en((*lab, "memory"), ls + ',source="memory"', mem / 1e6)
             if d:
-                en.add_metric([*lab, "dram"], d / 1e6)
+                en((*lab, "dram"), ls + ',source="dram"', d / 1e6)
             if g:
-                en.add_metric([*lab, "gpu"], g / 1e6)
-            fac.add_metric(lab, facility)
-            co2.add_metric(lab, carbon)
-            wat.add_metric([*lab, "site"], ws)
-            wat.add_metric([*lab, "offsite"], wo)
-            cpu.add_metric(lab, cpu_ns / 1e9)
-            pw.add_metric(lab, power)
-            run.add_metric(lab, 1.0 if running else 0.0)
+                en((*lab, "gpu"), ls + ',source="gpu"', g / 1e6)
+            fac(lab, ls, facility)
+            co2(lab, ls, carbon)
+            wat((*lab, "site"), ls + ',scope="site"', ws)
+            wat((*lab, "offsite"), ls + ',scope="offsite"', wo)
+            cpu(lab, ls, cpu_ns / 1e9)
+            pw(lab, ls, power)
+            run(lab, ls, 1.0 if running else 0.0)
             active += bool(running)
         f("greend_jobs_active").add_metric(cn, active)
         for cluster, (pue, wue, ewif, ci) in s.factors.items():
