@@ -42,6 +42,16 @@ def cpu_model(procfs: Path) -> str:
     return ""
 
 
+def cpu_count(procfs: Path) -> int:
+    """Logical CPUs this node shows (through the configured procfs, so fixture trees count)."""
+    try:
+        n = sum(1 for line in (Path(procfs) / "cpuinfo").read_text().splitlines()
+                if line.startswith("processor"))
+    except OSError:
+        n = 0
+    return n or os.cpu_count() or 1
+
+
 def cpu_packages(procfs: Path) -> int:
     ids = set()
     try:

@@ -243,7 +243,7 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling; `greend config check --help` lists the keys)"
+            msg = "unknown key (check its spelling; docs/configuration.md lists every key)"
         got = e.get("input")
         shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else (
             f" (got {got!r})"
@@ -265,6 +265,9 @@ def load(path: str | os.PathLike | None) -> Config:
         return Config()
     p = Path(path)
     try:
+        loc = ".".join(str(p) for p in e["loc"])
+        if not loc:  # model-level checks name their key first ("cluster 'x' is not defined")
+            loc = msg.split(" ", 1)[0] if msg.split(" ", 1)[0].isidentifier() else "(top level)"
         raw = p.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such config file") from None

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from greend.collectors.base import EnergyCounter, JobUsage, SourceUnavailable
-from greend.collectors.procfs import ProcStat, boot_id, cpu_model, cpu_packages, mem_total_bytes
+from greend.collectors.procfs import (
+    ProcStat,
+    boot_id,
+    cpu_count,
+    cpu_model,
+    cpu_packages,
+    mem_total_bytes,
+)
 from greend.collectors.procscan import NS_PER_TICK, ProcScan
 
 from . import config as config_mod
@@ -84,7 +90,7 @@ def cpu_power_model(cfg: config_mod.Config) -> CpuPowerModel:
             f"CodeCarbon {refdata.codecarbon_version()} cpu_power.csv: {hit[0]} {hit[1]:g} W "
             f"x {packages} package(s)",
         )
-    ncpu = os.cpu_count() or 1
+    ncpu = cpu_count(procfs)
     w = cfg.power.unknown_cpu_w_per_core
     return CpuPowerModel(
         w * ncpu, model,
