@@ -198,7 +198,7 @@ def first_paint_pty(path: Path, user: str, size: tuple[int, int] = (80, 24)) -> 
                 buf += os.read(fd, 65536)
             except OSError:
                 break
-            if b"updated" in buf:
+            if b"Enter: details" in buf or b"No jobs of" in buf:
                 first = time.perf_counter() - t0
                 break
     os.write(fd, b"q")

@@ -131,6 +131,18 @@ def test_job_detail_series_factors_decision(ledger_path):
     assert src.job("site", "nope") is None
 
 
+def test_unchanged_ledger_is_not_queried_again(ledger_path):
+    src = source(ledger_path)
+    q = JobQuery(user="alice", since=NOW - D30)
+    first = src.jobs(q, NOW)
+    assert src.jobs(JobQuery(user="alice", since=NOW - D30 + 5), NOW + 5) is first  # a live refresh
+    assert src.jobs(JobQuery(user="alice", since=NOW - D30, sort="energy"), NOW) is not first
+    again = src.jobs(q, NOW)
+    _bump(ledger_path, "812345", 3_600_000_000)  # a checkpoint by the daemon
+    after = src.jobs(q, NOW)
+    assert after is not again and after.jobs[0].it_energy_uj == again.jobs[0].it_energy_uj + 3_600_000_000
+
+
 def test_no_decisions_table_is_no_decision(tmp_path):
     path = build_ledger(tmp_path / "l.sqlite")
     db = sqlite3.connect(path)
@@ -252,6 +264,49 @@ def test_url_source(ledger_path):
         src.jobs(JobQuery(), NOW)
     with pytest.raises(SourceError, match="expected an http"):
         UrlSource("ftp://host/")
+
+
+def test_against_greends_own_api(ledger_path, tmp_path):
+    """The client against the API server the daemon and the controller run (greend.api)."""
+    api = pytest.importorskip("greend.api")
+
+    class Host:
+        cfg = config()
+        ledger_path = None
+        socket_path = None
+        node = "site-n1"
+        token = None
+        max_body = 1 << 20
+        routes: dict = {}  # noqa: RUF012
+
+        def health(self) -> dict:
+            return {"ok": True}
+
+        def metric_collectors(self) -> list:
+            return []
+
+    host = Host()
+    host.ledger_path, host.socket_path = ledger_path, tmp_path / "api.sock"
+    servers = api.start_servers(host, ("127.0.0.1", 0), host.socket_path)
+    try:
+        port = servers[0].server_address[1]
+        led = source(ledger_path)
+        for src in (SocketSource(host.socket_path), UrlSource(f"http://127.0.0.1:{port}")):
+            for q in (JobQuery(user="alice", since=NOW - D30), JobQuery(sort="water", limit=5)):
+                a, b = src.jobs(q, NOW), led.jobs(q, NOW)
+                assert [(j.job_id, j.it_energy_uj) for j in a.jobs] == [
+                    (j.job_id, j.it_energy_uj) for j in b.jobs]
+            d = src.job("site", "812345")
+            assert d.job.it_energy_uj == led.job("site", "812345").job.it_energy_uj
+            assert len(d.series) == 30 and d.factors
+            assert src.job("site", "nope") is None
+            assert {c.name for c in src.clusters(NOW)} == {"oldlab", "site", "national"}
+            s = src.summary(NOW - D30, None, "account")
+            assert s.rows[0].key == "imaging" and s.unattributed_share == pytest.approx(0.124, abs=1e-3)
+    finally:
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
 
 
 def test_socket_errors_are_phrased(tmp_path):
@@ -522,6 +577,8 @@ def test_cli_registers_tui_and_picks_a_source(tmp_path, monkeypatch):
     for argv, cls in ((["tui", "--url", "http://h:1"], UrlSource), (["tui", "--socket", "/s"], SocketSource),
                       (["tui", "--ledger", "/l"], LedgerSource)):
         assert isinstance(tui_cli.make_source(build_parser().parse_args(argv), cfg), cls)
+    lazy = tui_cli.make_source(build_parser().parse_args(["tui", "--ledger", "/l"]))
+    assert lazy.cfg is None and {c.name for c in lazy.clusters(NOW)} == {"local"}  # loaded when asked
     with pytest.raises(SystemExit):
         build_parser().parse_args(["tui", "--ledger", "a", "--url", "b"])
     out = subprocess.run([sys.executable, "-m", "greend.cli", "tui", "--help"], capture_output=True,

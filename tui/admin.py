@@ -27,6 +27,8 @@ class AdminScreen(Screen):
         Binding("b", "by", "Accounts/users"),
         Binding("t", "period", "Period"),
         Binding("r", "refresh", "Refresh"),
+        Binding("1", "app.switch_mode('jobs')", "Jobs"),
+        Binding("2", "app.switch_mode('clusters')", "Clusters"),
     ]
     HELP: ClassVar[list[tuple[str, str]]] = [
         ("b", "rank accounts or users"),

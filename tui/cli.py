@@ -56,7 +56,9 @@ def default_socket(cfg) -> Path | None:
     return None
 
 
-def make_source(args, cfg):
+def make_source(args, cfg=None):
+    """The data source the options ask for; cfg (or, when None, the configuration loaded when first
+    needed) says where the default socket and ledger are and describes the clusters."""
     from greend.ledger import default_path
 
     from .data import LedgerSource, SocketSource, UrlSource
@@ -66,7 +68,15 @@ def make_source(args, cfg):
     if args.socket:
         return SocketSource(args.socket)
     if args.ledger:
-        return LedgerSource(args.ledger, cfg)
+        if cfg is not None:
+            return LedgerSource(args.ledger, cfg)
+        from greend.cli import _load_config
+
+        return LedgerSource(args.ledger, config_loader=lambda: _load_config(args))
+    if cfg is None:
+        from greend.cli import _load_config
+
+        cfg = _load_config(args)
     sock = default_socket(cfg)
     if sock is not None:
         return SocketSource(sock)
@@ -74,16 +84,14 @@ def make_source(args, cfg):
 
 
 def cmd_tui(args) -> int:
-    from greend.cli import _load_config
-
     from .data import SourceError
 
-    cfg = _load_config(args)
     if args.refresh < 0:
         print("greend: tui: --refresh must be 0 or more seconds", file=sys.stderr)
         return 2
     try:
-        source = make_source(args, cfg)
+        # The configuration (slow to load) is read now only when it says where the data is.
+        source = make_source(args)
     except SourceError as e:
         print(f"greend: tui: {e}", file=sys.stderr)
         return 2

@@ -74,7 +74,11 @@ def sources(c: ClusterInfo) -> Group:
 class ClustersScreen(Screen):
     """Every cluster jobs can go to, by tier, with the factors greend applies there now."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("r", "refresh", "Refresh")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("r", "refresh", "Refresh"),
+        Binding("1", "app.switch_mode('jobs')", "Jobs"),
+        Binding("3", "app.switch_mode('admin')", "Accounts"),
+    ]
     HELP: ClassVar[list[tuple[str, str]]] = [
         ("↑ ↓", "choose a cluster: its factors' sources show below the table"),
         ("r", "refresh now (also retries after a connection problem)"),

@@ -347,14 +347,18 @@ _SQL_SORT = {
 
 
 class LedgerSource(DataSource):
-    """Reads a ledger file read-only (no daemon needed); the cluster table comes from the config."""
+    """Reads a ledger file read-only (no daemon needed); the cluster table comes from the config,
+    given or loaded when first needed (`config_loader`), so listing jobs does not wait for it."""
 
-    def __init__(self, path: str | Path, cfg=None, label: str | None = None):
+    def __init__(self, path: str | Path, cfg=None, label: str | None = None,
+                 config_loader: Callable[[], object] | None = None):
         self.path = Path(path)
         self.cfg = cfg
+        self.config_loader = config_loader
         self.label = label or f"ledger {self.path}"
         self._ledger: Ledger | None = None
         self._lock = threading.Lock()
+        self._last: tuple[int, JobQuery, JobPage] | None = None  # data_version, query, its page
 
     def _db(self) -> sqlite3.Connection:
         if self._ledger is None:
@@ -374,6 +378,7 @@ class LedgerSource(DataSource):
                 raise SourceError(f"{self.path}: cannot read the ledger: {e}") from None
 
     def close(self) -> None:
+        self._last = None
         if self._ledger is not None:
             try:
                 self._ledger.close()
@@ -403,38 +408,61 @@ class LedgerSource(DataSource):
             ) + ")")
         return (" WHERE " + " AND ".join(where) if where else ""), args
 
+    def _unchanged(self, version: int, q: JobQuery) -> JobPage | None:
+        """The last page again if nobody wrote to the ledger since and the query is the same (a
+        period that slid by less than a checkpoint or two counts as the same)."""
+        if self._last is None or q.sort == "elapsed":
+            return None
+        v, last, page = self._last
+        if v != version or dataclasses.replace(last, since=q.since) != q:
+            return None
+        if (last.since is None) != (q.since is None) or (q.since and abs(q.since - last.since) > 60):
+            return None
+        return page
+
     def jobs(self, q: JobQuery, now: float) -> JobPage:
         def run(db: sqlite3.Connection) -> JobPage:
-            where, args = self._where(q)
-            args.update(now=now, limit=q.limit, offset=q.offset)
-            group = f"FROM jobs{where} GROUP BY cluster, job_id, submit_time"
-            total, running = db.execute(
-                f"SELECT count(*), coalesce(sum(r), 0) FROM (SELECT max(state = 'running') AS r {group})",
-                args,
-            ).fetchone()
-            direction = "DESC" if q.descending else "ASC"
-            expr = _SQL_SORT[q.sort]
-            order = (expr.format(dir=direction) + f" {direction}" if "{dir}" in expr
-                     else f"{expr} {direction}")
-            keys = db.execute(
-                f"SELECT cluster, job_id, submit_time {group} ORDER BY {order}, "
-                "max(last_seen) DESC, cluster, job_id LIMIT :limit OFFSET :offset", args,
-            ).fetchall()
-            if not keys:
-                return JobPage([], q.offset, total, running)
-            marks = ", ".join("(?, ?, ?)" for _ in keys)
-            flat = [v for k in keys for v in k]
-            rows = db.execute(
-                f"SELECT * FROM jobs WHERE (cluster, job_id, submit_time) IN (VALUES {marks})", flat
-            ).fetchall()
-            by_key: dict[tuple, list[JobRow]] = {}
-            for r in rows:
-                row = _row(r)
-                by_key.setdefault(job_key(row), []).append(row)
-            jobs = [merge_rows(by_key[tuple(k)]) for k in keys if tuple(k) in by_key]
-            return JobPage(jobs, q.offset, total, running)
+            # Live refreshes mostly find the ledger as it was (the daemon commits every 15 s by
+            # default): SQLite's data_version says so without running the query.
+            version = db.execute("PRAGMA data_version").fetchone()[0]
+            page = self._unchanged(version, q)
+            if page is None:
+                page = self._jobs(db, q, now)
+                self._last = (version, q, page)
+            return page
 
         return self._run(run)
+
+    def _jobs(self, db: sqlite3.Connection, q: JobQuery, now: float) -> JobPage:
+        where, args = self._where(q)
+        args.update(now=now, limit=q.limit, offset=q.offset)
+        group = f"FROM jobs{where} GROUP BY cluster, job_id, submit_time"
+        total, running = db.execute(
+            f"SELECT count(*), coalesce(sum(r), 0) FROM (SELECT max(state = 'running') AS r {group})",
+            args,
+        ).fetchone()
+        direction = "DESC" if q.descending else "ASC"
+        expr = _SQL_SORT[q.sort]
+        order = (expr.format(dir=direction) + f" {direction}" if "{dir}" in expr
+                 else f"{expr} {direction}")
+        # (A window count in the same query is slower: it keeps every group's columns.)
+        keys = [tuple(k) for k in db.execute(
+            f"SELECT cluster, job_id, submit_time {group} ORDER BY {order}, "
+            "max(last_seen) DESC, cluster, job_id LIMIT :limit OFFSET :offset", args,
+        ).fetchall()]
+        if not keys:
+            return JobPage([], q.offset, total, running)
+        marks = ", ".join("(?, ?, ?)" for _ in keys)
+        flat = [v for k in keys for v in k]
+        rows = db.execute(
+            f"SELECT * FROM jobs WHERE (cluster, job_id, submit_time) IN (VALUES {marks})", flat
+        ).fetchall()
+        by_key: dict[tuple, list[JobRow]] = {}
+        for r in rows:
+            row = _row(r)
+            by_key.setdefault(job_key(row), []).append(row)
+        jobs = [merge_rows(by_key[k]) for k in keys if k in by_key]
+        return JobPage(jobs, q.offset, total, running)
 
     def job(self, cluster: str, job_id: str) -> JobDetail | None:
         def run(db: sqlite3.Connection) -> JobDetail | None:
@@ -470,6 +498,11 @@ class LedgerSource(DataSource):
     def clusters(self, now: float) -> list[ClusterInfo]:
         from greend import config as config_mod
 
+        if self.cfg is None and self.config_loader is not None:
+            try:
+                self.cfg = self.config_loader()
+            except config_mod.ConfigError as e:
+                raise SourceError(str(e)) from None
         cfg = self.cfg if self.cfg is not None else config_mod.Config()
 
         def run(db: sqlite3.Connection) -> dict[str, int]:
@@ -485,9 +518,11 @@ class LedgerSource(DataSource):
         for name, c in cfg.clusters.items():
             try:
                 f = config_mod.cluster_factors(cfg, name).at(now).to_dict()
-            except config_mod.ConfigError:
-                f = None
-            out.append(ClusterInfo(name, c.tier, c.hds, c.open, f,
+            except config_mod.ConfigError as e:
+                f, note = None, f"factors: {e}"
+            else:
+                note = ""
+            out.append(ClusterInfo(name, c.tier, c.hds, c.open, f, note=note,
                                    running=(running or {}).get(name, 0) if running is not None else None))
         for name, n in sorted((running or {}).items()):
             if name not in cfg.clusters:
@@ -674,9 +709,13 @@ class _ApiSource(DataSource):
         data = self._get("/api/v1/clusters")
         out = []
         for name, c in (data.get("clusters") or {}).items():
+            f = c.get("factors")
+            note = ""
+            if isinstance(f, dict) and "error" in f:
+                f, note = None, f"factors: {f['error']}"
             out.append(ClusterInfo(
                 name, str(c.get("tier", "")), bool(c.get("hds", False)), bool(c.get("open", True)),
-                c.get("factors"), load=c.get("load"), queue=c.get("queue"), running=c.get("running"),
+                f, load=c.get("load"), queue=c.get("queue"), running=c.get("running"), note=note,
             ))
         return out
 

@@ -261,10 +261,11 @@ class JobScreen(Screen):
         ("r", "refresh now (also retries after a connection problem)"),
     ]
 
-    def __init__(self, cluster: str, job_id: str) -> None:
+    def __init__(self, cluster: str, job_id: str, tier: str = "") -> None:
         super().__init__()
         self.cluster = cluster
         self.job_id = job_id
+        self.tier = tier  # from the list: the API's job record does not carry it
         self.detail: JobDetail | None = None
         self.loaded_at: float | None = None
         self.error: str | None = None
@@ -329,6 +330,8 @@ class JobScreen(Screen):
                 f"No job {self.cluster}/{self.job_id} here (it may belong to another user).")
             status.update("")
             return
+        if not d.job.tier:
+            d.job.tier = self.tier
         self.detail = d
         self.loaded_at = now
         self.query_one("#title", Static).update(title(d, now))

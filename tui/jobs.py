@@ -122,7 +122,7 @@ class JobsScreen(Screen):
         Binding("slash", "search", "Search"),
         Binding("s", "sort", "Sort"),
         Binding("S", "reverse", "Reverse", show=False),
-        Binding("f", "state", "Running/ended"),
+        Binding("f", "state", "State"),
         Binding("t", "period", "Period"),
         Binding("c", "cluster", "Cluster", show=False),
         Binding("u", "users", "Mine/all", show=False),
@@ -130,6 +130,7 @@ class JobsScreen(Screen):
         Binding("n", "page(1)", "Next page", show=False),
         Binding("p", "page(-1)", "Previous page", show=False),
         Binding("escape", "clear_search", "Clear search", show=False),
+        Binding("2", "app.switch_mode('clusters')", "Clusters"),
     ]
     HELP: ClassVar[list[tuple[str, str]]] = [
         ("↑ ↓ PgUp PgDn", "move in the list"),
@@ -178,7 +179,7 @@ class JobsScreen(Screen):
 
     def on_mount(self) -> None:
         app = self.app
-        self.all_users = app.user is None  # type: ignore[attr-defined]
+        self.set_reactive(JobsScreen.all_users, app.user is None)  # type: ignore[attr-defined]
         self.query_one("#search-bar").display = False
         self._set_columns()
         self._show_filters()
@@ -334,28 +335,31 @@ class JobsScreen(Screen):
             table.add_column(Text(header, no_wrap=True), key="line", width=len(header))
             self._header = header
             self._keys = []
+            self._shown = []
         return header, lines
 
     def _fill(self, page: JobPage, now: float) -> None:
+        # Rows are keyed by position, so a refresh, a new page or a new order rewrites only the
+        # lines that differ instead of clearing and rebuilding the table.
         table = self.query_one(DataTable)
         keys = [row_key(r) for r in page.jobs]
         _, lines = self._layout([[c.value(r, now) for c in self._cols] for r in page.jobs])
-        if keys == self._keys and keys:
-            # The same jobs in the same order (a live refresh): change only the rows that moved.
-            for k, line, was in zip(keys, lines, self._shown, strict=True):
-                if line != was:
-                    table.update_cell(k, "line", Text(line, no_wrap=True))
-            self._shown = lines
-            return
         at = table.cursor_row
         current = self._keys[at] if self._keys and 0 <= at < len(self._keys) else None
-        table.clear()
-        for k, line in zip(keys, lines, strict=True):
-            table.add_row(Text(line, no_wrap=True), key=k)
+        shown = self._shown
+        for i, line in enumerate(lines):
+            if i >= len(shown):
+                table.add_row(Text(line, no_wrap=True), key=str(i))
+            elif line != shown[i]:
+                table.update_cell(str(i), "line", Text(line, no_wrap=True))
+        for i in range(len(shown) - 1, len(lines) - 1, -1):
+            table.remove_row(str(i))
+        same_jobs = keys == self._keys
         self._keys = keys
         self._shown = lines
-        if current in keys:
-            table.move_cursor(row=keys.index(current), animate=False)
+        if not same_jobs:
+            # follow the job under the cursor; another page or filter starts at the top
+            table.move_cursor(row=keys.index(current) if current in keys else 0, animate=False)
 
     def on_resize(self) -> None:
         self._set_columns()
@@ -376,7 +380,7 @@ class JobsScreen(Screen):
         if r is not None:
             from .job import JobScreen
 
-            self.app.push_screen(JobScreen(r.cluster, r.job_id))
+            self.app.push_screen(JobScreen(r.cluster, r.job_id, tier=r.tier))
 
     def action_search(self) -> None:
         bar = self.query_one("#search-bar")
