@@ -57,6 +57,9 @@ class Daemon:
         self.reload_requested = threading.Event()
         self.ledger_path = default_path(cfg.resolved_state_dir())
         self.ledger = Ledger(self.ledger_path)
+        # Jobs the ledger says are running: the monitor's resume closes them after a reboot, in
+        # a transaction of its own, and site mode must still send those final records.
+        running_before = {r.pk for r in self.ledger.running_jobs(cfg.node_name)}
         self.monitor = Monitor(cfg, self.ledger)
         self.ended: dict[str, tuple[float, object]] = {}  # key -> (ended at, Account), for /metrics
         self.checkpoint_errors = 0
@@ -83,6 +86,8 @@ class Daemon:
             self.monitor.close()
             self.ledger.close()
             raise
+        if self.outbox is not None and running_before:
+            self._queue_closed(running_before)
 
     # -- site mode ------------------------------------------------------------------------------
     def _site(self, cfg: config_mod.Config) -> None:
@@ -116,6 +121,15 @@ class Daemon:
             pass
         if self.scheduler is not None:  # switched on by a reload
             self.sender.start()
+
+    def _queue_closed(self, pks: set[int]) -> None:
+        marks = ",".join("?" * len(pks))
+        with self.ledger.transaction() as db:
+            closed = db.execute(f"SELECT pk, last_seen FROM jobs WHERE state = 'ended' AND pk IN "
+                                f"({marks})", sorted(pks)).fetchall()
+            if closed:
+                self.outbox.queue(db, [(r[0], r[1]) for r in closed])
+                log.info("site: queued %d job(s) closed at start", len(closed))
 
     def metric_collectors(self) -> list:
         return [self.exporter, self.sender] if self.sender is not None else [self.exporter]

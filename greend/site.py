@@ -128,13 +128,17 @@ class Outbox:
         self.backlog = 0  # job records queued, as of the last checkpoint or send
 
     def __call__(self, db: sqlite3.Connection, accounts: list) -> None:
+        jobs = [(acc.row.pk, min((tb for tb, _ in acc.buckets), default=acc.row.last_seen))
+                for acc in accounts]
+        self.queue(db, jobs, node_from=min(self.monitor.node_bucket, default=time.time()))
+
+    def queue(self, db: sqlite3.Connection, jobs: list[tuple[int, float]],
+              node_from: float | None = None) -> None:
+        """Queue jobs (pk, oldest series bucket to send) and, with node_from, the node's totals."""
         now = time.time()
-        rows = []
-        for acc in accounts:
-            start = min((tb for tb, _ in acc.buckets), default=acc.row.last_seen)
-            rows.append(("job", acc.row.pk, start, now))
-        node_start = min(self.monitor.node_bucket, default=now)
-        rows.append(("node", 0, node_start, now))
+        rows = [("job", pk, start, now) for pk, start in jobs]
+        if node_from is not None:
+            rows.append(("node", 0, node_from, now))
         db.executemany(
             "INSERT INTO outbox (kind, ref, seq, series_from, queued) VALUES (?, ?, 1, ?, ?) "
             "ON CONFLICT (kind, ref) DO UPDATE SET seq = outbox.seq + 1, "
@@ -176,6 +180,8 @@ class Sender:
         self.last_reason = ""
         self.failing_since: float | None = None
         self.failures = 0
+        self.timeout_cap = float("inf")
+        self.stopping_stuck = False
 
     # -- settings -------------------------------------------------------------------------------
     def update(self, settings: config_mod.Controller, token: bytes) -> None:
@@ -197,6 +203,8 @@ class Sender:
         self.wake.set()
         if self.thread is not None:
             self.thread.join(timeout=self.settings.timeout_s + 5)
+            if self.thread.is_alive():  # stuck in a request: leave its connection alone
+                self.stopping_stuck = True
             self.thread = None
 
     def close(self) -> None:
@@ -229,7 +237,11 @@ class Sender:
 
     def drain(self, seconds: float = DRAIN_ON_EXIT_S) -> bool:
         """At exit: try to send what is queued within `seconds`; what is left stays queued."""
+        if self.stopping_stuck:
+            return False
         deadline = time.monotonic() + seconds
+        self._close_conn()
+        self.timeout_cap = seconds  # a blackholed controller must not hold the exit for long
         try:
             while time.monotonic() < deadline:
                 if not self.send_once():
@@ -361,7 +373,7 @@ class Sender:
         if self.conn is None:
             u = urlsplit(self.settings.url)
             cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-            self.conn = cls(u.hostname, u.port, timeout=self.settings.timeout_s)
+            self.conn = cls(u.hostname, u.port, timeout=min(self.settings.timeout_s, self.timeout_cap))
         return self.conn
 
     def _close_conn(self) -> None:
@@ -619,6 +631,10 @@ def _upsert_sql() -> str:
 
 
 _UPSERT_JOB = _upsert_sql()
+_ADOPT_PROVISIONAL = (
+    "UPDATE jobs SET submit_time = ?1 WHERE cluster = ?2 AND job_id = ?3 AND node = ?4 "
+    "AND submit_time = 0 AND first_seen = ?5 AND NOT EXISTS (SELECT 1 FROM jobs WHERE "
+    "cluster = ?2 AND job_id = ?3 AND node = ?4 AND submit_time = ?6)")
 _UPSERT_SERIES = (
     f"INSERT INTO job_series (job_pk, {', '.join(_SERIES_COLS)}) "
     f"VALUES (?, {', '.join('?' * len(_SERIES_COLS))}) "
@@ -778,6 +794,11 @@ class Controller:
                 (f.id, f.pue, f.wue_site_l_per_kwh, f.ewif_l_per_kwh, f.carbon_intensity_g_per_kwh,
                  json.dumps(f.sources, sort_keys=True), f.first_used) for f in batch.factor_sets])
             for r in batch.records:
+                if r.submit_time and r.kind == "slurm":
+                    # The agent learnt the job's submit time after sending it with none (0): its
+                    # record moves to the full identity, as it did in the agent's ledger.
+                    db.execute(_ADOPT_PROVISIONAL, (r.submit_time, r.cluster, r.job_id, r.node,
+                                                    r.first_seen, r.submit_time))
                 vals = {c: getattr(r, c) for c in _JOB_COLS}
                 vals["provenance"] = json.dumps(r.provenance, sort_keys=True)
                 vals["meta"] = json.dumps(r.meta, sort_keys=True)

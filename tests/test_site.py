@@ -320,6 +320,39 @@ def test_final_and_newer_records_win_resends_change_nothing(tmp_path):
         # The same job on another node is another record.
         assert post(ctl, [record("42", node="n2")], node="n2")[1]["accepted"] == 1
         assert len(ctl.get("/api/v1/jobs/local/42")[1]["records"]) == 2
+        # Sent before its submit time was known (0), then with it: one record, which moved.
+        assert post(ctl, [record("43", series=[bucket(1100.0, 100)])])[1]["accepted"] == 1
+        assert post(ctl, [record("43", submit_time=1699999000, last_seen=1130.0)])[1] == {
+            "accepted": 1, "stale": 0, "records": 1}
+        (rec,) = ctl.get("/api/v1/jobs/local/43")[1]["records"]
+        assert [s["cpu_uj"] for s in rec["series"]] == [100]
+        assert ctl.rows("SELECT submit_time FROM jobs WHERE job_id = '43'")[0][0] == 1699999000
+        # ... unless it is another job with the same id (another first_seen).
+        post(ctl, [record("44")])
+        post(ctl, [record("44", submit_time=1699999000, first_seen=5000.0, last_seen=5100.0)])
+        assert len(ctl.get("/api/v1/jobs/local/44")[1]["records"]) == 2
+        assert ctl.stop() == 0
+
+
+@pytest.mark.slow
+def test_controller_read_api_private_jobs_and_token_readers(tmp_path):
+    tok = token_file(tmp_path / "token", TOKEN)
+    with controller(tmp_path / "ctl", tok, config={"daemon": {"private_jobs": True}}) as ctl:
+        ctl.start()
+        assert post(ctl, [record("1"), record("2", user="bob")])[0] == 200
+        # No identity over TCP: no job data...
+        st, d = ctl.get("/api/v1/jobs")
+        assert st == 403 and "private_jobs" in d["error"]
+        # ... but a service holding the site token (policy engine, TUI on the controller) is an admin.
+        st, d = ctl.get("/api/v1/jobs", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert st == 200 and {j["user"] for j in d["jobs"]} == {"alice", "bob"}
+        st, d = ctl.get("/api/v1/summary?by=user", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert st == 200 and {r["key"] for r in d["rows"]} == {"alice", "bob"}
+        assert ctl.get("/api/v1/jobs", headers={"Authorization": "Bearer wrong"})[0] == 403
+        st, d = ctl.get("/api/v1/clusters")
+        assert st == 200 and d["node"] is None and "local" in d["clusters"]
+        h = ctl.health()
+        assert h["role"] == "controller" and h["agents"][0]["node"] == "n1"
         assert ctl.stop() == 0
 
 
@@ -452,3 +485,31 @@ def test_sender_reports_an_unreachable_controller(tmp_path, clock):
     m.close()
     led.close()
     assert os.path.exists(tmp_path / "ledger.sqlite")
+
+
+def test_jobs_closed_by_a_reboot_are_sent_too(tmp_path):
+    """After a reboot the agent's resume closes the jobs that were running, outside any checkpoint:
+    their final records still go to the controller."""
+    from greend import config
+    from greend.daemon import Daemon
+    from greend.ledger import JobRow, Ledger
+
+    led = Ledger(tmp_path / "ledger.sqlite")
+    with led.transaction() as db:
+        pk = led.upsert_job(db, JobRow(cluster="local", job_id="77", node="n1", kind="slurm",
+                                       state="running", first_seen=1000.0, last_seen=1100.0,
+                                       cpu_uj=5, meta={"key": "slurm/local/77"}))
+        led.put_counters(db, "n1", 1100.0, {"boot_id": "a-boot-before", "cpu": [0, 0],
+                                            "counters": {}, "jobs": {}})
+    led.close()
+    tok = token_file(tmp_path / "token", TOKEN)
+    cfg = config.parse({"node": "n1", "state_dir": str(tmp_path), "power": {"rapl": False},
+                        "attribution": {"jobs_from": "procscan"},
+                        "controller": {"url": "http://127.0.0.1:9", "token_file": str(tok)}})
+    d = Daemon(cfg, listen="127.0.0.1:0", socket_path=None)
+    try:
+        assert d.ledger.get_job("local", "77")[0].state == "ended"
+        assert [tuple(r) for r in d.ledger.db.execute("SELECT ref FROM outbox WHERE kind = 'job'")] == [(pk,)]
+    finally:
+        d.monitor.close()
+        d.ledger.close()
