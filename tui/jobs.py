@@ -35,7 +35,6 @@ class Column:
     value: Callable[[JobRow, float], str]
     right: bool = False
     width: int | None = None  # None: fit the content
-    sort: str | None = None  # the sort key this column shows; the header marks it ↓ or ↑
 
 
 def _cut(s: str, n: int) -> str:
@@ -54,15 +53,15 @@ HOW_SHORT = {"measured": "meas", "modelled": "model", "mixed": "mix"}
 def columns(wide: bool, all_users: bool) -> list[Column]:
     """The table's columns: all of them with full units when wide, squeezed into 80 columns if not."""
     energy = Column("energy", "Energy", lambda r, n: units.energy(r.it_energy_uj / 1e6), True,
-                    width=None if wide else 8, sort="energy")
+                    width=None if wide else 8)
     water = Column("water", "Water", lambda r, n: units.water(water_l(r)), True,
-                   width=None if wide else 7, sort="water")
+                   width=None if wide else 7)
     if wide:
         cols = [
             Column("cluster", "Cluster", lambda r, n: r.cluster),
             Column("tier", "Tier", lambda r, n: r.tier or "—"),
-            Column("job", "Job", lambda r, n: r.job_id, sort="job"),
-            Column("name", "Name", lambda r, n: _cut(r.name, 24), sort="name"),
+            Column("job", "Job", lambda r, n: r.job_id),
+            Column("name", "Name", lambda r, n: _cut(r.name, 24)),
         ]
         if all_users:
             cols += [Column("user", "User", lambda r, n: r.user),
@@ -70,10 +69,9 @@ def columns(wide: bool, all_users: bool) -> list[Column]:
         return [
             *cols,
             Column("state", "State", lambda r, n: r.state),
-            Column("elapsed", "Elapsed", lambda r, n: units.duration(elapsed_s(r, n)), True,
-                   sort="elapsed"),
+            Column("elapsed", "Elapsed", lambda r, n: units.duration(elapsed_s(r, n)), True),
             energy,
-            Column("carbon", "Carbon", lambda r, n: units.carbon(r.carbon_g), True, sort="carbon"),
+            Column("carbon", "Carbon", lambda r, n: units.carbon(r.carbon_g), True),
             water,
             Column("how", "Figures", lambda r, n: how_obtained(r) or "—"),
         ]
@@ -86,13 +84,12 @@ def columns(wide: bool, all_users: bool) -> list[Column]:
         cols.append(Column("tier", "Tier", lambda r, n: TIER_SHORT.get(r.tier, _cut(r.tier, 4)) or "—",
                            width=4))
     cols += [
-        Column("job", "Job", lambda r, n: _cut_left(r.job_id, 9), width=9, sort="job"),
-        Column("name", "Name", lambda r, n: _cut(r.name, 8), width=8, sort="name"),
+        Column("job", "Job", lambda r, n: _cut_left(r.job_id, 9), width=9),
+        Column("name", "Name", lambda r, n: _cut(r.name, 8), width=8),
         Column("state", "State", lambda r, n: "run" if r.state == RUNNING else r.state[:3], width=5),
-        Column("elapsed", "Elapsed", lambda r, n: short_duration(elapsed_s(r, n)), True, width=8,
-               sort="elapsed"),
+        Column("elapsed", "Elapsed", lambda r, n: short_duration(elapsed_s(r, n)), True, width=8),
         energy,
-        Column("carbon", "CO2e", lambda r, n: carbon_short(r.carbon_g), True, width=7, sort="carbon"),
+        Column("carbon", "CO2e", lambda r, n: carbon_short(r.carbon_g), True, width=7),
         water,
     ]
     if not all_users:
@@ -227,7 +224,6 @@ class JobsScreen(Screen):
     def watch_descending(self) -> None:
         self._changed()
 
-
     def watch_search(self) -> None:
         self._changed()
 
@@ -280,8 +276,8 @@ class JobsScreen(Screen):
         status = self.query_one("#status", Static)
         status.remove_class("error")
         if page.total == 0:
-            who = "you" if q.user else "anyone"
-            text = f"No jobs of {who} match. Try t (period), f (state) or u (all users)."
+            who = f"of {q.user} " if q.user else ""
+            text = f"No jobs {who}match. Try t (period), f (state), / (search) or u (everyone's jobs)."
         else:
             end = page.offset + len(page.jobs)
             more = "+" if page.truncated else ""
@@ -325,9 +321,9 @@ class JobsScreen(Screen):
 
     def _layout(self, values: list[list[str]]) -> tuple[str, list[str]]:
         widths = self._widths(values)
-        arrow = "↓" if self.descending else "↑"
-        labels = [c.label + arrow if c.sort == self.sort else c.label for c in self._cols]
-        header = self._line(labels, widths)
+        # The sort order is said in the line above the table: a header that changed would make
+        # DataTable rebuild every row.
+        header = self._line([c.label for c in self._cols], widths)
         lines = [self._line(v, widths) for v in values]
         if header != self._header:
             table = self.query_one(DataTable)
