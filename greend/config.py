@@ -94,6 +94,29 @@ class Daemon(_Model):
     """How often a changed carbon intensity series file is re-read."""
 
 
+class Slurm(_Model):
+    """How this node's greend reaches its cluster's Slurm for job metadata (docs/slurm.md)."""
+
+    enabled: bool | Literal["auto"] = "auto"
+    """Read job metadata from Slurm; auto: when the squeue command is found (bin_dir or PATH)."""
+    conf: Path | None = None
+    """The cluster's slurm.conf (SLURM_CONF for the commands); unset: the commands' default."""
+    bin_dir: Path | None = None
+    """Directory of squeue and scontrol; unset: looked up in PATH."""
+    timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+    """Limit for one Slurm command; a controller that does not answer in time is reported."""
+    refresh_s: Annotated[float, Field(gt=0, le=86400)] = 30.0
+    """How often the job metadata is re-read (and at once, at most once per sample, when a job
+    appears that is not known yet)."""
+    write_back: Literal["none", "admin_comment", "comment"] = "none"
+    """Write jobs' footprints into their AdminComment (needs root or SlurmUser) or Comment."""
+    write_back_interval_s: Annotated[float, Field(ge=0, le=86400)] = 300.0
+    """While a job runs, its footprint so far is written this often (0: only when it ends), since
+    Slurm refuses to update a job that has finished; one scontrol call per job each time."""
+    pyslurm: bool = True
+    """Use pyslurm when it is installed and built for the running Slurm release (else commands)."""
+
+
 class Controller(_Model):
     """Site mode (docs/site-mode.md): every node's greend sends its job records to one controller,
     `greend controller`, which keeps the site's ledger. Agents read url and token_file and the
@@ -207,6 +230,7 @@ class Config(_Model):
     attribution: Attribution = Attribution()
     power: Power = Power()
     daemon: Daemon = Daemon()
+    slurm: Slurm = Slurm()
     controller: Controller = Controller()
     clusters: dict[str, Cluster] = Field(default_factory=lambda: {"local": Cluster()})
     policy: PolicyConfig = PolicyConfig()

@@ -246,6 +246,20 @@ class Ledger:
         vals = {c: getattr(job, c) for c in _JOB_COLS}
         vals["provenance"] = json.dumps(job.provenance or {}, sort_keys=True)
         vals["meta"] = json.dumps(job.meta or {}, sort_keys=True)
+        if job.pk is not None:
+            # A row written before is updated by its pk, identity included: a provisional
+            # submit_time corrected from Slurm's metadata moves the row instead of adding one.
+            keep = ("first_seen",)
+            for _ in range(2):
+                sets = ", ".join(f"{c} = :{c}" for c in _JOB_COLS if c not in keep)
+                try:
+                    if db.execute(f"UPDATE jobs SET {sets} WHERE pk = :pk",
+                                  {**vals, "pk": job.pk}).rowcount:
+                        return job.pk
+                    break
+                except sqlite3.IntegrityError:
+                    # Another row holds the new identity: keep this row's, never merge two jobs.
+                    keep = ("first_seen", "cluster", "job_id", "submit_time", "node")
         cols = ", ".join(_JOB_COLS)
         marks = ", ".join(f":{c}" for c in _JOB_COLS)
         updates = ", ".join(
