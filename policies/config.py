@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from . import quantities as q
 
@@ -22,12 +22,18 @@ class _Model(BaseModel):
 
 
 def _duration(v: str | int) -> str | int:
-    q.parse_duration(v)
+    try:
+        q.parse_duration(v)
+    except ValueError:
+        raise ValueError(f"expected {q.DURATION_HELP}") from None  # the key and value are shown
     return v
 
 
 def _memory(v: str | int | float) -> str | int | float:
-    q.parse_memory_mb(v)
+    try:
+        q.parse_memory_mb(v)
+    except ValueError:
+        raise ValueError(f"expected {q.MEMORY_HELP}") from None
     return v
 
 
@@ -100,6 +106,14 @@ class RuleSpec(BaseModel):
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
+    @model_validator(mode="after")
+    def _check_rule(self) -> RuleSpec:
+        # Lazy: the registry imports the rule classes, which greend.config must not pull in.
+        from .rules import instantiate
+
+        instantiate(self, None)
+        return self
+
 
 class Budget(_Model):
     """A project's (Slurm account's) allowance per period; usage is read from the ledger."""
@@ -144,16 +158,6 @@ class PolicyConfig(_Model):
     history_days: Annotated[float, Field(gt=0)] = 90.0
     """How far back similar jobs are looked up in the ledger."""
     history_max_jobs: Annotated[int, Field(ge=1, le=10000)] = 50
-
-    @field_validator("rules")
-    @classmethod
-    def _check_rules(cls, rules: list[RuleSpec] | None) -> list[RuleSpec] | None:
-        if rules is not None:
-            # Lazy: the registry imports the rule classes, which greend.config must not pull in.
-            from .rules import check_rule_specs
-
-            check_rule_specs(rules)
-        return rules
 
     @model_validator(mode="after")
     def _budget_rule(self) -> PolicyConfig:

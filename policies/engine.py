@@ -20,26 +20,45 @@ from .site import ClusterSpec, PartitionSpec, Site
 from .state import ClusterState, StateCache, Wait
 
 
-@dataclass(slots=True)
 class Verdict:
-    rule: str
-    kind: str
-    cluster: str | None
-    verdict: str
-    reason: str
-    numbers: dict
+    """One rule's verdict on one cluster: (rule, kind, cluster, verdict, reason, numbers).
+
+    A rule may give its reason as a string or as a function that makes it: the text is then only
+    built when someone reads it, which keeps a busy router fast without losing any explanation.
+    """
+
+    __slots__ = ("_reason", "cluster", "kind", "numbers", "rule", "verdict")
+
+    def __init__(self, rule: str, kind: str, cluster: str | None, verdict: str, reason, numbers: dict):
+        self.rule = rule
+        self.kind = kind
+        self.cluster = cluster
+        self.verdict = verdict
+        self._reason = reason
+        self.numbers = numbers
+
+    @property
+    def reason(self) -> str:
+        r = self._reason
+        if not isinstance(r, str):
+            r = self._reason = str(r())
+        return r
+
+    def __repr__(self) -> str:
+        return f"Verdict({self.rule!r}, {self.cluster!r}, {self.verdict!r}, {self.reason!r})"
 
     def to_dict(self) -> dict:
         return {"rule": self.rule, "kind": self.kind, "cluster": self.cluster, "verdict": self.verdict,
-                "reason": self.reason, "numbers": self.numbers}
+                "reason": self.reason, "numbers": {k: _round(v) for k, v in self.numbers.items()}}
 
 
 class Candidate:
-    __slots__ = ("_est", "_res", "_start", "_wait", "cluster", "held", "partition", "rejected", "scores",
-                 "total")
+    __slots__ = ("_est", "_res", "_start", "_wait", "cluster", "held", "name", "partition", "rejected",
+                 "scores", "total")
 
     def __init__(self, cluster: ClusterSpec, partition: PartitionSpec | None):
         self.cluster = cluster
+        self.name = cluster.name
         self.partition = partition
         self.rejected: Verdict | None = None
         self.held: list[Verdict] = []
@@ -49,10 +68,6 @@ class Candidate:
         self._est: Estimate | None = None
         self._wait: tuple[PartitionSpec | None, Wait | None] | None = None
         self._start: float | None = None
-
-    @property
-    def name(self) -> str:
-        return self.cluster.name
 
 
 class Context:
@@ -241,7 +256,7 @@ class Decision:
                 "rejected_by": c.rejected.rule if c.rejected else None,
                 "held_by": [v.rule for v in c.held],
                 "score": round(c.total, 3) if c in self.ranking else None,
-                "scores": {k: {"raw": _round(raw), "score": round(s, 2), "weighted": round(w, 2)}
+                "scores": {k: {"raw": _round(raw), "score": _round(s), "weighted": _round(w)}
                            for k, (raw, s, w) in c.scores.items()},
             }
             try:
@@ -270,11 +285,10 @@ class Decision:
 
 
 def _round(x):
-    if x is None:
-        return None
-    if x == float("inf"):
-        return None
-    return round(x, 4)
+    """Numbers as JSON shows them: floats to 4 decimals, infinity as null."""
+    if isinstance(x, float):
+        return None if x in (float("inf"), float("-inf")) or x != x else round(x, 4)
+    return x
 
 
 class Engine:
@@ -314,21 +328,23 @@ class Engine:
                                             f"not among the clusters asked for ({asked})", {})
                     verdicts.append(cand.rejected)
 
+        add = verdicts.append
         for rule in self.filters:
+            name, check = rule.name, rule.filter
             for cand in cands:
                 if cand.rejected is not None:
                     continue
-                ok, reason, nums = rule.filter(ctx, cand)
+                ok, reason, nums = check(ctx, cand)
                 if ok:
-                    verdicts.append(Verdict(rule.name, "filter", cand.name, "pass", reason, nums))
+                    add(Verdict(name, "filter", cand.name, "pass", reason, nums))
                 elif rule.relaxable:
-                    v = Verdict(rule.name, "filter", cand.name, "hold", reason, nums)
+                    v = Verdict(name, "filter", cand.name, "hold", reason, nums)
                     cand.held.append(v)
-                    verdicts.append(v)
+                    add(v)
                 else:
-                    v = Verdict(rule.name, "filter", cand.name, "reject", reason, nums)
+                    v = Verdict(name, "filter", cand.name, "reject", reason, nums)
                     cand.rejected = v
-                    verdicts.append(v)
+                    add(v)
 
         alive = [c for c in cands if c.rejected is None]
         feasible = [c for c in alive if not c.held]
@@ -354,9 +370,8 @@ class Engine:
                 weighted = s * rule.weight
                 cand.scores[rule.name] = (raw, s, weighted)
                 cand.total += weighted
-                verdicts.append(Verdict(rule.name, "score", cand.name, "score", reason,
-                                        {**nums, "score": round(s, 2), "weight": rule.weight,
-                                         "weighted": round(weighted, 2)}))
+                nums = {**nums, "score": s, "weight": rule.weight, "weighted": weighted}
+                verdicts.append(Verdict(rule.name, "score", cand.name, "score", reason, nums))
 
         ranking = sorted(feasible, key=lambda c: (-c.total, c.cluster.index))
         plan = self._plan(ctx, ranking[0], verdicts) if ranking else None

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -73,6 +72,12 @@ class History:
             "peak_mem_mb": round(self.peak_mem_mb, 1),
             "gpu_use": None if self.gpu_use is None else round(self.gpu_use, 4),
         }
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +193,7 @@ class LedgerView:
         return History(
             user=user, name=name, jobs=tuple(jobs),
             measured_j=sum(j.it_energy_j for j in jobs), modelled_j=sum(j.modelled_j for j in jobs),
-            median_elapsed_s=statistics.median(j.elapsed_s for j in jobs),
+            median_elapsed_s=_median([j.elapsed_s for j in jobs]),
             cpu_efficiency=sum(j.cpu_time_s for j in jobs) / cpu_den if cpu_den > 0 else None,
             peak_cpus_used=max(j.cpu_time_s / j.elapsed_s for j in jobs),
             mem_efficiency=max(mem_ratios) if mem_ratios else None,

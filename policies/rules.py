@@ -15,14 +15,19 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import quantities as q
+from .request import resolve
 
 PLUGIN_GROUP = "greend.rules"
 
 
 class Params(BaseModel):
-    """Base of a rule's parameters: unknown keys are errors."""
+    """Base of a rule's parameters: unknown keys are errors.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Built lazily (defer_build): a rule's validator is only made when a configuration names it, so
+    `greend route` does not pay for the rules it does not use.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 def _dur(v):
@@ -67,16 +72,17 @@ class Rule:
 class FilterRule(Rule):
     kind = "filter"
 
-    def filter(self, ctx, cand) -> tuple[bool, str, dict]:
-        """(passes, reason, numbers) for one candidate cluster."""
+    def filter(self, ctx, cand) -> tuple[bool, Any, dict]:
+        """(passes, reason, numbers) for one candidate cluster. The reason is a string, or a function
+        returning one (then only called when the explanation is read)."""
         raise NotImplementedError
 
 
 class ScoreRule(Rule):
     kind = "score"
 
-    def score(self, ctx, cand) -> tuple[float | None, str, dict]:
-        """(raw value, reason, numbers) for one candidate; None: unknown."""
+    def score(self, ctx, cand) -> tuple[float | None, Any, dict]:
+        """(raw value, reason, numbers) for one candidate; None: unknown. Reason as for filters."""
         raise NotImplementedError
 
     def normalize(self, raws: list[float | None]) -> list[float]:
@@ -184,42 +190,46 @@ class FitsPartition(FilterRule):
             if why is None:
                 cand.partition = p
                 res = ctx.resolved(cand)
-                return True, f"{note}fits {p.name}", {
+                return True, note + "fits " + p.name, {
                     "partition": p.name, "cpus": r.cpus, "nodes": r.nodes, "gpus": r.gpus,
-                    "mem_mb": round(res.mem_mb), "walltime_s": res.walltime_s}
-            misfits.append(f"{p.name}: {why}")
-        return False, note + "fits no partition (" + "; ".join(misfits) + ")", {"cpus": r.cpus,
-                                                                              "gpus": r.gpus}
+                    "mem_mb": res.mem_mb, "walltime_s": res.walltime_s}
+            misfits.append((p.name, why))
 
-    def misfit(self, ctx, c, p) -> str | None:
+        def reason() -> str:
+            return note + "fits no partition (" + "; ".join(f"{n}: {w()}" for n, w in misfits) + ")"
+
+        return False, reason, {"cpus": r.cpus, "gpus": r.gpus}
+
+    def misfit(self, ctx, c, p):
+        """None if the request fits partition p, else a function that says why not."""
         r = ctx.request
         s = ctx.site.settings
-        from .request import resolve
-
         res = resolve(r, p, s.default_walltime_s, s.default_mem_per_cpu_mb, p.name)
+        cpus = r.cpus
         if r.walltime_s is not None and p.max_walltime_s is not None and r.walltime_s > p.max_walltime_s:
-            return (f"walltime {q.format_duration(r.walltime_s)} > max "
-                    f"{q.format_duration(p.max_walltime_s)}")
-        if p.max_cpus is not None and r.cpus > p.max_cpus:
-            return f"{r.cpus} CPUs > max {p.max_cpus}"
+            return lambda: (f"walltime {q.format_duration(r.walltime_s)} > max "
+                            f"{q.format_duration(p.max_walltime_s)}")
+        if p.max_cpus is not None and cpus > p.max_cpus:
+            return lambda: f"{cpus} CPUs > max {p.max_cpus}"
         if p.max_nodes is not None and r.nodes > p.max_nodes:
-            return f"{r.nodes} nodes > max {p.max_nodes}"
+            return lambda: f"{r.nodes} nodes > max {p.max_nodes}"
         if p.cpus_per_node is not None and res.cpus_per_node > p.cpus_per_node:
-            return f"{res.cpus_per_node} CPUs per node > {p.cpus_per_node}"
+            return lambda: f"{res.cpus_per_node} CPUs per node > {p.cpus_per_node}"
         if (p.mem_per_node_mb is not None and not r.mem_whole_node
                 and res.mem_per_node_mb > p.mem_per_node_mb + 1e-6):
-            return (f"{q.format_memory(res.mem_per_node_mb)} per node > "
-                    f"{q.format_memory(p.mem_per_node_mb)}")
+            return lambda: (f"{q.format_memory(res.mem_per_node_mb)} per node > "
+                            f"{q.format_memory(p.mem_per_node_mb)}")
         if r.gpus:
             types = p.gpu_types if p.gpu_types is not None else c.gpu_types
             if p.max_gpus == 0 or (not types and p.max_gpus is None):
-                return f"{r.gpus} GPU(s) asked, none here"
+                return lambda: f"{r.gpus} GPU(s) asked, none here"
             if p.max_gpus is not None and r.gpus > p.max_gpus:
-                return f"{r.gpus} GPUs > max {p.max_gpus}"
-            if p.gpus_per_node is not None and -(-r.gpus // r.nodes) > p.gpus_per_node:
-                return f"{-(-r.gpus // r.nodes)} GPUs per node > {p.gpus_per_node}"
+                return lambda: f"{r.gpus} GPUs > max {p.max_gpus}"
+            per_node = -(-r.gpus // r.nodes)
+            if p.gpus_per_node is not None and per_node > p.gpus_per_node:
+                return lambda: f"{per_node} GPUs per node > {p.gpus_per_node}"
             if r.gpu_type and types and r.gpu_type not in types:
-                return f"GPU type {r.gpu_type} not here ({', '.join(sorted(types))})"
+                return lambda: f"GPU type {r.gpu_type} not here ({', '.join(sorted(types))})"
         return None
 
 
@@ -283,7 +293,7 @@ class TierConditions(FilterRule):
             too.append(f"{q.format_memory(res.mem_mb)} > {q.format_memory(self.max_mem_mb)}")
         if p.max_gpus is not None and r.gpus > p.max_gpus:
             too.append(f"{r.gpus} GPUs > {p.max_gpus}")
-        nums = {"walltime_s": res.walltime_s, "cpus": r.cpus, "mem_mb": round(res.mem_mb), "gpus": r.gpus}
+        nums = {"walltime_s": res.walltime_s, "cpus": r.cpus, "mem_mb": res.mem_mb, "gpus": r.gpus}
         if too:
             flags_txt = " or ".join(sorted(self.or_flags))
             return False, (f"{p.tier} takes only short, small jobs" + (f" or {flags_txt} jobs" if flags_txt
@@ -301,8 +311,8 @@ class Reachable(FilterRule):
             return True, f"not checked ({ctx.state_note})", {}
         age = max(ctx.now - st.fetched_at, 0.0)
         if st.ok:
-            return True, f"controller answered {q.human_duration(age)} ago", {"state_age_s": round(age, 1)}
-        return False, f"{st.error} ({q.human_duration(age)} ago)", {"state_age_s": round(age, 1)}
+            return True, lambda: f"controller answered {q.human_duration(age)} ago", {"state_age_s": age}
+        return False, lambda: f"{st.error} ({q.human_duration(age)} ago)", {"state_age_s": age}
 
 
 class OverflowParams(Params):
@@ -337,7 +347,7 @@ class Overflow(FilterRule):
         part = cand.partition.name if cand.partition else None
         load, alloc, total = st.load(part)
         w = ctx.wait(cand)
-        nums = {"load": round(load, 3), "alloc_cpus": alloc, "total_cpus": total,
+        nums = {"load": load, "alloc_cpus": alloc, "total_cpus": total,
                 "expected_wait_s": None if w is None else _finite(w.seconds)}
         if self.max_wait_s is not None and w is not None and w.seconds > self.max_wait_s:
             nums["max_wait_s"] = self.max_wait_s
@@ -347,12 +357,15 @@ class Overflow(FilterRule):
         if p.max_load is not None and load > p.max_load:
             nums["max_load"] = p.max_load
             return False, f"load {load:.0%} ({alloc}/{total} CPUs) > {p.max_load:.0%}", nums
-        wait_txt = "" if w is None else f", expected wait {q.human_duration(w.seconds)}"
-        return True, f"load {load:.0%}{wait_txt}: below thresholds", nums
+        def reason() -> str:
+            wait_txt = "" if w is None else f", expected wait {q.human_duration(w.seconds)}"
+            return f"load {load:.0%}{wait_txt}: below thresholds"
+
+        return True, reason, nums
 
 
 def _finite(x: float) -> float | None:
-    return None if x == float("inf") else round(x, 1)
+    return None if x == float("inf") else x
 
 
 # -- scores -------------------------------------------------------------------------------------
@@ -377,8 +390,9 @@ class TierPreference(ScoreRule):
     default_weight = 4.0
 
     def score(self, ctx, cand):
-        v = self.params.tiers.get(cand.cluster.tier, 0.0)
-        return 100.0 * v, f"tier {cand.cluster.tier}: preference {v:g}", {"preference": v}
+        tier = cand.cluster.tier
+        v = self.params.tiers.get(tier, 0.0)
+        return 100.0 * v, lambda: f"tier {tier}: preference {v:g}", {"preference": v}
 
 
 class CarbonScore(LowerIsBetter):
@@ -387,8 +401,8 @@ class CarbonScore(LowerIsBetter):
     def score(self, ctx, cand):
         e = ctx.estimate(cand)
         ci = e.factors.carbon_intensity_g_per_kwh
-        return e.carbon_g, f"{e.carbon_g:.4g} g CO2e at {ci:.4g} g/kWh, PUE {e.factors.pue:g}", {
-            "carbon_g": round(e.carbon_g, 3), "carbon_intensity_g_per_kwh": round(ci, 2)}
+        return e.carbon_g, lambda: f"{e.carbon_g:.4g} g CO2e at {ci:.4g} g/kWh, PUE {e.factors.pue:g}", {
+            "carbon_g": e.carbon_g, "carbon_intensity_g_per_kwh": ci}
 
 
 class WaterScore(LowerIsBetter):
@@ -397,8 +411,8 @@ class WaterScore(LowerIsBetter):
     def score(self, ctx, cand):
         e = ctx.estimate(cand)
         f = e.footprint
-        reason = f"{f.water_l:.4g} L ({f.water_site_l:.3g} on site + {f.water_offsite_l:.3g} off site)"
-        return f.water_l, reason, {"water_l": round(f.water_l, 4)}
+        return f.water_l, lambda: (f"{f.water_l:.4g} L ({f.water_site_l:.3g} on site + "
+                                   f"{f.water_offsite_l:.3g} off site)"), {"water_l": f.water_l}
 
 
 class EnergyScore(LowerIsBetter):
@@ -407,7 +421,7 @@ class EnergyScore(LowerIsBetter):
     def score(self, ctx, cand):
         e = ctx.estimate(cand)
         kwh = e.footprint.facility_energy_j / 3.6e6
-        return kwh, f"{kwh:.4g} kWh facility energy", {"energy_kwh": round(kwh, 6)}
+        return kwh, lambda: f"{kwh:.4g} kWh facility energy", {"energy_kwh": kwh}
 
 
 class WaitParams(Params):
@@ -429,8 +443,9 @@ class ExpectedWait(ScoreRule):
         w = ctx.wait(cand)
         if w is None:
             return None, f"unknown ({ctx.state_note})", {}
-        return w.seconds, (f"{q.human_duration(w.seconds)}: {w.reason}" if w.seconds != float("inf")
-                           else w.reason), {"expected_wait_s": _finite(w.seconds)}
+        if w.seconds == float("inf"):
+            return w.seconds, w.reason, {"expected_wait_s": None}
+        return w.seconds, lambda: f"{q.human_duration(w.seconds)}: {w.reason}", {"expected_wait_s": w.seconds}
 
     def normalize(self, raws):
         h = self.h
@@ -611,7 +626,6 @@ class RightSizing(AdjustRule):
         r = ctx.request
         res = ctx.resolved(cand)
         out = []
-        nums = h.to_dict()
         if h.cpu_efficiency is not None and h.cpu_efficiency < p.cpu_below:
             used = max(h.peak_cpus_used, 1e-9)
             suggest = max(1, int(-(-used * 1.2 // 1)))
@@ -631,7 +645,9 @@ class RightSizing(AdjustRule):
                    "check that the job uses them, or ask for fewer")
             out.append(("advice", msg, {"gpu_use": round(h.gpu_use, 3)}))
         if not out:
-            return [("ok", f"{h.n} similar jobs used what they asked for", nums)]
+            return [("ok", f"{h.n} similar jobs used what they asked for",
+                     {"jobs": h.n, "cpu_efficiency": h.cpu_efficiency, "mem_efficiency": h.mem_efficiency,
+                      "gpu_use": h.gpu_use})]
         plan.advice.extend(m for _, m, _ in out)
         return out
 
@@ -702,12 +718,13 @@ def rule_class(name: str) -> type[Rule]:
     return cls
 
 
-def _where(i: int, name: str) -> str:
-    return f"[[policy.rules]] #{i + 1} (rule = {name!r})"
+def _where(i: int | None, name: str) -> str:
+    return f"rule {name!r}" if i is None else f"[[policy.rules]] #{i + 1} (rule = {name!r})"
 
 
-def instantiate(spec, index: int) -> Rule:
-    """A rule from a RuleSpec (or a plain dict); ValueError names the entry and the key."""
+def instantiate(spec, index: int | None, trusted: bool = False) -> Rule:
+    """A rule from a RuleSpec (or a plain dict); ValueError names the entry and the key. trusted:
+    the parameters are known to be valid (the built-in defaults): set without validating."""
     raw = spec if isinstance(spec, dict) else {"rule": spec.rule, "weight": spec.weight,
                                                "enabled": spec.enabled, **spec.params}
     name = raw.get("rule")
@@ -715,13 +732,15 @@ def instantiate(spec, index: int) -> Rule:
     try:
         cls = rule_class(name)
     except LookupError as e:
-        raise ValueError(f"[[policy.rules]] #{index + 1}: {e}") from None
+        raise ValueError(str(e) if index is None else f"[[policy.rules]] #{index + 1}: {e}") from None
     params = {k: v for k, v in raw.items() if k not in ("rule", "weight", "enabled")}
     weight = raw.get("weight")
     if weight is not None and cls.kind != "score":
         raise ValueError(f"{where}: 'weight' applies to score rules only; {name} is a {cls.kind} rule")
     if cls.mandatory and raw.get("enabled") is False:
         raise ValueError(f"{where}: this rule cannot be disabled")
+    if trusted:
+        return cls(cls.Params.model_construct(**params), weight)
     try:
         p = cls.Params.model_validate(params)
     except ValidationError as e:
@@ -737,12 +756,6 @@ def instantiate(spec, index: int) -> Rule:
     return cls(p, weight)
 
 
-def check_rule_specs(specs) -> None:
-    """Validate policy.rules entries (called from the configuration's validation)."""
-    for i, spec in enumerate(specs):
-        instantiate(spec, i)
-
-
 def build_rules(specs, site) -> list[Rule]:
     """The rules in order, from the configuration (None: the default set); mandatory rules that the
     list leaves out are put first; disabled ones dropped."""
@@ -752,9 +765,9 @@ def build_rules(specs, site) -> list[Rule]:
         enabled = spec.get("enabled", True) if isinstance(spec, dict) else spec.enabled
         if not enabled:
             continue
-        rules.append(instantiate(spec, i))
+        rules.append(instantiate(spec, i, trusted=specs is None))
     present = {r.name for r in rules}
-    missing = [cls(cls.Params(), None) for cls in BUILTIN.values()
+    missing = [cls(cls.Params.model_construct(), None) for cls in BUILTIN.values()
                if cls.mandatory and cls.name not in present]
     rules = missing + rules
     for r in rules:

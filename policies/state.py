@@ -11,8 +11,6 @@ import json
 import logging
 import os
 import re
-import signal
-import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -234,6 +232,8 @@ def parse_squeue(data: dict, now: float) -> tuple[list[JobState], list[JobState]
 def run_slurm(spec, argv: list[str], timeout_s: float,
               extra_env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run a Slurm command for one cluster: (exit status, stdout, stderr); raises TimeoutError."""
+    import subprocess  # here: deciding without live state never needs it
+
     if spec.conf is not None and not Path(spec.conf).is_file():
         # Slurm's commands retry a missing slurm.conf for a minute before giving up.
         return 1, "", f"slurm.conf {spec.conf} does not exist"
@@ -259,7 +259,9 @@ def run_slurm(spec, argv: list[str], timeout_s: float,
     return proc.returncode, out, err
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc) -> None:
+    import signal
+
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

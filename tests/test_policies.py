@@ -518,11 +518,12 @@ def test_carbon_window_against_brute_force():
 
 # -- configuration ------------------------------------------------------------------------------
 @pytest.mark.parametrize("policy,message", [
-    ({"rules": [{"rule": "nonsense"}]}, r"#1: unknown rule 'nonsense': built-in rules are"),
-    ({"rules": [{"rule": "overflow", "max_wai": "1h"}]},
-     r"#1 \(rule = 'overflow'\): unknown parameter 'max_wai' \(parameters of overflow: tier, max_wait"),
+    ({"rules": [{"rule": "nonsense"}]}, r"key 'policy.rules.0': unknown rule 'nonsense': built-in rules are"),
+    ({"rules": [{"rule": "carbon"}, {"rule": "overflow", "max_wai": "1h"}]},
+     r"key 'policy.rules.1': rule 'overflow': unknown parameter 'max_wai' \(parameters of overflow: tier, "
+     r"max_wait"),
     ({"rules": [{"rule": "overflow", "max_wait": "soon"}]}, r"parameter 'max_wait': expected a Slurm time"),
-    ({"rules": [{"rule": "hds", "enabled": False}]}, r"#1 \(rule = 'hds'\): this rule cannot be disabled"),
+    ({"rules": [{"rule": "hds", "enabled": False}]}, r"rule 'hds': this rule cannot be disabled"),
     ({"rules": [{"rule": "reachable", "weight": 3}]}, r"'weight' applies to score rules only"),
     ({"rules": [{"rule": "carbon"}], "budgets": [{"account": "a", "energy_kwh": 1}]},
      r"no enabled 'budget' rule"),
@@ -588,6 +589,20 @@ def test_example_configuration_loads_and_compiles():
     assert [c.name for c in site.clusters] == ["local", "site", "national"]
     assert site.by_name["site"].hds and not site.by_name["national"].hds
     assert site.by_name["site"].slurm.conf == Path("/tmp/greend-testbed/site/etc/slurm.conf")
+
+
+def test_the_site_example_routes_its_example_jobs():
+    ex = Path(__file__).resolve().parent.parent / "examples"
+    cfg = config_mod.load(ex / "site.toml")
+    site = compile_site(cfg, ex / "site.toml")
+    assert site.by_name["campus"].carbon.has_series  # relative to the config file
+    eng = Engine(site)
+    now = time.time()
+    got = {}
+    for job in ("small", "train", "cohort-hds"):
+        d = eng.decide(build_request(ex / "jobs" / f"{job}.sh", [], user="alice", now=now), now=now)
+        got[job] = (d.cluster, d.plan.partition)
+    assert got == {"small": ("campus", "short"), "train": ("campus", "gpu"), "cohort-hds": ("campus", "long")}
 
 
 def test_relative_paths_are_relative_to_the_config_file(tmp_path):
@@ -941,3 +956,32 @@ def test_greend_submit_with_stand_in_sbatch(tmp_path):
     dry = run_greend("-c", cfg, "--state-dir", tmp_path / "state", "submit", "--dry-run", job, cwd=tmp_path)
     assert "would run: " in dry.stdout and "--partition=batch" in dry.stdout
     assert (tmp_path / "site" / "calls").read_text().count("\n") == 1  # the dry run ran nothing
+
+
+def test_router_decides_from_states_refreshed_in_the_background(tmp_path):
+    from greend.policies import router as router_mod
+
+    site = make_site()
+    calls = []
+
+    def fetcher(c):
+        calls.append(c.name)
+        return ClusterState(c.name, c.name != "site", time.time(), error="controller did not answer",
+                            nodes=[node(f"{c.name}-n1", 8)])
+
+    r = router_mod.Router(site, None, refresh_s=0.05)
+    r.states.fetcher = fetcher
+    r.start()
+    try:
+        d = r.route_script(None, [("time", "1:00:00"), ("account", "proj-green")], user="alice")
+        assert d.cluster == "national" and "controller did not answer" in d.summary()
+        deadline = time.monotonic() + 5
+        while len(calls) < 9 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(calls) >= 9  # refreshed in the background, not by decisions
+    finally:
+        r.stop()
+    cfg = config_mod.parse(site_data(policy={"live_state": False}))
+    offline = router_mod.Router.from_config(cfg, ledger_path=tmp_path / "none.sqlite")
+    d = offline.route_script(None, [("time", "1:00:00"), ("account", "proj-green")], user="alice")
+    assert d.cluster == "site" and d.state_note == "live state off"
