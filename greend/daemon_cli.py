@@ -91,9 +91,6 @@ def cmd_controller(args) -> int:
     from .site import Controller
 
     cfg = _load_config(args)
-    if getattr(args, "state_dir", None):
-        cfg = cfg.model_copy(update={"controller": cfg.controller.model_copy(
-            update={"state_dir": Path(args.state_dir)})})
     if not args.token_file and cfg.controller.token_file is None:
         return _fail("controller: no token file: give --token-file FILE or set "
                      "controller.token_file (the site's shared secret, chmod 600)")
@@ -104,7 +101,8 @@ def cmd_controller(args) -> int:
         sock = Path(args.socket) if args.socket else None
     try:
         c = Controller(cfg, args.config or os.environ.get("GREEND_CONFIG"), listen=args.listen,
-                       token_file=args.token_file, socket_path=sock)
+                       token_file=args.token_file, socket_path=sock,
+                       state_dir=Path(args.state_dir) if getattr(args, "state_dir", None) else None)
         if args.socket == "":
             c.socket_path = None
         c.run_forever()

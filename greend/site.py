@@ -664,7 +664,7 @@ def default_controller_socket(cfg: config_mod.Config, state_dir: Path) -> Path |
 
 
 def controller_state_dir(cfg: config_mod.Config) -> Path:
-    return cfg.controller.state_dir or cfg.resolved_state_dir() / "controller"
+    return Path(cfg.controller.state_dir or Path(cfg.resolved_state_dir()) / "controller")
 
 
 class Controller:
@@ -674,15 +674,16 @@ class Controller:
 
     def __init__(self, cfg: config_mod.Config, config_path: str | None = None,
                  listen: str | None = None, token_file: str | None = None,
-                 socket_path: Path | None = None):
+                 socket_path: Path | None = None, state_dir: Path | None = None):
         from .daemon import DaemonError, parse_listen
 
-        self.cfg = cfg
         self.config_path = config_path
-        self.token_file = Path(token_file) if token_file else cfg.controller.token_file
+        # Command-line choices, which a reload of the file keeps.
+        self.token_file_arg = Path(token_file) if token_file else None
+        self.state_dir_arg = Path(state_dir) if state_dir else None
+        self.cfg = cfg = self._with_args(cfg)
         try:
-            self.token = read_token(self.token_file,
-                                    "--token-file" if token_file else "controller.token_file")
+            self.token = self._read_token(cfg)
         except SiteError as e:
             raise DaemonError(str(e)) from None
         self.listen = parse_listen(listen or cfg.controller.listen)
@@ -900,19 +901,28 @@ class Controller:
         log.warning("greend %s controller: %s; site ledger %s", __version__, ", ".join(where),
                     self.ledger_path)
 
+    def _with_args(self, cfg: config_mod.Config) -> config_mod.Config:
+        if self.state_dir_arg is None:
+            return cfg
+        return cfg.model_copy(update={"controller": cfg.controller.model_copy(
+            update={"state_dir": self.state_dir_arg})})
+
+    def _read_token(self, cfg: config_mod.Config) -> bytes:
+        if self.token_file_arg is not None:
+            return read_token(self.token_file_arg, "--token-file")
+        return read_token(cfg.controller.token_file)
+
     def reload(self) -> None:
         """SIGHUP: re-read the config and the token (rotation); keep the running ones on error."""
         try:
-            new = config_mod.load(self.config_path)
-            token = read_token(self.token_file)
+            new = self._with_args(config_mod.load(self.config_path))
+            if controller_state_dir(new) != self.state_dir:
+                raise SiteError(f"controller.state_dir needs a restart (running: {self.state_dir})")
+            token = self._read_token(new)
         except (config_mod.ConfigError, SiteError) as e:
-            self.config_error = f"reload failed, kept the running config: {e}"
+            self.config_error = f"reload: {e}; kept the running config"
             log.error("%s", self.config_error)
             return
-        if controller_state_dir(new) != self.state_dir:
-            log.warning("reload: controller.state_dir needs a restart; kept %s", self.state_dir)
-            new = new.model_copy(update={"controller": new.controller.model_copy(
-                update={"state_dir": self.cfg.controller.state_dir}), "state_dir": self.cfg.state_dir})
         self.cfg, self.token = new, token
         self.max_body = new.controller.max_body_bytes
         self.config_error = ""

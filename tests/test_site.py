@@ -185,6 +185,31 @@ def test_bad_token_is_refused_and_the_agent_says_so(tmp_path):
         assert ctl.stop() == 0
 
 
+@pytest.mark.slow
+def test_controller_reload_rotates_the_token_and_refuses_a_bad_config(tmp_path):
+    tok = token_file(tmp_path / "token", TOKEN)
+    with controller(tmp_path / "ctl", tok) as ctl:
+        ctl.start()
+        assert post(ctl, [record("1")])[0] == 200
+        token_file(tok, "the-new-site-token")
+        ctl.signal(signal.SIGHUP)
+        wait_for(lambda: post(ctl, [record("1")], token="the-new-site-token")[0] == 200,
+                 what="the new token accepted")
+        assert post(ctl, [record("1")])[0] == 401
+        # A broken file (or token) is refused; the running ones stay.
+        ctl.write_config("[controller]\nmax_body_bytes = 12\n")
+        ctl.signal(signal.SIGHUP)
+        wait_for(lambda: ctl.reasons("controller.max_body_bytes"), what="the reload error")
+        assert post(ctl, [record("2")], token="the-new-site-token")[0] == 200
+        token_file(tok, "")
+        ctl.write_config()
+        ctl.signal(signal.SIGHUP)
+        wait_for(lambda: ctl.reasons("empty"), what="the empty token refused")
+        assert post(ctl, [record("3")], token="the-new-site-token")[0] == 200
+        assert ctl.stop() == 0
+    assert "Traceback" not in ctl.log()
+
+
 def test_controller_refuses_a_token_file_others_can_read(tmp_path):
     tok = token_file(tmp_path / "token", TOKEN, mode=0o644)
     g = controller(tmp_path / "ctl", tok)
