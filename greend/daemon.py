@@ -16,6 +16,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from greend.collectors.slurm import from_config as slurm_metadata
+
 from . import config as config_mod
 from . import site
 from .api import MAX_BODY
@@ -60,7 +62,8 @@ class Daemon:
         # Jobs the ledger says are running: the monitor's resume closes them after a reboot, in
         # a transaction of its own, and site mode must still send those final records.
         running_before = {r.pk for r in self.ledger.running_jobs(cfg.node_name)}
-        self.monitor = Monitor(cfg, self.ledger)
+        self.slurm = slurm_metadata(cfg.slurm, cfg.node_name)  # None: no Slurm on this node
+        self.monitor = Monitor(cfg, self.ledger, slurm=self.slurm)
         self.ended: dict[str, tuple[float, object]] = {}  # key -> (ended at, Account), for /metrics
         self.checkpoint_errors = 0
         self.last_checkpoint = 0.0
@@ -194,6 +197,17 @@ class Daemon:
                     out[name] = None
         return out
 
+    def _schedule_slurm(self, sch) -> None:
+        """Slurm job metadata is refreshed by the scheduler, never inside a sample: at start, every
+        slurm.refresh_s, and at once when a sample meets a job id the cache does not know (the
+        refresh also writes finished jobs' footprints back to Slurm when configured)."""
+        from datetime import datetime
+
+        sl = self.slurm
+        sch.add_job(sl.refresh, "interval", seconds=self.cfg.slurm.refresh_s, id="slurm",
+                    next_run_time=datetime.now())
+        sl.on_request = lambda: sch.add_job(sl.refresh, id="slurm-now", replace_existing=True)
+
     def reload(self) -> None:
         """SIGHUP: validate the file again; apply what can change without losing the books."""
         try:
@@ -314,6 +328,8 @@ class Daemon:
         sch.add_job(self.expire, "interval", seconds=1.0, id="expire")
         sch.add_job(self.refresh_factors, "interval", seconds=self.cfg.daemon.factor_refresh_s,
                     id="factors")
+        if self.slurm is not None:
+            self._schedule_slurm(sch)
         sch.start()
         self.scheduler = sch
         if self.sender is not None:
