@@ -158,6 +158,7 @@ class JobsScreen(Screen):
         self._keys: list[str] = []
         self._shown: list[str] = []  # the rows' lines on screen, to update only what changed
         self._header = ""
+        self._seen_widths: list[int] = []
         self._pending = False
         self._clusters: list[str] = []
         self.loaded_at: float | None = None
@@ -263,6 +264,10 @@ class JobsScreen(Screen):
         status.update(Text(f"⚠ {msg}{stale}. Press r to retry."))
 
     def _show(self, q: JobQuery, page: JobPage) -> None:
+        with self.app.batch_update():  # one repaint for the table and both lines
+            self._show_page(q, page)
+
+    def _show_page(self, q: JobQuery, page: JobPage) -> None:
         app = self.app
         now = app.now()  # type: ignore[attr-defined]
         self.page = page
@@ -298,18 +303,22 @@ class JobsScreen(Screen):
             return
         self._cols = cols
         self._header = ""
+        self._seen_widths = []
         if self.page is not None:
             self._fill(self.page, self.app.now())  # type: ignore[attr-defined]
         else:
             self._layout([])
 
     def _widths(self, values: list[list[str]]) -> list[int]:
+        # Columns that fit their content only grow: a header that changed would rebuild the table.
         out = []
         for i, c in enumerate(self._cols):
             if c.width is not None:
                 out.append(c.width)
             else:
-                out.append(max([len(c.label) + 1, *(len(v[i]) for v in values)]))
+                seen = self._seen_widths[i] if i < len(self._seen_widths) else 0
+                out.append(max([seen, len(c.label) + 1, *(len(v[i]) for v in values)]))
+        self._seen_widths = out
         return out
 
     def _line(self, vals: list[str], widths: list[int]) -> str:
