@@ -180,14 +180,17 @@ def job_from_json(j: dict, node: str) -> SlurmJob:
     cpus = mem = gpus = None
     if node in names:
         i, n = names.index(node), len(names)
-        total_gpus = int(tres["gres/gpu"]) if tres.get("gres/gpu", "").isdigit() else None
         gres = j.get("gres_detail") or []
+        if tres.get("gres/gpu", "").isdigit():
+            total_gpus = int(tres["gres/gpu"])
+        else:  # an allocation without GPUs, unless it is unknown
+            total_gpus = 0 if tres else None
         if n == 1:
             cpus = _num(j.get("cpus")) or (float(tres["cpu"]) if tres.get("cpu", "").isdigit() else None)
             mem = mem_bytes(tres.get("mem", ""))
             if mem is None and _num(j.get("memory_per_node")):
                 mem = int(_num(j.get("memory_per_node")) * MIB)
-            gpus = total_gpus
+            gpus = total_gpus if total_gpus is not None or not gres else _gres_gpus(str(gres[0]))
         else:
             if alloc:
                 cpus = alloc[i][1]
@@ -196,8 +199,6 @@ def job_from_json(j: dict, node: str) -> SlurmJob:
                 gpus = _gres_gpus(str(gres[i]))
             elif total_gpus is not None:
                 gpus = total_gpus // n
-        if gpus is None and gres:
-            gpus = _gres_gpus(str(gres[0])) if n == 1 else None
     start = _num(j.get("start_time"))
     end = _num(j.get("end_time"))
     uid = _num(j.get("user_id"))
@@ -595,10 +596,26 @@ class SlurmMetadata:
                         del self._writes[(w.job_id, w.submit_time)]
 
 
+# Where Slurm's commands find their configuration without SLURM_CONF: the usual install paths,
+# and the copies slurmd keeps in configless mode.
+DEFAULT_CONFS = ("/etc/slurm/slurm.conf", "/etc/slurm-llnl/slurm.conf", "/usr/local/etc/slurm.conf",
+                 "/run/slurm/conf/slurm.conf", "/var/spool/slurmd/conf-cache/slurm.conf")
+
+
+def slurm_here(commands: SlurmCommands) -> bool:
+    """Whether this node looks like a Slurm node: squeue is there and has a configuration."""
+    if commands.which("squeue") is None:
+        return False
+    if commands.conf is not None or commands.env.get("SLURM_CONF"):
+        return True
+    return any(os.path.exists(p) for p in DEFAULT_CONFS)
+
+
 def from_config(scfg, node: str) -> SlurmMetadata | None:
-    """The metadata cache of the [slurm] section; None where Slurm is off or (auto) not installed."""
+    """The metadata cache of the [slurm] section; None where Slurm is off, or (auto) where this
+    node has no Slurm client with a configuration."""
     commands = SlurmCommands(scfg.conf, scfg.bin_dir, scfg.timeout_s)
-    if scfg.enabled is False or (scfg.enabled == "auto" and commands.which("squeue") is None):
+    if scfg.enabled is False or (scfg.enabled == "auto" and not slurm_here(commands)):
         return None
     return SlurmMetadata(node, commands, use_pyslurm=scfg.pyslurm, write_back=scfg.write_back,
                          write_back_interval_s=scfg.write_back_interval_s)

@@ -98,7 +98,8 @@ class Slurm(_Model):
     """How this node's greend reaches its cluster's Slurm for job metadata (docs/slurm.md)."""
 
     enabled: bool | Literal["auto"] = "auto"
-    """Read job metadata from Slurm; auto: when the squeue command is found (bin_dir or PATH)."""
+    """Read job metadata from Slurm; auto: when squeue is found (bin_dir or PATH) and Slurm's
+    configuration too (conf, $SLURM_CONF, a default slurm.conf or slurmd's configless copy)."""
     conf: Path | None = None
     """The cluster's slurm.conf (SLURM_CONF for the commands); unset: the commands' default."""
     bin_dir: Path | None = None

@@ -392,8 +392,8 @@ class Monitor:
                 continue
             if fresh or acc.row.submit_time != info.submit_time or "provisional" in (acc.row.meta or {}):
                 self._slurm_apply(acc, info)
-            if fresh and meta.write_back != "none" and meta.write_back_interval_s > 0:
-                self._slurm_progress(acc, t)
+            if fresh and meta.write_back != "none" and meta.write_back_interval_s > 0 and not info.ended:
+                self._slurm_progress(acc, t)  # (an ended job's cgroup can linger a moment)
             # Slurm's allocation wins over the cpuset's width (declared cores can map onto fewer).
             if info.alloc_cpus:
                 u.alloc_cpus = info.alloc_cpus

@@ -106,13 +106,16 @@ def test_single_node_job_fields():
     assert j.nodes == ("n1",) and j.start_time == 1001
     assert j.end_time is None and not j.ended  # a running job's end_time is only the expected end
     done = job_from_json(entry(42, 1000, state="COMPLETED", end=1100), "n1")
-    assert done.ended and done.end_time == 1100
+    assert done.ended and done.end_time == 1100 and done.alloc_gpus == 0
+    # gres_detail alone (no gres/gpu in the TRES string) still gives the GPUs
+    bare = dict(entry(43, 1000, gres=2), tres_alloc_str="")
+    assert job_from_json(bare, "n1").alloc_gpus == 2
 
 
 def test_multi_node_job_gives_this_nodes_share():
     j = job_from_json(MULTI_NODE, "site-n2")
     assert j.nodes == ("site-n1", "site-n2")
-    assert (j.alloc_cpus, j.alloc_mem_bytes) == (1.0, 300 * MIB)
+    assert (j.alloc_cpus, j.alloc_mem_bytes, j.alloc_gpus) == (1.0, 300 * MIB, 0)
     other = job_from_json(MULTI_NODE, "site-n9")
     assert other.alloc_cpus is None and "site-n9" not in other.nodes
 
@@ -628,7 +631,7 @@ def test_daemon_with_a_broken_squeue_on_path(tmp_path, monkeypatch, squeue, reas
                   "cgroupfs": str(tmp_path / "cgroup")},
         "attribution": {"jobs_from": "cgroup"},
         "power": {"rapl": False},
-        "slurm": {"timeout_s": 1},
+        "slurm": {"timeout_s": 1, "conf": str(tmp_path / "slurm.conf")},
         "clusters": {"c1": {}},
     })
     d = Daemon(cfg, listen="127.0.0.1:0", socket_path=None)
@@ -670,13 +673,24 @@ def test_daemon_with_a_broken_squeue_on_path(tmp_path, monkeypatch, squeue, reas
         d.ledger.close()
 
 
-def test_slurm_off_or_absent_means_no_metadata(tmp_path):
+def test_slurm_off_or_absent_means_no_metadata(tmp_path, monkeypatch):
+    from greend.collectors import slurm as slurm_mod
     from greend.collectors.slurm import from_config
 
     off = config_mod.parse({"slurm": {"enabled": False}}).slurm
     assert from_config(off, "n1") is None
     absent = config_mod.parse({"slurm": {"bin_dir": str(tmp_path)}}).slurm
     assert from_config(absent, "n1") is None  # auto, and no squeue there
+    bindir = fake_bin(tmp_path, squeue="exit 1")
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    monkeypatch.setattr(slurm_mod, "DEFAULT_CONFS", (str(tmp_path / "slurm.conf"),))
+    unconfigured = config_mod.parse({"slurm": {"bin_dir": str(bindir)}}).slurm
+    assert from_config(unconfigured, "n1") is None  # a client without a configuration
+    (tmp_path / "slurm.conf").write_text("ClusterName=c1\n")
+    assert from_config(unconfigured, "n1") is not None
+    monkeypatch.setattr(slurm_mod, "DEFAULT_CONFS", ())
+    conf = config_mod.parse({"slurm": {"bin_dir": str(bindir), "conf": "/x/slurm.conf"}}).slurm
+    assert from_config(conf, "n1") is not None
     forced = config_mod.parse({"slurm": {"enabled": True, "bin_dir": str(tmp_path),
                                          "write_back": "comment"}}).slurm
     meta = from_config(forced, "n1")
@@ -794,7 +808,7 @@ def test_testbed_lifecycle_end_time_and_write_back(tb, tmp_path):
         if comment.startswith("greend:"):
             assert f"cpu_s={row.cpu_time_ns / 1e9:.1f}" in comment
         else:
-            assert meta.refused == 1
+            assert meta.refused >= 1
     finally:
         tb.run("site", "scancel", str(job_id), check=False)
         if m is not None:
