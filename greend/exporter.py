@@ -8,6 +8,7 @@ METRICS, from which docs/metrics.md is generated.
 
 from __future__ import annotations
 
+import math
 import platform
 from dataclasses import dataclass
 
@@ -129,8 +130,11 @@ class JobFamily(Metric):
         self.rows.append((values, labels, value))
 
     def text(self) -> str:
-        n, fmt = self.sample_name, floatToGoString
-        return "".join([f"{n}{{{ls}}} {fmt(x)}\n" for _, ls, x in self.rows])
+        # repr() of a finite float is valid in the text format (Go writes large values with an
+        # exponent where Python may not: both parse the same); only +Inf, -Inf and NaN differ.
+        n, fmt, finite = self.sample_name, floatToGoString, math.isfinite
+        return "".join([f"{n}{{{ls}}} {x!r}\n" if finite(x) else f"{n}{{{ls}}} {fmt(x)}\n"
+                        for _, ls, x in self.rows])
 
 
 class NodeCollector:
