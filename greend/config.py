@@ -265,8 +265,10 @@ class Config(_Model):
 def _format_validation_error(source: str, err: ValidationError) -> str:
     lines = [f"{source}: invalid configuration:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in e["loc"])
+        if not loc:  # model-level checks name their key first ("cluster 'x' is not defined")
+            loc = msg.split(" ", 1)[0] if msg.split(" ", 1)[0].isidentifier() else "(top level)"
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling; docs/configuration.md lists every key)"
         got = e.get("input")
@@ -290,9 +292,6 @@ def load(path: str | os.PathLike | None) -> Config:
         return Config()
     p = Path(path)
     try:
-        loc = ".".join(str(p) for p in e["loc"])
-        if not loc:  # model-level checks name their key first ("cluster 'x' is not defined")
-            loc = msg.split(" ", 1)[0] if msg.split(" ", 1)[0].isidentifier() else "(top level)"
         raw = p.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such config file") from None
