@@ -9,14 +9,21 @@ are precomputed, so a mean over any window costs two binary searches.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+
+from .records import Record
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
+class Window(Record):
     start: float
     end: float
     mean_g_per_kwh: float
+
+    __slots__ = ("end", "mean_g_per_kwh", "start")
+
+    def __init__(self, start: float, end: float, mean_g_per_kwh: float):
+        self.start = start
+        self.end = end
+        self.mean_g_per_kwh = mean_g_per_kwh
 
 
 class CarbonWindow:

@@ -9,11 +9,11 @@ decision is the full list of (rule, cluster, verdict, reason, numbers): it expla
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from . import quantities as q
 from .estimate import Estimate, estimate
 from .history import History, LedgerView, Usage
+from .records import Record
 from .request import JobRequest, Resolved, resolve
 from .rules import Rule, build_rules
 from .site import ClusterSpec, PartitionSpec, Site
@@ -146,22 +146,54 @@ class Context:
         return None if self.ledger is None else self.ledger.usage(account, since)
 
 
-@dataclass(slots=True)
-class Plan:
+class Plan(Record):
     """What will be submitted where: the chosen cluster and what adjust rules added."""
 
     cluster: str
     tier: str
     partition: str | None
     walltime_s: int
-    begin: float | None = None
-    not_before: float | None = None
-    nice: int | None = None
-    refused: str | None = None
-    warnings: list[str] = field(default_factory=list)
-    advice: list[str] = field(default_factory=list)
-    estimate: Estimate | None = None
-    verdicts: list[Verdict] = field(default_factory=list)
+    begin: float | None
+    not_before: float | None
+    nice: int | None
+    refused: str | None
+    warnings: list[str]
+    advice: list[str]
+    estimate: Estimate | None
+    verdicts: list[Verdict]
+
+    __slots__ = (
+        "advice", "begin", "cluster", "estimate", "nice", "not_before", "partition", "refused", "tier",
+        "verdicts", "walltime_s", "warnings",
+    )
+
+    def __init__(
+        self,
+        cluster: str,
+        tier: str,
+        partition: str | None,
+        walltime_s: int,
+        begin: float | None = None,
+        not_before: float | None = None,
+        nice: int | None = None,
+        refused: str | None = None,
+        warnings: list[str] | None = None,
+        advice: list[str] | None = None,
+        estimate: Estimate | None = None,
+        verdicts: list[Verdict] | None = None,
+    ):
+        self.cluster = cluster
+        self.tier = tier
+        self.partition = partition
+        self.walltime_s = walltime_s
+        self.begin = begin
+        self.not_before = not_before
+        self.nice = nice
+        self.refused = refused
+        self.warnings = [] if warnings is None else warnings
+        self.advice = [] if advice is None else advice
+        self.estimate = estimate
+        self.verdicts = [] if verdicts is None else verdicts
 
     def sbatch_options(self, request: JobRequest) -> list[str]:
         """Options greend adds on sbatch's command line (they override the script's directives)."""
@@ -185,8 +217,7 @@ class Plan:
         }
 
 
-@dataclass(slots=True)
-class Decision:
+class Decision(Record):
     request: JobRequest
     now: float
     verdicts: list[Verdict]
@@ -196,7 +227,36 @@ class Decision:
     relaxed: list[str]
     state_note: str
     ledger_note: str
-    context: Context = field(repr=False)
+    context: Context
+
+    __slots__ = (
+        "candidates", "context", "ledger_note", "now", "plan", "ranking", "relaxed", "request", "state_note",
+        "verdicts",
+    )
+
+    def __init__(
+        self,
+        request: JobRequest,
+        now: float,
+        verdicts: list[Verdict],
+        candidates: list[Candidate],
+        ranking: list[Candidate],
+        plan: Plan | None,
+        relaxed: list[str],
+        state_note: str,
+        ledger_note: str,
+        context: Context,
+    ):
+        self.request = request
+        self.now = now
+        self.verdicts = verdicts
+        self.candidates = candidates
+        self.ranking = ranking
+        self.plan = plan
+        self.relaxed = relaxed
+        self.state_note = state_note
+        self.ledger_note = ledger_note
+        self.context = context
 
     @property
     def outcome(self) -> str:

@@ -10,28 +10,32 @@ asked (never more than it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from greend.footprint import Factors, Footprint, footprint
 
 from . import quantities as q
 from .history import History
+from .records import Record
 from .request import JobRequest, Resolved
 
 
-@dataclass(frozen=True, slots=True)
-class PowerDraw:
+class PowerDraw(Record):
     cpu_w: float
     memory_w: float
     gpu_w: float
+
+    __slots__ = ("cpu_w", "gpu_w", "memory_w")
+
+    def __init__(self, cpu_w: float, memory_w: float, gpu_w: float):
+        self.cpu_w = cpu_w
+        self.memory_w = memory_w
+        self.gpu_w = gpu_w
 
     @property
     def total_w(self) -> float:
         return self.cpu_w + self.memory_w + self.gpu_w
 
 
-@dataclass(frozen=True, slots=True)
-class Estimate:
+class Estimate(Record):
     cluster: str
     start: float
     runtime_s: float
@@ -47,6 +51,41 @@ class Estimate:
     it_energy_j: float
     factors: Factors
     footprint: Footprint
+
+    __slots__ = (
+        "cluster", "correction", "correction_from", "factors", "footprint", "it_energy_j",
+        "model_it_energy_j", "power", "runtime_from", "runtime_s", "start", "tasks", "walltime_s",
+    )
+
+    def __init__(
+        self,
+        cluster: str,
+        start: float,
+        runtime_s: float,
+        runtime_from: str,
+        walltime_s: int,
+        power: PowerDraw,
+        tasks: int,
+        model_it_energy_j: float,
+        correction: float,
+        correction_from: str,
+        it_energy_j: float,
+        factors: Factors,
+        footprint: Footprint,
+    ):
+        self.cluster = cluster
+        self.start = start
+        self.runtime_s = runtime_s
+        self.runtime_from = runtime_from
+        self.walltime_s = walltime_s
+        self.power = power
+        self.tasks = tasks
+        self.model_it_energy_j = model_it_energy_j
+        self.correction = correction
+        self.correction_from = correction_from
+        self.it_energy_j = it_energy_j
+        self.factors = factors
+        self.footprint = footprint
 
     @property
     def carbon_g(self) -> float:

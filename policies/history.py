@@ -9,16 +9,16 @@ import logging
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from .records import Record
 
 log = logging.getLogger(__name__)
 
 MB = 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class PastJob:
+class PastJob(Record):
     cluster: str
     job_id: str
     elapsed_s: float
@@ -31,9 +31,39 @@ class PastJob:
     max_mem_mb: float
     modelled_j: float
 
+    __slots__ = (
+        "cluster", "cpu_time_s", "cpus", "elapsed_s", "gpu_energy_j", "gpus", "it_energy_j", "job_id",
+        "max_mem_mb", "mem_mb", "modelled_j",
+    )
 
-@dataclass(frozen=True, slots=True)
-class History:
+    def __init__(
+        self,
+        cluster: str,
+        job_id: str,
+        elapsed_s: float,
+        cpus: float,
+        mem_mb: float,
+        gpus: int,
+        cpu_time_s: float,
+        it_energy_j: float,
+        gpu_energy_j: float,
+        max_mem_mb: float,
+        modelled_j: float,
+    ):
+        self.cluster = cluster
+        self.job_id = job_id
+        self.elapsed_s = elapsed_s
+        self.cpus = cpus
+        self.mem_mb = mem_mb
+        self.gpus = gpus
+        self.cpu_time_s = cpu_time_s
+        self.it_energy_j = it_energy_j
+        self.gpu_energy_j = gpu_energy_j
+        self.max_mem_mb = max_mem_mb
+        self.modelled_j = modelled_j
+
+
+class History(Record):
     """Similar jobs (same user, same job name, ended) and what they really used."""
 
     user: str
@@ -50,6 +80,37 @@ class History:
     peak_mem_mb: float
     gpu_use: float | None
     """GPU energy / (GPUs x TDP x elapsed): ~0 for GPUs that sat idle."""
+
+    __slots__ = (
+        "cpu_efficiency", "gpu_use", "jobs", "measured_j", "median_elapsed_s", "mem_efficiency", "modelled_j",
+        "name", "peak_cpus_used", "peak_mem_mb", "user",
+    )
+
+    def __init__(
+        self,
+        user: str,
+        name: str,
+        jobs: tuple[PastJob, ...],
+        measured_j: float,
+        modelled_j: float,
+        median_elapsed_s: float,
+        cpu_efficiency: float | None,
+        peak_cpus_used: float,
+        mem_efficiency: float | None,
+        peak_mem_mb: float,
+        gpu_use: float | None,
+    ):
+        self.user = user
+        self.name = name
+        self.jobs = jobs
+        self.measured_j = measured_j
+        self.modelled_j = modelled_j
+        self.median_elapsed_s = median_elapsed_s
+        self.cpu_efficiency = cpu_efficiency
+        self.peak_cpus_used = peak_cpus_used
+        self.mem_efficiency = mem_efficiency
+        self.peak_mem_mb = peak_mem_mb
+        self.gpu_use = gpu_use
 
     @property
     def n(self) -> int:
@@ -80,14 +141,31 @@ def _median(xs: list[float]) -> float:
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(Record):
     account: str
     since: float
     jobs: int
     facility_energy_j: float
     carbon_g: float
     water_l: float
+
+    __slots__ = ("account", "carbon_g", "facility_energy_j", "jobs", "since", "water_l")
+
+    def __init__(
+        self,
+        account: str,
+        since: float,
+        jobs: int,
+        facility_energy_j: float,
+        carbon_g: float,
+        water_l: float,
+    ):
+        self.account = account
+        self.since = since
+        self.jobs = jobs
+        self.facility_energy_j = facility_energy_j
+        self.carbon_g = carbon_g
+        self.water_l = water_l
 
 
 _SIMILAR_SQL = """

@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 import os
 import shlex
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import quantities as q
+from .records import Record
 
 
 class RequestError(Exception):
@@ -46,40 +46,102 @@ _KNOWN_WITH_VALUE = frozenset({
 _GREEND_OPTIONS = ("data-class", "deadline", "deferrable", "data", "interactive", "debug")
 
 
-@dataclass(slots=True)
-class JobRequest:
+class JobRequest(Record):
     """What a job asks for, as totals over the whole job; None means "not said" (defaults apply)."""
 
-    job_name: str = ""
-    user: str = ""
-    account: str | None = None
-    partitions: tuple[str, ...] = ()
-    qos: str | None = None
-    walltime_s: int | None = None
-    nodes: int = 1
-    ntasks: int = 1
-    cpus_per_task: int = 1
-    mem_mb: float | None = None
+    job_name: str
+    user: str
+    account: str | None
+    partitions: tuple[str, ...]
+    qos: str | None
+    walltime_s: int | None
+    nodes: int
+    ntasks: int
+    cpus_per_task: int
+    mem_mb: float | None
     """Total memory of the job; None: the partition's default per CPU."""
-    mem_whole_node: bool = False
-    gpus: int = 0
-    gpu_type: str | None = None
-    array_tasks: int = 1
-    data_class: str = ""
-    data_stores: tuple[str, ...] = ()
-    deadline: float | None = None
-    deferrable: bool = False
-    begin: float | None = None
-    nice: int | None = None
-    comment: str | None = None
-    flags: frozenset[str] = frozenset()
+    mem_whole_node: bool
+    gpus: int
+    gpu_type: str | None
+    array_tasks: int
+    data_class: str
+    data_stores: tuple[str, ...]
+    deadline: float | None
+    deferrable: bool
+    begin: float | None
+    nice: int | None
+    comment: str | None
+    flags: frozenset[str]
     """interactive, debug."""
-    script: Path | None = None
-    sbatch_args: list[str] = field(default_factory=list)
+    script: Path | None
+    sbatch_args: list[str]
     """Command-line options to pass on to sbatch (they override the script's, as for greend)."""
-    origin: dict[str, str] = field(default_factory=dict)
+    origin: dict[str, str]
     """Where each field was set: "job.sh:4", "command line"."""
-    notes: list[str] = field(default_factory=list)
+    notes: list[str]
+
+    __slots__ = (
+        "account", "array_tasks", "begin", "comment", "cpus_per_task", "data_class", "data_stores",
+        "deadline", "deferrable", "flags", "gpu_type", "gpus", "job_name", "mem_mb", "mem_whole_node", "nice",
+        "nodes", "notes", "ntasks", "origin", "partitions", "qos", "sbatch_args", "script", "user",
+        "walltime_s",
+    )
+
+    def __init__(
+        self,
+        job_name: str = "",
+        user: str = "",
+        account: str | None = None,
+        partitions: tuple[str, ...] = (),
+        qos: str | None = None,
+        walltime_s: int | None = None,
+        nodes: int = 1,
+        ntasks: int = 1,
+        cpus_per_task: int = 1,
+        mem_mb: float | None = None,
+        mem_whole_node: bool = False,
+        gpus: int = 0,
+        gpu_type: str | None = None,
+        array_tasks: int = 1,
+        data_class: str = "",
+        data_stores: tuple[str, ...] = (),
+        deadline: float | None = None,
+        deferrable: bool = False,
+        begin: float | None = None,
+        nice: int | None = None,
+        comment: str | None = None,
+        flags: frozenset[str] = frozenset(),
+        script: Path | None = None,
+        sbatch_args: list[str] | None = None,
+        origin: dict[str, str] | None = None,
+        notes: list[str] | None = None,
+    ):
+        self.job_name = job_name
+        self.user = user
+        self.account = account
+        self.partitions = partitions
+        self.qos = qos
+        self.walltime_s = walltime_s
+        self.nodes = nodes
+        self.ntasks = ntasks
+        self.cpus_per_task = cpus_per_task
+        self.mem_mb = mem_mb
+        self.mem_whole_node = mem_whole_node
+        self.gpus = gpus
+        self.gpu_type = gpu_type
+        self.array_tasks = array_tasks
+        self.data_class = data_class
+        self.data_stores = data_stores
+        self.deadline = deadline
+        self.deferrable = deferrable
+        self.begin = begin
+        self.nice = nice
+        self.comment = comment
+        self.flags = flags
+        self.script = script
+        self.sbatch_args = [] if sbatch_args is None else sbatch_args
+        self.origin = {} if origin is None else origin
+        self.notes = [] if notes is None else notes
 
     @property
     def cpus(self) -> int:
@@ -397,8 +459,7 @@ def build_request(script: str | os.PathLike | None, cli_options: list[tuple[str,
     return r
 
 
-@dataclass(frozen=True, slots=True)
-class Resolved:
+class Resolved(Record):
     """A request's walltime and memory on one partition, defaults applied, with their origin."""
 
     walltime_s: int
@@ -407,6 +468,24 @@ class Resolved:
     mem_from: str
     cpus_per_node: int
     mem_per_node_mb: float
+
+    __slots__ = ("cpus_per_node", "mem_from", "mem_mb", "mem_per_node_mb", "walltime_from", "walltime_s")
+
+    def __init__(
+        self,
+        walltime_s: int,
+        walltime_from: str,
+        mem_mb: float,
+        mem_from: str,
+        cpus_per_node: int,
+        mem_per_node_mb: float,
+    ):
+        self.walltime_s = walltime_s
+        self.walltime_from = walltime_from
+        self.mem_mb = mem_mb
+        self.mem_from = mem_from
+        self.cpus_per_node = cpus_per_node
+        self.mem_per_node_mb = mem_per_node_mb
 
 
 def resolve(r: JobRequest, partition, default_walltime_s: int, default_mem_per_cpu_mb: float,

@@ -5,7 +5,6 @@ compiled once from the validated configuration into plain objects that are quick
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from greend import config as config_mod
@@ -13,30 +12,70 @@ from greend.footprint import Factors
 
 from . import quantities as q
 from .carbon import CarbonWindow
+from .records import Record
 
 
-@dataclass(frozen=True, slots=True)
-class PartitionSpec:
+class PartitionSpec(Record):
     name: str
-    default: bool = False
-    max_walltime_s: int | None = None
-    default_walltime_s: int | None = None
-    max_cpus: int | None = None
-    max_nodes: int | None = None
-    cpus_per_node: int | None = None
-    mem_per_node_mb: float | None = None
-    def_mem_per_cpu_mb: float | None = None
-    max_gpus: int | None = None
-    gpus_per_node: int | None = None
-    gpu_types: frozenset[str] | None = None
+    default: bool
+    max_walltime_s: int | None
+    default_walltime_s: int | None
+    max_cpus: int | None
+    max_nodes: int | None
+    cpus_per_node: int | None
+    mem_per_node_mb: float | None
+    def_mem_per_cpu_mb: float | None
+    max_gpus: int | None
+    gpus_per_node: int | None
+    gpu_types: frozenset[str] | None
+
+    __slots__ = (
+        "cpus_per_node", "def_mem_per_cpu_mb", "default", "default_walltime_s", "gpu_types", "gpus_per_node",
+        "max_cpus", "max_gpus", "max_nodes", "max_walltime_s", "mem_per_node_mb", "name",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        default: bool = False,
+        max_walltime_s: int | None = None,
+        default_walltime_s: int | None = None,
+        max_cpus: int | None = None,
+        max_nodes: int | None = None,
+        cpus_per_node: int | None = None,
+        mem_per_node_mb: float | None = None,
+        def_mem_per_cpu_mb: float | None = None,
+        max_gpus: int | None = None,
+        gpus_per_node: int | None = None,
+        gpu_types: frozenset[str] | None = None,
+    ):
+        self.name = name
+        self.default = default
+        self.max_walltime_s = max_walltime_s
+        self.default_walltime_s = default_walltime_s
+        self.max_cpus = max_cpus
+        self.max_nodes = max_nodes
+        self.cpus_per_node = cpus_per_node
+        self.mem_per_node_mb = mem_per_node_mb
+        self.def_mem_per_cpu_mb = def_mem_per_cpu_mb
+        self.max_gpus = max_gpus
+        self.gpus_per_node = gpus_per_node
+        self.gpu_types = gpu_types
 
 
-@dataclass(frozen=True, slots=True)
-class SlurmSpec:
+class SlurmSpec(Record):
     conf: Path | None
     bin_dir: Path | None
     timeout_s: float
     submit_timeout_s: float
+
+    __slots__ = ("bin_dir", "conf", "submit_timeout_s", "timeout_s")
+
+    def __init__(self, conf: Path | None, bin_dir: Path | None, timeout_s: float, submit_timeout_s: float):
+        self.conf = conf
+        self.bin_dir = bin_dir
+        self.timeout_s = timeout_s
+        self.submit_timeout_s = submit_timeout_s
 
     def command(self, name: str) -> str:
         return str(self.bin_dir / name) if self.bin_dir else name
@@ -48,8 +87,7 @@ class SlurmSpec:
         return env
 
 
-@dataclass(frozen=True, slots=True)
-class PowerSpec:
+class PowerSpec(Record):
     cpu_w_per_core: float
     cpu_usage: float
     memory_w_per_gb: float
@@ -58,14 +96,36 @@ class PowerSpec:
     gpu_usage: float
     sources: dict[str, str]
 
+    __slots__ = (
+        "cpu_usage", "cpu_w_per_core", "default_gpu_w", "gpu_tdp_w", "gpu_usage", "memory_w_per_gb",
+        "sources",
+    )
+
+    def __init__(
+        self,
+        cpu_w_per_core: float,
+        cpu_usage: float,
+        memory_w_per_gb: float,
+        gpu_tdp_w: dict[str, float],
+        default_gpu_w: float,
+        gpu_usage: float,
+        sources: dict[str, str],
+    ):
+        self.cpu_w_per_core = cpu_w_per_core
+        self.cpu_usage = cpu_usage
+        self.memory_w_per_gb = memory_w_per_gb
+        self.gpu_tdp_w = gpu_tdp_w
+        self.default_gpu_w = default_gpu_w
+        self.gpu_usage = gpu_usage
+        self.sources = sources
+
     def gpu_w(self, gpu_type: str | None) -> float:
         if gpu_type and gpu_type in self.gpu_tdp_w:
             return self.gpu_tdp_w[gpu_type]
         return self.default_gpu_w
 
 
-@dataclass(slots=True)
-class ClusterSpec:
+class ClusterSpec(Record):
     name: str
     index: int
     tier: str
@@ -80,7 +140,44 @@ class ClusterSpec:
     factors: Factors
     """Static factors (carbon intensity without the series), with sources."""
     carbon: CarbonWindow
-    config: config_mod.Cluster = field(repr=False)
+    config: config_mod.Cluster
+
+    __slots__ = (
+        "accounts", "carbon", "config", "data_stores", "factors", "gpu_types", "hds", "index", "name", "open",
+        "partitions", "power", "slurm", "tier",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        index: int,
+        tier: str,
+        hds: bool,
+        open: bool,
+        accounts: frozenset[str] | None,
+        gpu_types: frozenset[str],
+        data_stores: frozenset[str],
+        partitions: tuple[PartitionSpec, ...],
+        slurm: SlurmSpec,
+        power: PowerSpec,
+        factors: Factors,
+        carbon: CarbonWindow,
+        config: config_mod.Cluster,
+    ):
+        self.name = name
+        self.index = index
+        self.tier = tier
+        self.hds = hds
+        self.open = open
+        self.accounts = accounts
+        self.gpu_types = gpu_types
+        self.data_stores = data_stores
+        self.partitions = partitions
+        self.slurm = slurm
+        self.power = power
+        self.factors = factors
+        self.carbon = carbon
+        self.config = config
 
     def partition(self, name: str) -> PartitionSpec | None:
         for p in self.partitions:
@@ -109,8 +206,7 @@ class ClusterSpec:
                        ci, src)
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
+class Settings(Record):
     live_state: bool
     state_max_age_s: float
     state_cache: Path | None
@@ -120,14 +216,54 @@ class Settings:
     history_max_jobs: int
     ledger: Path | None
 
+    __slots__ = (
+        "default_mem_per_cpu_mb", "default_walltime_s", "history_days", "history_max_jobs", "ledger",
+        "live_state", "state_cache", "state_max_age_s",
+    )
 
-@dataclass(slots=True)
-class Site:
+    def __init__(
+        self,
+        live_state: bool,
+        state_max_age_s: float,
+        state_cache: Path | None,
+        default_walltime_s: int,
+        default_mem_per_cpu_mb: float,
+        history_days: float,
+        history_max_jobs: int,
+        ledger: Path | None,
+    ):
+        self.live_state = live_state
+        self.state_max_age_s = state_max_age_s
+        self.state_cache = state_cache
+        self.default_walltime_s = default_walltime_s
+        self.default_mem_per_cpu_mb = default_mem_per_cpu_mb
+        self.history_days = history_days
+        self.history_max_jobs = history_max_jobs
+        self.ledger = ledger
+
+
+class Site(Record):
     clusters: tuple[ClusterSpec, ...]
     by_name: dict[str, ClusterSpec]
     settings: Settings
-    config: config_mod.Config = field(repr=False)
-    config_path: Path | None = None
+    config: config_mod.Config
+    config_path: Path | None
+
+    __slots__ = ("by_name", "clusters", "config", "config_path", "settings")
+
+    def __init__(
+        self,
+        clusters: tuple[ClusterSpec, ...],
+        by_name: dict[str, ClusterSpec],
+        settings: Settings,
+        config: config_mod.Config,
+        config_path: Path | None = None,
+    ):
+        self.clusters = clusters
+        self.by_name = by_name
+        self.settings = settings
+        self.config = config
+        self.config_path = config_path
 
     def cluster(self, name: str) -> ClusterSpec:
         try:

@@ -13,10 +13,10 @@ import os
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import quantities as q
+from .records import Record
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,7 @@ def _state(v) -> str:
     return str(v or "").upper()
 
 
-@dataclass(slots=True)
-class NodeState:
+class NodeState(Record):
     name: str
     state: str
     cpus: int
@@ -59,13 +58,34 @@ class NodeState:
     partitions: tuple[str, ...]
     usable: bool
 
+    __slots__ = ("alloc_cpus", "alloc_mem_mb", "cpus", "mem_mb", "name", "partitions", "state", "usable")
+
+    def __init__(
+        self,
+        name: str,
+        state: str,
+        cpus: int,
+        alloc_cpus: int,
+        mem_mb: float,
+        alloc_mem_mb: float,
+        partitions: tuple[str, ...],
+        usable: bool,
+    ):
+        self.name = name
+        self.state = state
+        self.cpus = cpus
+        self.alloc_cpus = alloc_cpus
+        self.mem_mb = mem_mb
+        self.alloc_mem_mb = alloc_mem_mb
+        self.partitions = partitions
+        self.usable = usable
+
     @property
     def idle_cpus(self) -> int:
         return max(self.cpus - self.alloc_cpus, 0) if self.usable else 0
 
 
-@dataclass(slots=True)
-class JobState:
+class JobState(Record):
     job_id: str
     state: str
     cpus: int
@@ -73,29 +93,86 @@ class JobState:
     time_limit_s: float
     end_time: float
     nodes: tuple[str, ...]
-    name: str = ""
-    comment: str = ""
-    user: str = ""
+    name: str
+    comment: str
+    user: str
+
+    __slots__ = (
+        "comment", "cpus", "end_time", "job_id", "name", "nodes", "partition", "state", "time_limit_s",
+        "user",
+    )
+
+    def __init__(
+        self,
+        job_id: str,
+        state: str,
+        cpus: int,
+        partition: str,
+        time_limit_s: float,
+        end_time: float,
+        nodes: tuple[str, ...],
+        name: str = "",
+        comment: str = "",
+        user: str = "",
+    ):
+        self.job_id = job_id
+        self.state = state
+        self.cpus = cpus
+        self.partition = partition
+        self.time_limit_s = time_limit_s
+        self.end_time = end_time
+        self.nodes = nodes
+        self.name = name
+        self.comment = comment
+        self.user = user
 
 
-@dataclass(slots=True)
-class Wait:
+class Wait(Record):
     seconds: float
     reason: str
     numbers: dict
 
+    __slots__ = ("numbers", "reason", "seconds")
 
-@dataclass(slots=True)
-class ClusterState:
+    def __init__(self, seconds: float, reason: str, numbers: dict):
+        self.seconds = seconds
+        self.reason = reason
+        self.numbers = numbers
+
+
+class ClusterState(Record):
     cluster: str
     ok: bool
     fetched_at: float
-    error: str = ""
-    fetch_s: float = 0.0
-    nodes: list[NodeState] = field(default_factory=list)
-    running: list[JobState] = field(default_factory=list)
-    pending: list[JobState] = field(default_factory=list)
-    _waits: dict = field(default_factory=dict, repr=False)
+    error: str
+    fetch_s: float
+    nodes: list[NodeState]
+    running: list[JobState]
+    pending: list[JobState]
+    _waits: dict
+
+    __slots__ = ("_waits", "cluster", "error", "fetch_s", "fetched_at", "nodes", "ok", "pending", "running")
+
+    def __init__(
+        self,
+        cluster: str,
+        ok: bool,
+        fetched_at: float,
+        error: str = "",
+        fetch_s: float = 0.0,
+        nodes: list[NodeState] | None = None,
+        running: list[JobState] | None = None,
+        pending: list[JobState] | None = None,
+    ):
+        self.cluster = cluster
+        self.ok = ok
+        self.fetched_at = fetched_at
+        self.error = error
+        self.fetch_s = fetch_s
+        self.nodes = [] if nodes is None else nodes
+        self.running = [] if running is None else running
+        self.pending = [] if pending is None else pending
+        self._waits: dict = {}
 
     # -- summaries -----------------------------------------------------------------------------
     def _nodes(self, partition: str | None) -> list[NodeState]:
@@ -165,9 +242,7 @@ class ClusterState:
                 "pending_jobs": len(self.pending), "fetch_s": round(self.fetch_s, 3)}
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("_waits", None)
-        return d
+        return self.to_plain()
 
     @classmethod
     def from_dict(cls, d: dict) -> ClusterState:

@@ -14,9 +14,9 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from .records import Record
 from .state import _first_error, run_slurm
 
 log = logging.getLogger(__name__)
@@ -108,17 +108,40 @@ class DecisionLog:
         return dict(row) if row else None
 
 
-@dataclass
-class Submission:
+class Submission(Record):
     outcome: str  # submitted, refused, no_cluster, failed, unknown
     token: str
-    cluster: str | None = None
-    partition: str | None = None
-    job_id: str | None = None
-    plan: object = None
-    tried: list[dict] = field(default_factory=list)
-    message: str = ""
-    command: list[str] = field(default_factory=list)
+    cluster: str | None
+    partition: str | None
+    job_id: str | None
+    plan: object
+    tried: list[dict]
+    message: str
+    command: list[str]
+
+    __slots__ = ("cluster", "command", "job_id", "message", "outcome", "partition", "plan", "token", "tried")
+
+    def __init__(
+        self,
+        outcome: str,
+        token: str,
+        cluster: str | None = None,
+        partition: str | None = None,
+        job_id: str | None = None,
+        plan: object = None,
+        tried: list[dict] | None = None,
+        message: str = "",
+        command: list[str] | None = None,
+    ):
+        self.outcome = outcome
+        self.token = token
+        self.cluster = cluster
+        self.partition = partition
+        self.job_id = job_id
+        self.plan = plan
+        self.tried = [] if tried is None else tried
+        self.message = message
+        self.command = [] if command is None else command
 
     @property
     def exit_status(self) -> int:
