@@ -39,7 +39,7 @@ _SBATCH_OPTIONS = [
     (("--mem-per-cpu",), "mem-per-cpu", "SIZE", "memory per CPU"),
     (("-G", "--gpus"), "gpus", "[TYPE:]N", "GPUs for the job"),
     (("--gres",), "gres", "LIST", "generic resources per node (gpu[:TYPE]:N)"),
-    (("-a", "--array"), "array", "SPEC", "job array (0-9, 1,3,5%2)"),
+    (("-a", "--array"), "array", "SPEC", "job array (0-9, 1,3,5%%2)"),
 ]
 _GREEND_OPTIONS = [
     (("--data-class",), "data-class", "CLASS", "class of the data the job reads (hds: health data)"),
@@ -88,15 +88,21 @@ def _cli_options(args) -> list[tuple[str, str | None]]:
     return out
 
 
+def _para(text: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=100) + "\n\n"
+
+
 def add_commands(sub) -> None:
     """Register this package's subcommands on greend's argparse subparsers."""
     fmt = argparse.RawDescriptionHelpFormatter
     e = sub.add_parser(
         "estimate", help="estimate a job's energy, carbon and water on each cluster before it runs",
-        description="Estimate the footprint of a job on every configured cluster, before it runs: "
+        description=_para("Estimate the footprint of a job on every configured cluster, before it runs: "
         "Green Algorithms' model (cores x W/core x usage + GB x W/GB + GPUs x TDP) over the walltime, "
         "x PUE, then carbon and water with each cluster's factors; corrected by the measured history "
-        "of your similar jobs (same job name) in the ledger when there is some.\n\n" + _REQUEST_HELP,
+        "of your similar jobs (same job name) in the ledger when there is some.") + _REQUEST_HELP,
         epilog="example:\n  greend estimate job.sh\n  greend estimate -c 8 --mem 32G -t 4:00:00 --json",
         formatter_class=fmt,
     )
@@ -105,10 +111,10 @@ def add_commands(sub) -> None:
 
     r = sub.add_parser(
         "route", help="decide where a job should run, and explain why",
-        description="Apply the site's routing rules (docs/policy.md) to a job and print the decision: "
-        "the chosen cluster and partition, every rule's verdict on every cluster with its numbers, the "
-        "estimated footprint on each cluster, and what `greend submit` would add to sbatch (--begin, "
-        "--nice). Nothing is submitted.\n\n" + _REQUEST_HELP,
+        description=_para("Apply the site's routing rules (docs/policy.md) to a job and print the "
+        "decision: the chosen cluster and partition, every rule's verdict on every cluster with its "
+        "numbers, the estimated footprint on each cluster, and what `greend submit` would add to sbatch "
+        "(--begin, --nice). Nothing is submitted.") + _REQUEST_HELP,
         epilog="examples:\n  greend route job.sh\n  greend route --json job.sh | jq .summary\n"
         "  greend route -c 4 -t 30:00 --data-class hds\n\n" + _EXIT_HELP,
         formatter_class=fmt,
@@ -125,11 +131,11 @@ def add_commands(sub) -> None:
 
     s = sub.add_parser(
         "submit", help="route a job, then sbatch it on the chosen cluster",
-        description="Route SCRIPT as `greend route` does, then run sbatch on the chosen cluster (with "
-        "that cluster's SLURM_CONF, as you: greend never submits on anyone else's behalf). The "
+        description=_para("Route SCRIPT as `greend route` does, then run sbatch on the chosen cluster "
+        "(with that cluster's SLURM_CONF, as you: greend never submits on anyone else's behalf). The "
         "decision is recorded in the ledger with the job id. If that cluster's controller does not "
         "answer, the next eligible cluster is tried, and greend says so. A unique token in --comment "
-        "guarantees the job is never submitted twice.\n\n" + _REQUEST_HELP,
+        "guarantees the job is never submitted twice.") + _REQUEST_HELP,
         epilog="example:\n  greend submit job.sh\n  greend submit --deferrable --deadline +12h job.sh\n\n"
         + _EXIT_HELP,
         formatter_class=fmt,
@@ -226,7 +232,9 @@ def _sbatch_json(path: str) -> tuple[str | None, list[tuple[str, str | None]]]:
 
     where = "standard input" if path == "-" else path
     try:
-        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()  # noqa: SIM115
+        from pathlib import Path
+
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
         data = json.loads(text)
     except OSError as e:
         raise RequestError(f"{where}: cannot read: {e.strerror}") from None

@@ -985,3 +985,10 @@ def test_router_decides_from_states_refreshed_in_the_background(tmp_path):
     offline = router_mod.Router.from_config(cfg, ledger_path=tmp_path / "none.sqlite")
     d = offline.route_script(None, [("time", "1:00:00"), ("account", "proj-green")], user="alice")
     assert d.cluster == "site" and d.state_note == "live state off"
+
+
+@pytest.mark.parametrize("command", ["estimate", "route", "submit"])
+def test_help_of_each_command(command):
+    p = run_greend(command, "--help")
+    assert p.returncode == 0, p.stderr
+    assert "#GREEND" in p.stdout and "--data-class" in p.stdout
