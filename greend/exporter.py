@@ -222,16 +222,20 @@ class NodeCollector:
 
 
 def metrics_markdown() -> str:
-    """docs/metrics.md, generated from METRICS so that it cannot drift from the code."""
+    """docs/metrics.md, generated from the metric tables so that it cannot drift from the code."""
+    from . import site
+
     lines = [
         "# greend metrics",
         "",
-        "Generated from `greend/exporter.py` (`greend metrics-doc`); do not edit by hand.",
+        "Generated from `greend/exporter.py` and `greend/site.py` (`greend metrics-doc`); do not edit "
+        "by hand. Node daemons export the node and job metrics; agents in site mode add the "
+        "`greend_outbox_*` metrics; `greend controller` exports the `greend_controller_*` metrics.",
         "",
         "| metric | type | labels | meaning |",
         "| --- | --- | --- | --- |",
     ]
-    for name, (kind, help_, labels) in sorted(METRICS.items()):
+    for name, (kind, help_, labels) in sorted({**METRICS, **site.METRICS}.items()):
         shown = name + "_info" if kind == "info" else name
         lines.append(f"| `{shown}` | {kind} | {', '.join(labels) or '-'} | {help_} |")
     return "\n".join(lines) + "\n"
