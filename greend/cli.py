@@ -283,8 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
-    from .ledger import LedgerError
+    from .errors import ConfigError, LedgerError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import refdata
+from .errors import ConfigError
 from .footprint import Factors
 from .policies.config import Partition, PolicyConfig, PowerModel, SlurmAccess
 
@@ -28,10 +29,6 @@ DEFAULT_PUE = 1.56
 DEFAULT_PUE_SOURCE = "unknown site: Uptime Institute 2024 global survey average"
 DEFAULT_WUE = 1.8
 DEFAULT_WUE_SOURCE = "unknown site: U.S. data-centre average on-site WUE (LBNL 2016)"
-
-
-class ConfigError(Exception):
-    """A configuration problem, already phrased for the person who wrote the file."""
 
 
 class _Model(BaseModel):

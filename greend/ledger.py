@@ -17,13 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import LedgerError
+
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "ledger.sqlite"
-
-
-class LedgerError(Exception):
-    """The ledger cannot be opened or written; the message says where and why."""
 
 
 MIGRATIONS: list[str] = [
