@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import csv
 import os
+import re
 import socket
 import tomllib
 from datetime import UTC, datetime
@@ -426,23 +427,43 @@ def to_toml(cfg: Config) -> str:
     return _dump_toml(data)
 
 
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(k: str) -> str:
+    return k if _BARE_KEY.match(k) else _toml_value(k)
+
+
 def _toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):
         return repr(v)
     if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+        return "[" + ", ".join(_toml_value(x) for x in v if x is not None) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()
+                                if x is not None) + " }"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return f'"{s}"'
 
 
+def _is_table_array(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
 def _dump_toml(data: dict, prefix: str = "") -> str:
-    scalars = [(k, v) for k, v in data.items() if not isinstance(v, dict)]
-    tables = [(k, v) for k, v in data.items() if isinstance(v, dict)]
-    out = [f"{k} = {_toml_value(v)}" for k, v in scalars]
-    for k, v in tables:
-        name = f"{prefix}.{k}" if prefix else k
-        body = _dump_toml(v, name)
-        out.append(f"\n[{name}]\n{body}" if body.strip() or not v else f"\n[{name}]")
-    return "\n".join(out).strip("\n") + "\n" if prefix == "" else "\n".join(out)
+    """TOML text of plain data: scalars first, then [tables], then [[arrays of tables]]."""
+    out = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items()
+           if v is not None and not isinstance(v, dict) and not _is_table_array(v)]
+    for k, v in data.items():
+        name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
+        if isinstance(v, dict):
+            body = _dump_toml(v, name)
+            out.append(f"\n[{name}]" + (f"\n{body}" if body.strip() else ""))
+        elif _is_table_array(v):
+            for item in v:
+                body = _dump_toml(item, name)
+                out.append(f"\n[[{name}]]" + (f"\n{body}" if body.strip() else ""))
+    text = "\n".join(out)
+    return text.strip("\n") + "\n" if prefix == "" else text.strip("\n")

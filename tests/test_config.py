@@ -239,3 +239,13 @@ def test_config_check_bad_file_exits_2_with_the_message_and_no_traceback(tmp_pat
     r = run_check(str(tmp_path / "missing.toml"), cwd=tmp_path)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "no such config file" in r.stderr
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).parent.parent / "examples").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_example_config_round_trips_through_config_check(example):
+    # What `greend config check` prints must be a config that loads back to the same thing,
+    # arrays of tables ([[policy.rules]]) included.
+    cfg = config_mod.load(example)
+    text = config_mod.to_toml(cfg)
+    assert config_mod.parse(tomllib.loads(text), "printed") == cfg
