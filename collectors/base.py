@@ -58,3 +58,16 @@ class JobUsage:
     alloc_mem_bytes: int | None = None
     cluster: str | None = None
     meta: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class CollectorStatus:
+    """How a collector is doing, for /healthz and greend_collector_* metrics."""
+
+    name: str
+    present: bool = True
+    ok: bool = True
+    error: str = ""
+    errors_total: int = 0
+    last_duration_s: float = 0.0
+    detail: str = ""

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .base import CollectorStatus
+
 log = logging.getLogger(__name__)
 
 # States after which a job does not change any more.
@@ -410,19 +412,6 @@ class PySlurmJobs:
 
 # -- the cache ----------------------------------------------------------------------------------
 @dataclass(slots=True)
-class _Status:
-    """Stands in for the monitor's CollectorStatus when the cache is used alone."""
-
-    name: str = "slurm"
-    present: bool = True
-    ok: bool = True
-    error: str = ""
-    errors_total: int = 0
-    last_duration_s: float = 0.0
-    detail: str = ""
-
-
-@dataclass(slots=True)
 class _WriteBack:
     job_id: str
     submit_time: int
@@ -451,7 +440,7 @@ class SlurmMetadata:
         """How often a running job's footprint so far is written (0: only when it ends)."""
         self.clock = clock
         self.give_up_s = give_up_s
-        self.status = _Status(detail=commands.describe())
+        self.status = CollectorStatus("slurm", detail=commands.describe())
         self.on_request: Callable[[], None] | None = None
         self.backend = None
         self.slurm_version = ""

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from greend.collectors.base import EnergyCounter, JobUsage, SourceUnavailable
+from greend.collectors.base import CollectorStatus, EnergyCounter, JobUsage, SourceUnavailable
 from greend.collectors.procfs import (
     ProcStat,
     boot_id,
@@ -35,17 +35,6 @@ from .ledger import JobRow, Ledger
 log = logging.getLogger(__name__)
 
 SOURCES = ("cpu", "dram", "gpu", "memory")
-
-
-@dataclass(slots=True)
-class CollectorStatus:
-    name: str
-    present: bool = True
-    ok: bool = True
-    error: str = ""
-    errors_total: int = 0
-    last_duration_s: float = 0.0
-    detail: str = ""
 
 
 @dataclass(slots=True)
