@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 from dataclasses import asdict
@@ -56,7 +55,6 @@ class Daemon:
         self.overrides = overrides or {}  # from the command line (--state-dir): kept on reload
         self.lock = threading.RLock()
         self.stop_event = threading.Event()
-        self.reload_requested = threading.Event()
         self.ledger_path = default_path(cfg.resolved_state_dir())
         self.ledger = Ledger(self.ledger_path)
         # Jobs the ledger says are running: the monitor's resume closes them after a reboot, in
@@ -342,32 +340,9 @@ class Daemon:
                     ", ".join(where), self.ledger_path)
 
     def run_forever(self) -> None:
-        def on_stop(signum, _frame):
-            log.warning("received %s: final checkpoint and exit", signal.Signals(signum).name)
-            self.stop_event.set()
+        from .service import run_until_signalled
 
-        def on_hup(_signum, _frame):
-            self.reload_requested.set()
-            self.stop_event.set()
-
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, on_hup)
-        self.start()
-        try:
-            while True:
-                # A signal delivered to another thread runs its handler only when the main thread
-                # wakes up: never block it indefinitely.
-                while not self.stop_event.wait(0.5):
-                    pass
-                if self.reload_requested.is_set():
-                    self.reload_requested.clear()
-                    self.stop_event.clear()
-                    self.reload()
-                    continue
-                break
-        finally:
-            self.shutdown()
+        run_until_signalled(self, "final checkpoint and exit")
 
     def shutdown(self) -> None:
         if self.scheduler is not None:

@@ -14,7 +14,6 @@ import logging
 import os
 import platform
 import random
-import signal
 import sqlite3
 import stat
 import threading
@@ -697,7 +696,6 @@ class Controller:
         self.write_lock = threading.Lock()
         self.stats_lock = threading.Lock()
         self.stop_event = threading.Event()
-        self.reload_requested = threading.Event()
         self.started = time.time()
         self.agents: dict[tuple[str, str], dict] = {}
         self.received = self.stale = self.batches = 0
@@ -929,32 +927,9 @@ class Controller:
         log.warning("controller: config and token reloaded")
 
     def run_forever(self) -> None:
-        def on_stop(signum, _frame):
-            log.warning("received %s: exit", signal.Signals(signum).name)
-            self.stop_event.set()
+        from .service import run_until_signalled
 
-        def on_hup(_signum, _frame):
-            self.reload_requested.set()
-            self.stop_event.set()
-
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, on_hup)
-        self.start()
-        try:
-            while True:
-                # A signal delivered to another thread runs its handler only when the main thread
-                # wakes up: never block it indefinitely.
-                while not self.stop_event.wait(0.5):
-                    pass
-                if self.reload_requested.is_set():
-                    self.reload_requested.clear()
-                    self.stop_event.clear()
-                    self.reload()
-                    continue
-                break
-        finally:
-            self.shutdown()
+        run_until_signalled(self, "exit")
 
     def shutdown(self) -> None:
         for srv in self.servers:

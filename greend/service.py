@@ -1,0 +1,44 @@
+"""The main-thread loop shared by `greend run` and `greend controller`: start, serve until SIGTERM or
+SIGINT, reload on SIGHUP, shut down cleanly."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+log = logging.getLogger(__name__)
+
+
+def run_until_signalled(service, stop_message: str) -> None:
+    """Drive `service` (start(), reload(), shutdown()) from the main thread until told to stop."""
+    stop = threading.Event()
+    reload_requested = threading.Event()
+
+    def on_stop(signum, _frame):
+        log.warning("received %s: %s", signal.Signals(signum).name, stop_message)
+        stop.set()
+
+    def on_hup(_signum, _frame):
+        reload_requested.set()
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    service.stop_event = stop
+    service.start()
+    try:
+        while True:
+            # A signal delivered to another thread runs its handler only when the main thread
+            # wakes up: never block it indefinitely.
+            while not stop.wait(0.5):
+                pass
+            if reload_requested.is_set():
+                reload_requested.clear()
+                stop.clear()
+                service.reload()
+                continue
+            break
+    finally:
+        service.shutdown()
