@@ -89,6 +89,34 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX outbox_queued ON outbox (queued);
     """,
+    # 3: routing decisions (policies/submit.py DecisionLog, /api/v1/decisions). IF NOT EXISTS: a
+    # ledger where `greend submit` already created the table keeps it (same schema).
+    """
+    CREATE TABLE IF NOT EXISTS decisions (
+        id INTEGER PRIMARY KEY,
+        token TEXT NOT NULL UNIQUE,
+        t REAL NOT NULL,
+        user TEXT NOT NULL,
+        uid INTEGER NOT NULL,
+        script TEXT,
+        job_name TEXT NOT NULL DEFAULT '',
+        account TEXT NOT NULL DEFAULT '',
+        outcome TEXT NOT NULL,
+        cluster TEXT,
+        tier TEXT,
+        partition TEXT,
+        job_id TEXT,
+        begin REAL,
+        nice INTEGER,
+        energy_j REAL,
+        carbon_g REAL,
+        water_l REAL,
+        tried TEXT NOT NULL DEFAULT '[]',
+        decision TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS decisions_job ON decisions (cluster, job_id);
+    CREATE INDEX IF NOT EXISTS decisions_user ON decisions (user, t);
+    """,
 ]
 
 
