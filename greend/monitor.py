@@ -260,7 +260,14 @@ class Monitor:
     def read_counters(self) -> list[EnergyCounter]:
         out: list[EnergyCounter] = []
         for src in self.energy_sources:
+            before = getattr(src, "errors_total", None)
             out.extend(self._guard(src.name, src.read, []))
+            if before is not None and src.errors_total > before:
+                # A partial failure (one GPU of eight): the read returned, but the source is not
+                # healthy, and /healthz and greend_collector_up must say so.
+                st = self.status[src.name]
+                st.ok, st.error = False, getattr(src, "last_error", "") or "a device read failed"
+                st.errors_total += src.errors_total - before
         for c in out:
             self._domain_source[c.domain] = c.source
         return out

@@ -458,8 +458,12 @@ def test_monitor_catches_up_after_a_failed_read_and_survives_a_reset(monkeypatch
     mon.tick()
     fake.gpus[1].failures["nvmlDeviceGetTotalEnergyConsumption"] = GPU_IS_LOST
     step()
+    # One lost GPU of two: the read returned, but the collector is reported failing, with the GPU.
+    st = mon.status["nvml"]
+    assert not st.ok and "gpu-1" in st.error and st.errors_total == 1
     del fake.gpus[1].failures["nvmlDeviceGetTotalEnergyConsumption"]
     step()
+    assert mon.status["nvml"].ok
     assert mon.node_totals["gpu-1"][2] == 800 * J  # both intervals, none lost
     assert mon.node_totals["gpu-0"][2] == 400 * J
     assert mon.accounts["slurm/c1/1"].row.gpu_uj == 800 * J
