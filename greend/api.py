@@ -33,7 +33,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
 from . import config as config_mod
-from . import report
+from . import decisions, report
 from .ledger import Ledger, LedgerError
 
 log = logging.getLogger(__name__)
@@ -286,6 +286,10 @@ class Api:
                 for s in led.series(r.pk)
             ]
             records.append(d)
+        decision = decisions.for_job(led.db, cluster, job_id)
+        if decision is not None:  # the routing decision that submitted the job
+            for d in records:
+                d["decision"] = decision
         return {"records": records}
 
     def clusters(self) -> dict:

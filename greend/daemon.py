@@ -18,9 +18,9 @@ from pathlib import Path
 from greend.collectors.slurm import from_config as slurm_metadata
 
 from . import config as config_mod
-from . import site
+from . import decisions, site
 from .api import MAX_BODY
-from .exporter import NodeCollector, Snapshot
+from .exporter import LedgerMetrics, NodeCollector, Snapshot
 from .ledger import Ledger, LedgerError, default_path
 from .monitor import SOURCES, Monitor
 
@@ -76,7 +76,9 @@ class Daemon:
         self._series_mtime = self._series_mtimes()
         self.node = self.monitor.node
         self.max_body = MAX_BODY
-        self.routes: dict = {}  # a node takes no writes over HTTP
+        # The only write a node takes over HTTP: routing decisions, from their own users.
+        self.routes: dict = {("POST", decisions.DECISIONS_PATH): self.post_decision}
+        self.ledger_metrics = LedgerMetrics(self.ledger_path, lambda: self.cfg.policy.budgets)
         self.api = None
         self.token: bytes | None = None
         self.outbox: site.Outbox | None = None
@@ -133,7 +135,15 @@ class Daemon:
                 log.info("site: queued %d job(s) closed at start", len(closed))
 
     def metric_collectors(self) -> list:
-        return [self.exporter, self.sender] if self.sender is not None else [self.exporter]
+        out = [self.exporter, self.ledger_metrics]
+        return [*out, self.sender] if self.sender is not None else out
+
+    def post_decision(self, body: bytes, caller, headers) -> tuple[int, str, bytes]:
+        """POST /api/v1/decisions: a user's routing decision (`greend submit`), into this node's
+        ledger."""
+        out = decisions.post(body, caller, headers, self.ledger, self.lock)
+        self.ledger_metrics.invalidate()
+        return out
 
     # -- periodic work --------------------------------------------------------------------------
     def sample(self) -> None:

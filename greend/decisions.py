@@ -128,3 +128,75 @@ def aggregates(db: sqlite3.Connection) -> tuple[list[tuple[str, str, str, int]],
     except sqlite3.OperationalError:
         return [], 0
     return counts, overflow
+
+
+def post(body: bytes, caller, headers, ledger, lock, *, token_only: bytes | None = None,
+         after=None) -> tuple[int, str, bytes]:
+    """POST /api/v1/decisions, shared by the node daemon and the controller (token_only: the
+    site token, which the controller requires). On a node the caller's identity (SO_PEERCRED)
+    must be the decision's user, unless the caller is an admin; a TCP caller has none. after(db,
+    decision id) runs in the storing transaction (the node's outbox)."""
+    from .api import ApiError, bearer_ok
+
+    if token_only is not None:
+        if not bearer_ok(headers, token_only):
+            raise ApiError(401, "decisions are taken from agents presenting the site token")
+    elif caller.uid is None and not caller.admin:
+        raise ApiError(403, "decisions are taken on the unix socket, where greend knows who asks")
+    ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    if ctype and ctype != "application/json":
+        raise ApiError(415, f"Content-Type {ctype!r}: expected application/json")
+    try:
+        obj = json.loads(body or b"null")
+    except ValueError as e:
+        raise ApiError(400, f"not JSON: {e}") from None
+    try:
+        row = validate(obj)
+    except DecisionInvalid as e:
+        raise ApiError(400, f"invalid decision: {e}") from None
+    if token_only is None and not caller.admin and (row["user"] != caller.user or row["uid"] != caller.uid):
+        raise ApiError(403, f"you ({caller.user}, uid {caller.uid}) may only record your own decisions, "
+                            f"not {row['user']}'s (uid {row['uid']})")
+    with lock, ledger.transaction() as db:
+        stored, ident = store(db, row)
+        if stored and after is not None:
+            after(db, ident)
+    if not stored:
+        raise ApiError(409, f"token {row['token']!r} is another user's decision")
+    return 200, "application/json", (json.dumps({"id": ident, "token": row["token"]}) + "\n").encode()
+
+
+def report(socket_path, row: dict, timeout: float = 5.0) -> tuple[bool, str]:
+    """POST a decision row (as DecisionLog.get returns it) to a greend daemon's unix socket:
+    (stored, why not)."""
+    import http.client
+    import socket
+
+    body = dict(row)
+    body.pop("id", None)
+    for k in ("decision", "tried"):
+        if isinstance(body.get(k), str):
+            body[k] = json.loads(body[k])
+    conn = http.client.HTTPConnection("localhost", timeout=timeout)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.sock = sock
+        sock.settimeout(timeout)
+        sock.connect(str(socket_path))
+        conn.request("POST", DECISIONS_PATH, body=json.dumps(body).encode(),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        data = r.read()
+    except OSError as e:
+        return False, e.strerror or str(e)
+    except http.client.HTTPException as e:
+        return False, f"bad answer: {e}"
+    finally:
+        conn.close()
+    if r.status == 200:
+        return True, ""
+    try:
+        msg = json.loads(data).get("error") or ""
+    except (ValueError, AttributeError):
+        msg = data[:200].decode(errors="replace")
+    return False, f"HTTP {r.status}: {msg}"

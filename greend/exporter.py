@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import platform
+import threading
+import time
 from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
@@ -75,6 +77,18 @@ METRICS: dict[str, tuple[str, str, list[str]]] = {
     "greend_gpu_memory_used_bytes": ("gauge", "GPU memory in use (NVML).", ["gpu", "uuid", "model"]),
     "greend_gpu_power_limit_watts": ("gauge", "GPU power limit (NVML).", ["gpu", "uuid", "model"]),
     "greend_gpu_temperature_celsius": ("gauge", "GPU temperature (NVML).", ["gpu", "uuid", "model"]),
+    "greend_route_decisions_total": (
+        "counter", "Routing decisions in this ledger (`greend submit`, /api/v1/decisions) by the "
+        "cluster and tier chosen (empty when none) and outcome (submitted, refused, no_cluster, "
+        "failed, unknown, pending).", ["cluster", "tier", "outcome"]),
+    "greend_route_overflow_total": (
+        "counter", "Submitted decisions that went to another tier than a candidate the overflow rule "
+        "held back (rejected_by or held_by 'overflow' in the decision): the preferred tier was too "
+        "busy. A relaxed overflow (nothing else could take the job) is not counted.", []),
+    "greend_budget_used_ratio": (
+        "gauge", "Usage of each [[policy.budgets]] entry over its current period (jobs of the account "
+        "in this ledger, as the budget rule counts them) divided by its limit, per resource (energy: "
+        "facility kWh, carbon: kg CO2e, water: L).", ["account", "resource"]),
 }
 
 
@@ -219,6 +233,83 @@ class NodeCollector:
             if name in METRICS:
                 f(name).add_metric([str(labels.get(k, "")) for k in METRICS[name][2]], value)
         yield from fam.values()
+
+
+class LedgerMetrics:
+    """greend_route_* and greend_budget_used_ratio, from aggregate queries on a ledger (the
+    decisions and jobs tables) cached for ttl_s seconds: a scrape never waits on more than one
+    refresh, and most read the cache. `budgets` is a callable returning the config's budgets."""
+
+    def __init__(self, ledger_path, budgets, ttl_s: float = 10.0, clock=time.monotonic):
+        self.ledger_path = ledger_path
+        self.budgets = budgets
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.db = None
+        self.at: float | None = None
+        self.values: tuple[list, int, list] = ([], 0, [])
+
+    def invalidate(self) -> None:
+        self.at = None
+
+    def describe(self):
+        return []
+
+    def _refresh(self) -> tuple[list, int, list]:
+        from . import decisions
+        from .policies.history import LedgerView
+        from .policies.rules import period_start
+
+        if self.db is None:
+            from .ledger import Ledger
+
+            self.db = Ledger(self.ledger_path, readonly=True).db
+        counts, overflow = decisions.aggregates(self.db)
+        ratios = []
+        budgets = list(self.budgets())
+        if budgets:
+            view = LedgerView(self.ledger_path, None, ttl_s=0.0)
+            try:
+                now = time.time()
+                for b in budgets:
+                    start, _ = period_start(b.period, now)
+                    use = view.usage(b.account, start)
+                    if use is None:
+                        continue
+                    for resource, used, limit in (("energy", use.facility_energy_j / 3.6e6, b.energy_kwh),
+                                                  ("carbon", use.carbon_g / 1000, b.carbon_kg),
+                                                  ("water", use.water_l, b.water_l)):
+                        if limit is None:
+                            continue
+                        ratio = used / limit if limit > 0 else (math.inf if used > 0 else 0.0)
+                        ratios.append((b.account, resource, ratio))
+            finally:
+                view.close()
+        return counts, overflow, ratios
+
+    def collect(self):
+        with self.lock:
+            now = self.clock()
+            if self.at is None or now - self.at >= self.ttl_s:
+                try:
+                    self.values = self._refresh()
+                except Exception:  # a ledger being migrated or locked: keep the last values
+                    pass
+                self.at = now
+            counts, overflow, ratios = self.values
+        name = "greend_route_decisions_total"
+        c = CounterMetricFamily(name.removesuffix("_total"), METRICS[name][1], labels=METRICS[name][2])
+        for cluster, tier, outcome, n in counts:
+            c.add_metric([cluster, tier, outcome], n)
+        yield c
+        name = "greend_route_overflow_total"
+        yield CounterMetricFamily(name.removesuffix("_total"), METRICS[name][1], value=overflow)
+        name = "greend_budget_used_ratio"
+        g = GaugeMetricFamily(name, METRICS[name][1], labels=METRICS[name][2])
+        for account, resource, ratio in ratios:
+            g.add_metric([account, resource], ratio)
+        yield g
 
 
 def metrics_markdown() -> str:

@@ -25,8 +25,9 @@ from urllib.parse import urlsplit
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from . import __version__
+from . import __version__, decisions
 from . import config as config_mod
+from .exporter import LedgerMetrics
 from .ledger import JobRow, Ledger, LedgerError, default_path
 
 log = logging.getLogger(__name__)
@@ -692,7 +693,9 @@ class Controller:
         self.socket_path = socket_path if socket_path is not None else default_controller_socket(
             cfg, self.state_dir)
         self.max_body = cfg.controller.max_body_bytes
-        self.routes = {("POST", RECORDS_PATH): self.ingest}
+        self.ledger_metrics = LedgerMetrics(self.ledger_path, lambda: self.cfg.policy.budgets)
+        self.routes = {("POST", RECORDS_PATH): self.ingest,
+                       ("POST", decisions.DECISIONS_PATH): self.post_decision}
         self.write_lock = threading.Lock()
         self.stats_lock = threading.Lock()
         self.stop_event = threading.Event()
@@ -820,9 +823,20 @@ class Controller:
                     (n.node, s.t_start, s.t_end, s.energy_uj, s.unattributed_uj) for s in n.series])
         return accepted, stale
 
+    def post_decision(self, body: bytes, caller, headers) -> tuple[int, str, bytes]:
+        """POST /api/v1/decisions from an agent (site token), into the site's ledger."""
+        from .api import bearer_ok
+
+        if not bearer_ok(headers, self.token):
+            self.count_reject("auth")
+        out = decisions.post(body, caller, headers, self.ledger, self.write_lock,
+                             token_only=self.token or b"")
+        self.ledger_metrics.invalidate()
+        return out
+
     # -- views ----------------------------------------------------------------------------------
     def metric_collectors(self):
-        return [self]
+        return [self, self.ledger_metrics]
 
     def collect(self):
         now = time.time()

@@ -385,15 +385,59 @@ def cmd_submit(args) -> int:
         try:
             log = DecisionLog(ledger)
             sub = submit(engine, d, script, log, user=_user())
+            recorded = _report_decision(engine, log, sub.token, ledger_path)
         finally:
             ledger.close()
         if args.json:
-            print(json.dumps({"submission": sub.to_dict(), "decision": d.to_dict()}, indent=2))
+            print(json.dumps({"submission": sub.to_dict(), "decision": d.to_dict(), "recorded": recorded},
+                             indent=2))
         else:
             _print_submission(sub, d)
+            print(f"greend: {recorded['message']}")
         return sub.exit_status
 
     return _run(args, body)
+
+
+def _daemon_sockets(cfg) -> list:
+    """Where this node's greend daemon may listen: daemon.socket, else default_socket's path and,
+    for a user other than root, the system daemon's /run/greend/api.sock."""
+    from pathlib import Path
+
+    from greend.daemon import default_socket
+
+    first = default_socket(cfg)
+    if first is None:
+        return []
+    out = [first]
+    if cfg.daemon.socket is None and Path("/run/greend/api.sock") != first:
+        out.append(Path("/run/greend/api.sock"))
+    return out
+
+
+def _report_decision(engine, log, token: str, ledger_path) -> dict:
+    """Report the decision to this node's greend daemon when one answers on its socket (its
+    ledger is what admins, the exporter and the site controller see); it is in the user's own
+    ledger in any case. Never raises: the submission stands whatever happens here."""
+    from greend.decisions import report
+
+    why = []
+    try:
+        row = log.get(token)
+        for sock in _daemon_sockets(engine.site.config):
+            if not sock.exists():
+                why.append(f"{sock}: no socket")
+                continue
+            ok, err = report(sock, row)
+            if ok:
+                return {"daemon": f"unix:{sock}", "ledger": str(ledger_path),
+                        "message": f"decision {token} recorded by greend on this node (unix:{sock})"}
+            why.append(f"{sock}: {err}")
+    except Exception as e:  # recording must never fail a submission
+        why.append(f"{type(e).__name__}: {e}")
+    return {"daemon": None, "ledger": str(ledger_path), "why": why,
+            "message": f"decision {token} recorded in {ledger_path} (no greend daemon took it: "
+                       + "; ".join(why or ["no socket configured"]) + ")"}
 
 
 def _print_submission(sub, d) -> None:
