@@ -216,13 +216,15 @@ class GreendDaemon:
     """
 
     def __init__(self, workdir: Path, node: str = "n1", clusters: dict[str, str] | None = None,
-                 interval_s: float = 0.5):
+                 interval_s: float = 0.5, extra_config: str = "", socket: Path | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.node = node
         self.clusters = clusters or {"alpha": "site"}
         self.cluster = next(iter(self.clusters))
         self.interval_s = interval_s
+        self.extra_config = extra_config  # TOML appended to the config ([policy] budgets...)
+        self.socket = socket  # the API's unix socket; None: none
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / "greend.log"
@@ -237,7 +239,7 @@ class GreendDaemon:
                  "[attribution]", 'jobs_from = "procscan"', ""]
         for name, tier in self.clusters.items():
             lines += [f"[clusters.{name}]", f'tier = "{tier}"', ""]
-        return "\n".join(lines)
+        return "\n".join(lines) + ("\n" + self.extra_config if self.extra_config else "")
 
     def start(self, timeout_s: float = 30.0) -> GreendDaemon:
         cfg = self.workdir / "greend.toml"
@@ -248,7 +250,7 @@ class GreendDaemon:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", "import sys; from greend.cli import main; sys.exit(main())",
                  "-c", str(cfg), "--state-dir", str(self.workdir / "state"),
-                 "run", "--listen", self.target, "--socket", ""],
+                 "run", "--listen", self.target, "--socket", str(self.socket or "")],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -27,6 +27,8 @@ from promharness import (
     stop_process,
 )
 
+from greend import decisions
+
 REPO = Path(__file__).resolve().parent.parent
 DASH = REPO / "dashboards"
 PROM_DIR = DASH / "prometheus"
@@ -39,14 +41,31 @@ UIDS = {"greend-site-overview.json": "greend-site-overview",
 # will export but do not yet. Each entry says why; the test fails once a metric here has data (remove
 # it then) and when a metric here is no longer used by any panel.
 NOT_YET_EXPORTED = {
-    "greend_route_decisions_total": "policy engine's routing decisions (controller), being built",
-    "greend_route_overflow_total": "policy engine's overflows to another tier, being built",
-    "greend_budget_used_ratio": "policy engine's budgets per account, being built",
     "greend_outbox_records": "site mode (greend/site.py, being built): agents with [controller] url "
                              "export it; this test runs no controller",
     "greend_controller_agents_reporting": "site mode (greend/site.py, being built): `greend controller` "
                                           "exports it; this test runs no controller",
 }
+
+# The routing and budget panels' data: a budget on node n1 and two decisions reported to it, one
+# kept in the site tier and one that overflowed to the national tier.
+BUDGETS = '[[policy.budgets]]\naccount = "proj-green"\nenergy_kwh = 10.0\n'
+
+
+def _decision(token: str, cluster: str, tier: str, job_id: str, candidates: list) -> dict:
+    return {"token": token, "t": time.time(), "user": pwd.getpwuid(os.getuid()).pw_name,
+            "uid": os.getuid(), "outcome": "submitted", "cluster": cluster, "tier": tier,
+            "job_id": job_id, "account": "proj-green", "job_name": "job.sh", "tried": [],
+            "decision": {"outcome": "route", "cluster": cluster, "candidates": candidates}}
+
+
+DECISIONS = [
+    _decision("greend-dash-1", "alpha", "site", "1", [{"cluster": "alpha", "tier": "site",
+                                                       "rejected_by": None, "held_by": []}]),
+    _decision("greend-dash-2", "beta", "national", "2", [
+        {"cluster": "alpha", "tier": "site", "rejected_by": "overflow", "held_by": []},
+        {"cluster": "beta", "tier": "national", "rejected_by": None, "held_by": []}]),
+]
 
 # Metrics that exist only on nodes with NVIDIA GPUs (this test's nodes may have none).
 NEEDS_GPU = {
@@ -197,16 +216,21 @@ def site(tmp_path_factory):
     if not Path(PROMETHEUS).is_file():
         pytest.skip(f"prometheus not installed ({PROMETHEUS}; Debian package prometheus)")
     job = busy_job(JOB_ID)
+    n1_dir = tmp_path_factory.mktemp("n1")
     try:
-        with (GreendDaemon(tmp_path_factory.mktemp("n1"), node="n1",
-                           clusters={"alpha": "site", "beta": "national"}) as n1,
+        with (GreendDaemon(n1_dir, node="n1", clusters={"alpha": "site", "beta": "national"},
+                           extra_config=BUDGETS, socket=n1_dir / "api.sock") as n1,
               GreendDaemon(tmp_path_factory.mktemp("n2"), node="n2",
-                           clusters={"beta": "national", "alpha": "site"}) as n2,
-              PromServer(tmp_path_factory.mktemp("prometheus"), [scrape_config([n1, n2])],
-                         rule_files=RULE_FILES, scrape_interval_s=1.0, evaluation_interval_s=1.0) as prom):
-            prom.wait_for(f'rate(greend_job_energy_joules_total{{job_id="{JOB_ID}", source="cpu"}}[5s]) > 0',
-                          lambda r: len(r) == 2, what=f"job {JOB_ID} on both nodes")
-            yield prom
+                           clusters={"beta": "national", "alpha": "site"}) as n2):
+            for d in DECISIONS:  # what `greend submit` reports to the node's daemon
+                ok, why = decisions.report(n1_dir / "api.sock", d)
+                assert ok, why
+            with PromServer(tmp_path_factory.mktemp("prometheus"), [scrape_config([n1, n2])],
+                            rule_files=RULE_FILES, scrape_interval_s=1.0, evaluation_interval_s=1.0) as prom:
+                energy = f'greend_job_energy_joules_total{{job_id="{JOB_ID}", source="cpu"}}'
+                prom.wait_for(f"rate({energy}[5s]) > 0",
+                              lambda r: len(r) == 2, what=f"job {JOB_ID} on both nodes")
+                yield prom
     finally:
         stop_process(job)
 
