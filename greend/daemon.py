@@ -141,7 +141,11 @@ class Daemon:
     def post_decision(self, body: bytes, caller, headers) -> tuple[int, str, bytes]:
         """POST /api/v1/decisions: a user's routing decision (`greend submit`), into this node's
         ledger."""
-        out = decisions.post(body, caller, headers, self.ledger, self.lock)
+        def forward(db, ident: int) -> None:  # site mode: to the controller, through the outbox
+            if self.outbox is not None:
+                self.outbox.queue_decision(db, ident)
+
+        out = decisions.post(body, caller, headers, self.ledger, self.lock, after=forward)
         self.ledger_metrics.invalidate()
         return out
 

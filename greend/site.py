@@ -145,6 +145,12 @@ class Outbox:
             "series_from = MIN(outbox.series_from, excluded.series_from)", rows)
         self.backlog = db.execute("SELECT COUNT(*) FROM outbox WHERE kind = 'job'").fetchone()[0]
 
+    def queue_decision(self, db: sqlite3.Connection, ident: int) -> None:
+        """Queue a routing decision (kind 'decision', ref = decisions.id), in the transaction
+        that stored it."""
+        db.execute("INSERT INTO outbox (kind, ref, seq, series_from, queued) VALUES ('decision', ?, 1, 0, ?) "
+                   "ON CONFLICT (kind, ref) DO UPDATE SET seq = outbox.seq + 1", (ident, time.time()))
+
 
 class _SendFailed(Exception):
     def __init__(self, reason: str, message: str, status: int = 0):
@@ -306,12 +312,24 @@ class Sender:
             rows = db.execute(
                 "SELECT kind, ref, seq, series_from FROM outbox ORDER BY queued, kind, ref LIMIT ?",
                 (self.batch_limit + 1,)).fetchall()
-            records, nodes, items = [], [], []
+            records, nodes, items, decided = [], [], [], []
             factor_ids: set[str] = set()
             budget = MAX_SERIES_PER_BATCH
             size = 0
             for r in rows:
                 kind, ref, seq, start = r["kind"], r["ref"], r["seq"], r["series_from"]
+                if kind == "decision":
+                    row = db.execute("SELECT * FROM decisions WHERE id = ?", (ref,)).fetchone()
+                    if row is not None:
+                        out = decisions.decode(row)
+                        del out["id"]
+                        n = len(json.dumps(out, separators=(",", ":")))
+                        if items and size + n > MAX_REQUEST_BYTES:
+                            break
+                        size += n
+                        decided.append(out)
+                    items.append((kind, ref, seq, True, start))
+                    continue
                 if kind == "job" and len(records) >= self.batch_limit:
                     break
                 if kind == "job":
@@ -367,6 +385,8 @@ class Sender:
             return b"", [], 0, False
         batch = {"agent": {"cluster": self.cluster, "node": self.node, "version": __version__},
                  "factor_sets": factor_sets, "records": records, "nodes": nodes}
+        if decided:  # routing decisions; a controller older than them ignores the key
+            batch["decisions"] = decided
         return json.dumps(batch, separators=(",", ":")).encode(), items, len(records), truncated
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -594,6 +614,8 @@ class BatchIn(_In):
     records: list[RecordIn] = Field(default_factory=list)
     factor_sets: Annotated[list[FactorSetIn], Field(max_length=10000)] = Field(default_factory=list)
     nodes: Annotated[list[NodeIn], Field(max_length=16)] = Field(default_factory=list)
+    decisions: Annotated[list[dict], Field(max_length=10000)] = Field(default_factory=list)
+    """Routing decisions taken by the agent (/api/v1/decisions), as greend.decisions.validate reads them."""
 
 
 def _field(loc: tuple) -> str:
@@ -787,6 +809,11 @@ class Controller:
         for i, n in enumerate(batch.nodes):
             if n.node != node:
                 return f"nodes[{i}].node: {n.node!r} is not the sending agent's node ({node!r})"
+        for i, d in enumerate(batch.decisions):
+            try:
+                decisions.validate(d)
+            except decisions.DecisionInvalid as e:
+                return f"decisions[{i}]: {e}"
         return ""
 
     def _store(self, batch: BatchIn) -> tuple[int, int]:
@@ -821,6 +848,10 @@ class Controller:
                      t.idle_uj) for t in n.totals])
                 db.executemany(_UPSERT_NODE_SERIES, [
                     (n.node, s.t_start, s.t_end, s.energy_uj, s.unattributed_uj) for s in n.series])
+            for d in batch.decisions:
+                decisions.store(db, decisions.validate(d))
+        if batch.decisions:
+            self.ledger_metrics.invalidate()
         return accepted, stale
 
     def post_decision(self, body: bytes, caller, headers) -> tuple[int, str, bytes]:

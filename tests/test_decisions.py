@@ -232,3 +232,22 @@ def test_controller_takes_decisions_with_the_site_token(tmp_path):
         assert len(ctl.rows("SELECT * FROM decisions")) == 1
         assert metric_value(ctl.metrics(), "greend_route_decisions_total", cluster="site",
                             outcome="submitted") == 1
+
+
+def test_site_mode_forwards_decisions_to_the_controller(tmp_path):
+    from daemonproc import wait_for
+
+    tok = token_file(tmp_path / "token", "s3cret-token-for-tests")
+    sock = tmp_path / "agent.sock"
+    with Greend(tmp_path / "ctl", command="controller",
+                args=["--socket", "", "--token-file", str(tok)]).start() as ctl:
+        c = {"url": f"http://127.0.0.1:{ctl.port}", "token_file": str(tok), "send_interval_s": 0.5}
+        with Greend(tmp_path / "n1", config={"controller": c},
+                    args=["--socket", str(sock)]).start() as agent:
+            assert post(sock, decision(cluster="local", tier="site"))[0] == 200
+            wait_for(lambda: ctl.rows("SELECT * FROM decisions"), 30, what="the decision at the controller")
+            row = ctl.rows("SELECT token, cluster, job_id, decision FROM decisions")[0]
+            assert (row["token"], row["cluster"], row["job_id"]) == ("greend-abc", "local", "4242")
+            assert json.loads(row["decision"])["cluster"] == "site"
+            wait_for(lambda: not agent.rows("SELECT * FROM outbox WHERE kind = 'decision'"), 30,
+                     what="the outbox emptied")
