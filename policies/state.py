@@ -495,3 +495,39 @@ class StateCache:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+
+
+def default_cache_path() -> Path:
+    """Where successive commands share cluster states: $XDG_CACHE_HOME/greend/cluster-state.json."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "greend" / "cluster-state.json"
+
+
+def live_load(cfg, config_path=None, max_age_s: float | None = None) -> dict[str, dict]:
+    """Load and queue of each cluster greend can reach (its slurm.conf or its partitions are
+    configured), for displays such as the TUI and /api/v1/clusters.
+
+    It shares the state cache of `greend route`, so displays ask the controllers at most once per
+    policy.state_max_age_s; a controller that does not answer is reported with Slurm's error.
+    """
+    from .site import compile_site
+
+    site = compile_site(cfg, config_path)
+    reach = [c for c in site.clusters if c.slurm.conf is not None or c.partitions]
+    if not reach:
+        return {}
+    age = site.settings.state_max_age_s if max_age_s is None else max_age_s
+    cache = StateCache(reach, age, site.settings.state_cache or default_cache_path())
+    cache.load()
+    snap = cache.snapshot()
+    cache.save()
+    out: dict[str, dict] = {}
+    for name, st in snap.items():
+        if st.ok:
+            frac, alloc, total = st.load()
+            out[name] = {"ok": True, "load": frac, "alloc_cpus": alloc, "total_cpus": total,
+                         "running": len(st.running), "pending": len(st.pending),
+                         "fetched_at": st.fetched_at}
+        else:
+            out[name] = {"ok": False, "error": st.error, "fetched_at": st.fetched_at}
+    return out

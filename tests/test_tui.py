@@ -124,9 +124,11 @@ def test_job_detail_series_factors_decision(ledger_path):
     assert d.factors[0]["pue"] == 1.25 and d.factors[0]["sources"]["pue"] == "site energy audit 2025"
     assert d.decision is None
     d = src.job("site", "812300")
-    assert d.decision["chosen_cluster"] == "site"
+    assert d.decision["cluster"] == "site" and d.decision["decision"]["outcome"] == "submitted"
     lines = decision_lines(d.decision)
-    assert lines[0].strip() == "chosen cluster: site · tier: site"
+    assert lines[0].strip() == "submitted: site (site tier)"
+    assert any("lab: rejected by hds" in x for x in lines)
+    assert any("site: eligible, score 0.82" in x and "210 gCO2e" in x for x in lines)
     assert any("HDS-certified" in x for x in lines)
     assert src.job("site", "nope") is None
 

@@ -179,14 +179,24 @@ def build_ledger(path: Path) -> Path:
             ledger.put_node_totals(db, node, [("package-0", "cpu", RAPL, e_uj, round(e_uj * un), 0)])
             ledger.put_node_series(db, node, [(NOW - 10 * 24 * H, NOW, e_uj, round(e_uj * un))])
         # the policy engine's record of why the preprocessing job went to the site cluster
-        db.execute("CREATE TABLE decisions (cluster TEXT, job_id TEXT, decided_at REAL, "
-                   "chosen_cluster TEXT, tier TEXT, explanation TEXT)")
-        db.execute("INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?)", (
-            "site", "812300", NOW - 30.2 * H, "site", "site", json.dumps([
-                {"rule": "hds", "verdict": "filter", "reason": "health data: HDS-certified hosting only"},
-                {"rule": "site-first", "verdict": "score +10", "reason": "site cluster comes first"},
-                {"rule": "capacity", "verdict": "ok", "reason": "queue 3 jobs, 41% busy"},
-            ])))
+        decision = {
+            "outcome": "submitted", "cluster": "site",
+            "summary": "site: health data stays on HDS-certified hosting; the site comes first",
+            "candidates": [
+                {"cluster": "lab", "tier": "local", "eligible": False, "rejected_by": "hds",
+                 "held_by": [], "score": None},
+                {"cluster": "site", "tier": "site", "eligible": True, "rejected_by": None,
+                 "held_by": [], "score": 0.82,
+                 "estimate": {"it_energy_j": 9.0e6, "carbon_g": 210.0, "water_l": 4.1}},
+            ],
+            "rules": [{"rule": "hds", "kind": "filter", "cluster": "lab", "verdict": "reject",
+                       "reason": "health data (hds) only on HDS-certified clusters", "numbers": {}}],
+        }
+        db.execute(
+            "INSERT INTO decisions (token, t, user, uid, job_name, account, outcome, cluster, tier, "
+            "job_id, decision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ("tok-812300", NOW - 30.2 * H, "alice", 1000, "preprocess", "cohort", "submitted", "site",
+             "site", "812300", json.dumps(decision)))
     ledger.close()
     return path
 

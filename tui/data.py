@@ -496,6 +496,8 @@ class LedgerSource(DataSource):
         return self._run(run)
 
     def clusters(self, now: float) -> list[ClusterInfo]:
+        from greend.policies.state import live_load
+
         from greend import config as config_mod
 
         if self.cfg is None and self.config_loader is not None:
@@ -514,6 +516,12 @@ class LedgerSource(DataSource):
             running = self._run(run)
         except SourceError:
             running = None  # the table of clusters still comes from the configuration
+        try:
+            live = live_load(cfg)
+        except Exception as e:  # a display never fails for want of Slurm: it says why
+            live, live_error = {}, f"load and queue unavailable: {e}"
+        else:
+            live_error = ""
         out = []
         for name, c in cfg.clusters.items():
             try:
@@ -521,8 +529,12 @@ class LedgerSource(DataSource):
             except config_mod.ConfigError as e:
                 f, note = None, f"factors: {e}"
             else:
-                note = ""
+                note = live_error
+            state = live.get(name, {})
+            if state and not state.get("ok"):
+                note = state.get("error", "")
             out.append(ClusterInfo(name, c.tier, c.hds, c.open, f, note=note,
+                                   load=state.get("load"), queue=state.get("pending"),
                                    running=(running or {}).get(name, 0) if running is not None else None))
         for name, n in sorted((running or {}).items()):
             if name not in cfg.clusters:
@@ -578,19 +590,10 @@ def _row(r: sqlite3.Row) -> JobRow:
 
 
 def _decision(db: sqlite3.Connection, cluster: str, job_id: str) -> dict | None:
-    """The routing decision recorded by the policy engine, if its table exists and has one."""
-    try:
-        cur = db.execute("SELECT * FROM decisions WHERE cluster = ? AND job_id = ?", (cluster, job_id))
-        rows = [dict(r) for r in cur.fetchall()]
-    except sqlite3.Error:
-        return None  # no decisions table (yet), or a different shape: nothing to show
-    if not rows:
-        return None
-    for col in ("decided_at", "t", "time", "created", "created_at", "ts"):
-        if col in rows[-1]:
-            rows.sort(key=lambda d: d.get(col) or 0)
-            break
-    return rows[-1]
+    """The routing decision that submitted the job, as greend.api serves it (decoded)."""
+    from greend import decisions
+
+    return decisions.for_job(db, cluster, job_id)
 
 
 # -- 2 and 3. greend's HTTP API (the daemon's unix socket, a site controller's URL) ------------

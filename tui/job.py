@@ -218,8 +218,41 @@ def _explain(v, indent: str = "  ") -> list[str]:
     return [f"{indent}{line}" for line in str(v).splitlines()]
 
 
+def _engine_lines(row: dict, d: dict) -> list[str]:
+    """A decision as the policy engine records it: where it went, why, and what each cluster was."""
+    where = row.get("cluster") or d.get("cluster") or "no cluster"
+    tier = row.get("tier") or ""
+    outcome = (row.get("outcome") or d.get("outcome") or "").replace("_", " ")
+    lines = [f"  {outcome}: {where}" + (f" ({tier} tier)" if tier else "")]
+    if d.get("summary"):
+        lines.append(f"  {d['summary']}")
+    for c in d.get("candidates") or []:
+        est = c.get("estimate") or {}
+        if c.get("eligible"):
+            verdict = "eligible" + (f", score {c['score']:.3g}" if c.get("score") is not None else "")
+        else:
+            verdict = f"rejected by {c.get('rejected_by') or '?'}"
+        if c.get("held_by"):
+            verdict += f", held by {', '.join(c['held_by'])}"
+        fig = ""
+        if est.get("it_energy_j") is not None:
+            fig = (f"  est. {units.energy(est['it_energy_j'])}, {units.carbon(est.get('carbon_g', 0.0))},"
+                   f" {units.water(est.get('water_l', 0.0))}")
+        lines.append(f"  · {c.get('cluster', '?')}: {verdict}{fig}")
+    refusals = [r for r in d.get("rules") or [] if r.get("kind") == "filter" and r.get("verdict") != "pass"]
+    for r in refusals[:8]:
+        lines.append(f"  · {r.get('rule')} on {r.get('cluster')}: {r.get('reason')}")
+    if len(refusals) > 8:
+        lines.append(f"  · ... {len(refusals) - 8} more (greend route --json)")
+    return lines
+
+
 def decision_lines(dec: dict) -> list[str]:
-    """The routing decision, whatever columns the policy engine's table has."""
+    """The routing decision: the policy engine's record when it is one, else whatever columns
+    the row has."""
+    engine = _maybe_json(dec.get("decision"))
+    if isinstance(engine, dict) and ("candidates" in engine or "rules" in engine):
+        return _engine_lines(dec, engine)
     choice = [f"{k.replace('_', ' ')}: {dec[k]}" for k in _CHOICE_KEYS if dec.get(k) not in (None, "")]
     why = [k for k in _WHY_KEYS if dec.get(k) not in (None, "")]
     lines = ["  " + " · ".join(choice)] if choice else []
