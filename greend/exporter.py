@@ -8,6 +8,7 @@ METRICS, from which docs/metrics.md is generated.
 
 from __future__ import annotations
 
+import logging
 import math
 import platform
 import threading
@@ -294,8 +295,8 @@ class LedgerMetrics:
             if self.at is None or now - self.at >= self.ttl_s:
                 try:
                     self.values = self._refresh()
-                except Exception:  # a ledger being migrated or locked: keep the last values
-                    pass
+                except Exception as e:  # a ledger being migrated or locked: keep the last values
+                    logging.getLogger(__name__).warning("route and budget metrics not refreshed: %s", e)
                 self.at = now
             counts, overflow, ratios = self.values
         name = "greend_route_decisions_total"
