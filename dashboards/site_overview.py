@@ -171,16 +171,18 @@ def build():
 
     b.row("Routing (policy engine)")
     b.panel(timeseries_panel(
-        "Routing decisions by tier and reason", PER_MINUTE,
-        query('sum by (tier, reason) (rate(greend_route_decisions_total{cluster=~"$cluster"}'
-              "[$__rate_interval])) * 60", "{{tier}}: {{reason}}"), stack=True))
+        "Routing decisions by tier and outcome", PER_MINUTE,
+        query('sum by (tier, outcome) (rate(greend_route_decisions_total{cluster=~"$cluster"}'
+              "[$__rate_interval])) * 60", "{{tier}}: {{outcome}}"), stack=True,
+        description="Outcome: submitted, deferred (--begin), refused (budget), no cluster. Each "
+                    "decision's full reasons are in `greend route` and the TUI's job screen."))
     b.panel(timeseries_panel(
         "Overflow to another tier", PER_MINUTE,
         query("sum(rate(greend_route_overflow_total[$__rate_interval])) * 60", "overflow"),
         description="Jobs sent to a higher tier because the preferred one was full or closed."))
     b.panel(table_panel(
-        "Routing decisions", ["tier", "cluster", "reason"],
-        [Column("Decisions", COUNT, 'sum by (tier, cluster, reason) (increase(greend_route_decisions_total'
+        "Routing decisions", ["tier", "cluster", "outcome"],
+        [Column("Decisions", COUNT, 'sum by (tier, cluster, outcome) (increase(greend_route_decisions_total'
                 '{cluster=~"$cluster"}[$__range]))')],
         "Over the dashboard's time range.", width=16, sort_by="Decisions"))
     b.panel(stat_panel(
