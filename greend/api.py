@@ -295,6 +295,13 @@ class Api:
     def clusters(self) -> dict:
         cfg = self.host.cfg
         now = time.time()
+        try:
+            from greend.policies.state import live_load
+
+            live = live_load(cfg, getattr(self.host, "config_path", None))
+        except Exception as e:  # Slurm unreachable or no policy config: the listing still answers
+            live = {name: {"ok": False, "error": f"load and queue unavailable: {e}"}
+                    for name in cfg.clusters}
         out = {}
         for name, c in cfg.clusters.items():
             try:
@@ -303,6 +310,12 @@ class Api:
                 f = {"error": str(e)}
             out[name] = {"tier": c.tier, "hds": c.hds, "open": c.open, "country": c.country,
                          "factors": f}
+            state = live.get(name)
+            if state:
+                # Live state from the cluster's controller (cached like `greend route`'s).
+                out[name]["live"] = state
+                if state.get("ok"):
+                    out[name].update(load=state["load"], queue=state["pending"])
         return {"clusters": out, "this_cluster": cfg.cluster, "node": self.host.node}
 
     def summary(self, q: dict, caller: Caller) -> dict:
