@@ -13,6 +13,7 @@ import grp
 import hmac
 import json
 import logging
+import math
 import os
 import pwd
 import socket
@@ -334,17 +335,36 @@ class Api:
             args.append(only)
         db = self.ledger().db
         rows = db.execute(
-            f"SELECT {by} AS key, COUNT(*) AS jobs, SUM(cpu_uj + dram_uj + gpu_uj + memory_uj) AS uj, "
+            # A job on several nodes has one record per node: count it once.
+            f"SELECT {by} AS key, COUNT(DISTINCT cluster || '/' || job_id || '/' || submit_time) AS jobs, "
+            f"SUM(cpu_uj + dram_uj + gpu_uj + memory_uj) AS uj, "
             f"SUM(carbon_g) AS carbon_g, SUM(water_site_l + water_offsite_l) AS water_l "
             f"FROM jobs WHERE {where} GROUP BY {by} ORDER BY uj DESC LIMIT 100", args).fetchall()
         node = db.execute(
             "SELECT COALESCE(SUM(energy_uj), 0), COALESCE(SUM(unattributed_uj), 0) FROM node_series "
             "WHERE t_end >= ? AND t_start <= ?", (since, until)).fetchone()
+        out = [{"key": r["key"], "jobs": r["jobs"], "it_energy_j": (r["uj"] or 0) / 1e6,
+                "carbon_g": r["carbon_g"] or 0.0, "water_l": r["water_l"] or 0.0} for r in rows]
+        budgets = self.host.cfg.policy.budgets
+        if by == "account" and budgets and only is None:
+            # Where each project stands in its own budget period (not the period asked for).
+            from greend.policies.budgets import budget_status, label
+
+            try:
+                status = budget_status(self.host.ledger_path, budgets)
+            except Exception as e:  # the summary still answers; the budgets say why they are missing
+                log.warning("budgets not computed: %s", e)
+                status = {}
+            for row in out:
+                st = status.get(row["key"])
+                if st:
+                    # JSON has no infinity: a zero limit that was used shows as null and exceeded.
+                    finite = {k: (v if math.isfinite(v) else None) for k, v in st["ratio"].items()}
+                    row["budget"] = {**st, "ratio": finite, "label": label(st),
+                                     "max_ratio": st["max_ratio"] if math.isfinite(st["max_ratio"]) else None,
+                                     "exceeded": st["max_ratio"] >= 1}
         return {
-            "by": by, "since": since, "until": until,
-            "rows": [{"key": r["key"], "jobs": r["jobs"], "it_energy_j": (r["uj"] or 0) / 1e6,
-                      "carbon_g": r["carbon_g"] or 0.0, "water_l": r["water_l"] or 0.0}
-                     for r in rows],
+            "by": by, "since": since, "until": until, "rows": out,
             "node_energy_j": node[0] / 1e6, "unattributed_j": node[1] / 1e6,
         }
 

@@ -259,34 +259,17 @@ class LedgerMetrics:
 
     def _refresh(self) -> tuple[list, int, list]:
         from . import decisions
-        from .policies.history import LedgerView
-        from .policies.rules import period_start
 
         if self.db is None:
             from .ledger import Ledger
 
             self.db = Ledger(self.ledger_path, readonly=True).db
         counts, overflow = decisions.aggregates(self.db)
-        ratios = []
-        budgets = list(self.budgets())
-        if budgets:
-            view = LedgerView(self.ledger_path, None, ttl_s=0.0)
-            try:
-                now = time.time()
-                for b in budgets:
-                    start, _ = period_start(b.period, now)
-                    use = view.usage(b.account, start)
-                    if use is None:
-                        continue
-                    for resource, used, limit in (("energy", use.facility_energy_j / 3.6e6, b.energy_kwh),
-                                                  ("carbon", use.carbon_g / 1000, b.carbon_kg),
-                                                  ("water", use.water_l, b.water_l)):
-                        if limit is None:
-                            continue
-                        ratio = used / limit if limit > 0 else (math.inf if used > 0 else 0.0)
-                        ratios.append((b.account, resource, ratio))
-            finally:
-                view.close()
+        from .policies.budgets import budget_status
+
+        ratios = [(account, resource, ratio)
+                  for account, st in budget_status(self.ledger_path, self.budgets()).items()
+                  for resource, ratio in st["ratio"].items()]
         return counts, overflow, ratios
 
     def collect(self):

@@ -60,3 +60,40 @@ def test_load_and_queue_of_the_testbed_through_the_api(tmp_path):
             assert daemon.wait(30) == 0, daemon.stderr.read().decode(errors="replace")
     finally:
         bed.cancel_all()
+
+
+def test_api_summary_says_where_each_project_stands_in_its_budget(tmp_path):
+    import time
+
+    from greend.ledger import JobRow, Ledger
+
+    state = tmp_path / "state"
+    led = Ledger(state / "ledger.sqlite")
+    now = time.time()
+    with led.transaction() as db:
+        for i, (account, carbon) in enumerate((("proj-a", 300.0), ("proj-b", 20.0))):
+            led.upsert_job(db, JobRow(cluster="local", job_id=str(100 + i), node="n1", kind="slurm",
+                                      state="ended", first_seen=now - 600, last_seen=now - 60,
+                                      account=account, carbon_g=carbon, cpu_uj=10**9))
+    led.close()
+    cfg = tmp_path / "greend.toml"
+    cfg.write_text('[[policy.budgets]]\naccount = "proj-a"\nperiod = "month"\ncarbon_kg = 0.2\n'
+                   '[[policy.budgets]]\naccount = "proj-b"\nperiod = "month"\ncarbon_kg = 0\n')
+    port = free_port()
+    daemon = subprocess.Popen([GREEND, "-c", str(cfg), "--state-dir", str(state), "run",
+                               "--listen", f"127.0.0.1:{port}", "--socket", ""],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: get_json(port, "/healthz")[0] == 200, what="greend run answering")
+        status, body = get_json(port, "/api/v1/summary?by=account")
+        assert status == 200
+        rows = {r["key"]: r for r in body["rows"]}
+        a = rows["proj-a"]["budget"]
+        assert a["ratio"]["carbon"] == pytest.approx(1.5) and a["exceeded"]
+        assert a["label"] == "0.2 kgCO2e per month"
+        # A zero budget that was used: exceeded, and still valid JSON (no Infinity).
+        b = rows["proj-b"]["budget"]
+        assert b["ratio"]["carbon"] is None and b["exceeded"]
+    finally:
+        daemon.terminate()
+        assert daemon.wait(30) == 0, daemon.stderr.read().decode(errors="replace")

@@ -10,6 +10,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -617,3 +618,23 @@ async def test_a_real_measure_run_appears(tmp_path, utc):
         energy = text_of(app.screen.query_one("#energy", Static))
         assert "CPU" in energy and ("measured" in energy or "modelled" in energy)
         assert "Power" in text_of(app.screen.query_one("#power-caption", Static))
+
+
+def test_budgets_of_the_configuration_show_in_the_accounts_summary(ledger_path):
+    from greend import config as config_mod
+
+    data = dict(fx.CONFIG)
+    # The fixture's jobs ran in March of this year: a yearly budget counts them.
+    data["policy"] = {"budgets": [{"account": "imaging", "period": "year", "carbon_kg": 0.05},
+                                  {"account": "genomics", "period": "year", "water_l": 1e6}]}
+    src = LedgerSource(ledger_path, config_mod.parse(data), label="ledger")
+    if time.gmtime().tm_year != time.gmtime(NOW).tm_year:
+        pytest.skip("the fixture's jobs are not in this year's budget period")
+    rows = {r.key: r for r in src.summary(None, None, "account").rows}
+    imaging = rows["imaging"]
+    assert imaging.budget_label == "0.05 kgCO2e per year"
+    # What it used this year, over its limit: the same figure greend_budget_used_ratio exports.
+    used_kg = sum(r.carbon_g for r in src.jobs(JobQuery(account="imaging", limit=1000), NOW).jobs) / 1000
+    assert imaging.budget_used == pytest.approx(used_kg / 0.05, rel=1e-6)
+    assert rows["genomics"].budget_used < 0.01 and rows["genomics"].budget_label == "1e+06 L per year"
+    assert all(r.budget_used is None for k, r in rows.items() if k not in ("imaging", "genomics"))

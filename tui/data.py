@@ -578,7 +578,33 @@ class LedgerSource(DataSource):
                         note = "unattributed share: since the ledger began (no node series in the period)"
             return Summary(by, rows, unattr, node_e, note)
 
-        return self._run(run)
+        summary = self._run(run)
+        if by == "account":
+            self._add_budgets(summary)
+        return summary
+
+    def _add_budgets(self, summary: Summary) -> None:
+        """Where each project stands in its budget period, from the configuration's budgets."""
+        from greend.policies.budgets import budget_status, label
+
+        cfg = self.cfg
+        if cfg is None and self.config_loader is not None:
+            try:
+                cfg = self.cfg = self.config_loader()
+            except Exception:  # no usable configuration: no budgets to show
+                return
+        budgets = cfg.policy.budgets if cfg is not None else []
+        if not budgets:
+            return
+        try:
+            status = budget_status(self.path, budgets)
+        except Exception as e:  # the table still shows; the note says why budgets are missing
+            summary.note = (summary.note + "; " if summary.note else "") + f"budgets unavailable: {e}"
+            return
+        for row in summary.rows:
+            st = status.get(row.key)
+            if st:
+                row.budget_used, row.budget_label = st["max_ratio"], label(st)
 
 
 def _row(r: sqlite3.Row) -> JobRow:
@@ -737,14 +763,14 @@ class _ApiSource(DataSource):
 
 
 def _budget(r: dict) -> tuple[float | None, str]:
-    """A budget, if the API sends one: budget_carbon_g / budget_energy_j / budget_water_l."""
-    for key, used_key, label in (("budget_carbon_g", "carbon_g", "carbon"),
-                                 ("budget_energy_j", "it_energy_j", "energy"),
-                                 ("budget_water_l", "water_l", "water")):
-        b = r.get(key)
-        if b:
-            return float(r.get(used_key, 0)) / float(b), label
-    return None, ""
+    """Where an account stands in its budget, as greend.api's summary sends it (`budget`)."""
+    b = r.get("budget")
+    if not isinstance(b, dict):
+        return None, ""
+    used = b.get("max_ratio")
+    if used is None and b.get("exceeded"):
+        used = float("inf")
+    return (None if used is None else float(used)), str(b.get("label", ""))
 
 
 def _job_from_dict(d: dict) -> JobRow:
