@@ -25,47 +25,16 @@ EXIT_OK = 0
 EXIT_NOT_SUBMITTED = 1
 EXIT_UNKNOWN = 75  # EX_TEMPFAIL: the job may or may not be queued; the message says how to check
 
-DECISIONS_SQL = """
-CREATE TABLE IF NOT EXISTS decisions (
-    id INTEGER PRIMARY KEY,
-    token TEXT NOT NULL UNIQUE,
-    t REAL NOT NULL,
-    user TEXT NOT NULL,
-    uid INTEGER NOT NULL,
-    script TEXT,
-    job_name TEXT NOT NULL DEFAULT '',
-    account TEXT NOT NULL DEFAULT '',
-    outcome TEXT NOT NULL,
-    cluster TEXT,
-    tier TEXT,
-    partition TEXT,
-    job_id TEXT,
-    begin REAL,
-    nice INTEGER,
-    energy_j REAL,
-    carbon_g REAL,
-    water_l REAL,
-    tried TEXT NOT NULL DEFAULT '[]',
-    decision TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS decisions_job ON decisions (cluster, job_id);
-CREATE INDEX IF NOT EXISTS decisions_user ON decisions (user, t)
-"""
-
 # sbatch's messages when the controller never got the job.
 _UNREACHABLE = ("unable to contact slurm controller", "connection refused", "connect failure",
                 "zero bytes were transmitted", "slurm.conf", "command not found", "no route to host")
 
 
 class DecisionLog:
-    """The `decisions` table in the ledger database (created on first use)."""
+    """The `decisions` table of the ledger (ledger migration 3 creates it when the ledger opens)."""
 
     def __init__(self, ledger):
         self.ledger = ledger
-        with ledger.transaction() as db:
-            for stmt in DECISIONS_SQL.split(";"):
-                if stmt.strip():
-                    db.execute(stmt)
 
     def record(self, token: str, t: float, user: str, uid: int, decision, outcome: str) -> None:
         r = decision.request

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 
-from greend.policies.submit import DECISIONS_SQL
-
 from greend.ledger import MIGRATIONS, Ledger
 
 
@@ -15,7 +13,7 @@ def test_migration_3_on_a_ledger_where_submit_created_the_decisions_table(tmp_pa
     for i, migration in enumerate(MIGRATIONS[:2], start=1):
         db.executescript(migration)
         db.execute(f"PRAGMA user_version = {i}")
-    db.executescript(DECISIONS_SQL)
+    db.executescript(MIGRATIONS[2])  # the table as an earlier `greend submit` created it
     db.execute("INSERT INTO decisions (token, t, user, uid, outcome, decision) "
                "VALUES ('x', 1, 'u', 1, 'pending', '{}')")
     db.commit()
