@@ -8,19 +8,18 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.reactive import reactive
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
-from textual.worker import get_current_worker
 
 from greend import units
 
 from .data import Summary
 from .formatting import DEFAULT_PERIOD, PERIODS, clock, percent, since
+from .screen import SourceScreen
 
 COLUMNS = ["#", "Key", "Jobs", "Energy", "Carbon", "Water", "Share", "Budget"]
 
 
-class AdminScreen(Screen):
+class AdminScreen(SourceScreen):
     """Who uses what: accounts or users ranked by carbon, and how much energy nobody was charged."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -85,24 +84,8 @@ class AdminScreen(Screen):
         self.run_worker(self._load, thread=True, exclusive=True, group="admin")
 
     def _load(self) -> None:
-        worker = get_current_worker()
-        app = self.app
-        now = app.now()  # type: ignore[attr-defined]
-        try:
-            s = app.source.summary(since(self.period, now), None, self.by)  # type: ignore[attr-defined]
-        except Exception as e:  # shown in the app, never as a traceback
-            msg = app.describe_error(e)  # type: ignore[attr-defined]
-            if not worker.is_cancelled:
-                app.call_from_thread(self._failed, msg)
-            return
-        if not worker.is_cancelled:
-            app.call_from_thread(self._show, s)
-
-    def _failed(self, msg: str) -> None:
-        self.error = msg
-        status = self.query_one("#status", Static)
-        status.add_class("error")
-        status.update(Text(f"⚠ {msg}. Press r to retry."))
+        self.load_in_worker(lambda src, now: src.summary(since(self.period, now), None, self.by),
+                            self._show)
 
     def _show(self, s: Summary) -> None:
         self.error = None

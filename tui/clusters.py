@@ -10,12 +10,11 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
-from textual.worker import get_current_worker
 
 from .data import ClusterInfo
 from .formatting import clock, percent
+from .screen import SourceScreen
 
 TIER_ORDER = {"local": 0, "site": 1, "national": 2}
 
@@ -71,7 +70,7 @@ def sources(c: ClusterInfo) -> Group:
     return Group(*parts)
 
 
-class ClustersScreen(Screen):
+class ClustersScreen(SourceScreen):
     """Every cluster jobs can go to, by tier, with the factors greend applies there now."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -115,23 +114,7 @@ class ClustersScreen(Screen):
         self.run_worker(self._load, thread=True, exclusive=True, group="clusters")
 
     def _load(self) -> None:
-        worker = get_current_worker()
-        app = self.app
-        try:
-            info = app.source.clusters(app.now())  # type: ignore[attr-defined]
-        except Exception as e:  # shown in the app, never as a traceback
-            msg = app.describe_error(e)  # type: ignore[attr-defined]
-            if not worker.is_cancelled:
-                app.call_from_thread(self._failed, msg)
-            return
-        if not worker.is_cancelled:
-            app.call_from_thread(self._show, info)
-
-    def _failed(self, msg: str) -> None:
-        self.error = msg
-        status = self.query_one("#status", Static)
-        status.add_class("error")
-        status.update(Text(f"⚠ {msg}. Press r to retry."))
+        self.load_in_worker(lambda src, now: src.clusters(now), self._show)
 
     def _show(self, info: list[ClusterInfo]) -> None:
         self.error = None

@@ -12,9 +12,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
-from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
-from textual.worker import get_current_worker
 
 from greend import units
 
@@ -23,6 +21,7 @@ from .data import RUNNING, JobDetail, elapsed_s, measured_share, power_w, proven
 from .equivalents import equivalents
 from .formatting import clock, mib, percent, stamp
 from .plot import PowerPlot
+from .screen import SourceScreen
 
 J_PER_KWH = 3.6e6
 
@@ -281,7 +280,7 @@ def advice(d: JobDetail, now: float) -> RenderableType | None:
     return Group(heading("Right-sizing"), t)
 
 
-class JobScreen(Screen):
+class JobScreen(SourceScreen):
     """A job's footprint and how it was obtained; refreshed live while the job runs."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -334,24 +333,7 @@ class JobScreen(Screen):
         self.run_worker(self._load, thread=True, exclusive=True, group="job")
 
     def _load(self) -> None:
-        worker = get_current_worker()
-        app = self.app
-        try:
-            d = app.source.job(self.cluster, self.job_id)  # type: ignore[attr-defined]
-        except Exception as e:  # shown in the app, never as a traceback
-            msg = app.describe_error(e)  # type: ignore[attr-defined]
-            if not worker.is_cancelled:
-                app.call_from_thread(self._failed, msg)
-            return
-        if not worker.is_cancelled:
-            app.call_from_thread(self._show, d)
-
-    def _failed(self, msg: str) -> None:
-        self.error = msg
-        status = self.query_one("#status", Static)
-        status.add_class("error")
-        stale = f" (showing data from {clock(self.loaded_at)})" if self.loaded_at else ""
-        status.update(Text(f"⚠ {msg}{stale}. Press r to retry."))
+        self.load_in_worker(lambda src, now: src.job(self.cluster, self.job_id), self._show)
 
     def _show(self, d: JobDetail | None) -> None:
         now = self.app.now()  # type: ignore[attr-defined]

@@ -13,15 +13,14 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.reactive import reactive
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
-from textual.worker import get_current_worker
 
 from greend import units
 from greend.ledger import JobRow
 
 from .data import RUNNING, SORT_KEYS, JobPage, JobQuery, elapsed_s, how_obtained, water_l
 from .formatting import DEFAULT_PERIOD, PERIODS, SORT_LABELS, carbon_short, clock, since
+from .screen import SourceScreen
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ def row_key(r: JobRow) -> str:
     return f"{r.cluster}\x1f{r.job_id}\x1f{r.submit_time}"
 
 
-class JobsScreen(Screen):
+class JobsScreen(SourceScreen):
     """Jobs of one user (default: whoever runs `greend tui`) or of everyone."""
 
     AUTO_FOCUS = "#jobs"
@@ -244,24 +243,7 @@ class JobsScreen(Screen):
 
     @work(thread=True, exclusive=True, group="jobs")
     def _load(self, q: JobQuery) -> None:
-        worker = get_current_worker()
-        app = self.app
-        try:
-            page = app.source.jobs(q, app.now())  # type: ignore[attr-defined]
-        except Exception as e:  # shown in the app, never as a traceback
-            msg = app.describe_error(e)  # type: ignore[attr-defined]
-            if not worker.is_cancelled:
-                app.call_from_thread(self._failed, msg)
-            return
-        if not worker.is_cancelled:
-            app.call_from_thread(self._show, q, page)
-
-    def _failed(self, msg: str) -> None:
-        self.error = msg
-        status = self.query_one("#status", Static)
-        status.add_class("error")
-        stale = f" (showing data from {clock(self.loaded_at)})" if self.loaded_at else ""
-        status.update(Text(f"⚠ {msg}{stale}. Press r to retry."))
+        self.load_in_worker(lambda src, now: src.jobs(q, now), lambda page: self._show(q, page))
 
     def _show(self, q: JobQuery, page: JobPage) -> None:
         with self.app.batch_update():  # one repaint for the table and both lines
