@@ -13,6 +13,7 @@ is powered for the jobs placed on it); "unattributed" leaves it in the remainder
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,37 +42,30 @@ def split_exact(total: int, weights: Mapping[str, float], denominator: float) ->
     """
     if total <= 0 or not weights:
         return dict.fromkeys(weights, 0)
-    wsum = math.fsum(w for w in weights.values() if w > 0)
+    # Lists rather than per-key dict updates: this runs for every domain of every tick.
+    keys = list(weights)
+    ws = [w if w > 0 else 0.0 for w in weights.values()]
+    wsum = math.fsum(ws)
     if wsum <= 0:
-        return dict.fromkeys(weights, 0)
+        return dict.fromkeys(keys, 0)
     denom = max(float(denominator), wsum)
-    shares: dict[str, int] = {}
-    fracs: list[tuple[float, str]] = []
-    handed = 0
-    for key, w in weights.items():
-        if w <= 0:
-            shares[key] = 0
-            continue
-        q = total * (w / denom)
-        s = min(int(q), total)
-        shares[key] = s
-        handed += s
-        fracs.append((q - s, key))
+    quotas = [total * (w / denom) for w in ws]
+    shares = [min(int(q), total) for q in quotas]
     target = min(total, round(total * (wsum / denom)))
-    left = target - handed
+    left = target - sum(shares)
     if left > 0:
-        fracs.sort(reverse=True)
-        for _, key in fracs[:left]:
-            shares[key] += 1
+        # The largest fractional parts, among jobs with a weight, each get one more microjoule.
+        live = [i for i, w in enumerate(ws) if w > 0]
+        for i in heapq.nlargest(left, live, key=lambda i: quotas[i] - shares[i]):
+            shares[i] += 1
     elif left < 0:  # float rounding pushed the floors over the target: take back from the smallest
-        fracs.sort()
-        for _, key in fracs:
+        for i in sorted(range(len(ws)), key=lambda i: quotas[i] - shares[i]):
             if left == 0:
                 break
-            if shares[key] > 0:
-                shares[key] -= 1
+            if shares[i] > 0:
+                shares[i] -= 1
                 left += 1
-    return shares
+    return dict(zip(keys, shares, strict=True))
 
 
 @dataclass(frozen=True, slots=True)
