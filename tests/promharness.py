@@ -29,6 +29,14 @@ PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
 
+
+def log_tail(path: Path, chars: int = 4000) -> str:
+    """The end of a server's log, for a failure message."""
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
 class PromError(Exception):
     """A query or API call that Prometheus refused; the message is Prometheus's."""
 
@@ -113,10 +121,7 @@ class PromServer:
         self.stop()
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
+        return log_tail(self.log_path)
 
     # -- HTTP API -------------------------------------------------------------------------------
     def api(self, path: str, **params) -> object:
@@ -277,10 +282,7 @@ class GreendDaemon:
         self.stop()
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
+        return log_tail(self.log_path)
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://{self.target}/metrics", timeout=5) as r:

@@ -54,13 +54,7 @@ class AdminScreen(SourceScreen):
     def on_mount(self) -> None:
         self._columns()
         self.reload()
-        app = self.app
-        if app.refresh_s > 0:  # type: ignore[attr-defined]
-            self.set_interval(max(app.refresh_s, 30.0), self._tick)  # type: ignore[attr-defined]
-
-    def _tick(self) -> None:
-        if self.is_current and not self.error:
-            self.reload()
+        self.refresh_every(at_least_s=30.0)
 
     def _columns(self) -> None:
         table = self.query_one(DataTable)

@@ -102,13 +102,7 @@ class ClustersScreen(SourceScreen):
         for label, right in COLUMNS:
             table.add_column(Text(" " + label, justify="right" if right else "left"), key=label)
         self.reload()
-        app = self.app
-        if app.refresh_s > 0:  # type: ignore[attr-defined]
-            self.set_interval(max(app.refresh_s, 30.0), self._tick)  # type: ignore[attr-defined]
-
-    def _tick(self) -> None:
-        if self.is_current and not self.error:
-            self.reload()
+        self.refresh_every(at_least_s=30.0)
 
     def reload(self) -> None:
         self.run_worker(self._load, thread=True, exclusive=True, group="clusters")

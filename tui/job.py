@@ -321,9 +321,7 @@ class JobScreen(SourceScreen):
         self.query_one("#detail").focus()
         self.query_one("#power").display = False
         self.reload()
-        app = self.app
-        if app.refresh_s > 0:  # type: ignore[attr-defined]
-            self.set_interval(app.refresh_s, self._tick)  # type: ignore[attr-defined]
+        self.refresh_every()
 
     def _tick(self) -> None:
         if self.is_current and self.detail is not None and self.detail.job.state == RUNNING:

@@ -181,12 +181,7 @@ class JobsScreen(SourceScreen):
         self._set_columns()
         self._show_filters()
         self.reload()
-        if app.refresh_s > 0:  # type: ignore[attr-defined]
-            self.set_interval(app.refresh_s, self._tick)  # type: ignore[attr-defined]
-
-    def _tick(self) -> None:
-        if self.is_current and not self.error:
-            self.reload()
+        self.refresh_every()
 
     # -- the query --------------------------------------------------------------------------------
     def query_now(self) -> JobQuery:

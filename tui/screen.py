@@ -38,3 +38,13 @@ class SourceScreen(Screen):
         status.add_class("error")
         stale = f" (showing data from {clock(self.loaded_at)})" if self.loaded_at else ""
         status.update(Text(f"⚠ {msg}{stale}. Press r to retry."))
+
+    def refresh_every(self, at_least_s: float = 0.0) -> None:
+        """Reload every app.refresh_s (no more often than at_least_s) while this screen is shown."""
+        refresh_s = self.app.refresh_s  # type: ignore[attr-defined]
+        if refresh_s > 0:
+            self.set_interval(max(refresh_s, at_least_s), self._tick)
+
+    def _tick(self) -> None:
+        if self.is_current and not self.error:
+            self.reload()
