@@ -9,6 +9,7 @@ scan attributes to a Slurm job id (SLURM_JOB_ID in their environment).
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -34,7 +35,28 @@ def greend_argv(user: str | None = None) -> list[str]:
         return [GREEND]
     boot = (f"import site, sys; site.addsitedir({SITE_PACKAGES!r}); sys.argv[0] = 'greend'; "
             "from greend.cli import main; sys.exit(main())")
+    _require_importable_by(user)
     return ["runuser", "-u", user, "--", "/usr/bin/python3", "-c", boot]
+
+
+@functools.cache
+def _importable_by(user: str) -> str:
+    """'' if `user` can import greend from this checkout's venv, else why not."""
+    probe = f"import site; site.addsitedir({SITE_PACKAGES!r}); import greend.cli"
+    r = subprocess.run(["runuser", "-u", user, "--", "/usr/bin/python3", "-c", probe],
+                       capture_output=True, text=True, timeout=60)
+    return "" if r.returncode == 0 else (r.stderr.strip().splitlines() or ["?"])[-1]
+
+
+def _require_importable_by(user: str) -> None:
+    # A checkout in a private directory (mode 0700, as `mktemp -d` makes) is out of another
+    # user's reach; bin/test opens the checkout's own directory, but not its parents.
+    why = _importable_by(user)
+    if why:
+        import pytest
+
+        pytest.skip(f"{user} cannot import greend from {SITE_PACKAGES} ({why}): a directory above "
+                    "the checkout is private")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BUSY = "while True: pass\n"
 

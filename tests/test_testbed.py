@@ -188,7 +188,12 @@ def test_declared_cpus_are_used_for_placement(tb: Testbed):
     small = tb.submit("local", "sleep 60")
     tb.wait_started("local", small, timeout=30)
     if tb.uses_cgroups("local"):
-        assert tb.job_cgroup("cpuacct", "local-n1", small).is_dir()
+        # slurmd creates the job's cgroup a moment after its processes appear: give it that moment.
+        mine = tb.job_cgroup("cpuacct", "local-n1", small)
+        deadline = time.monotonic() + 10
+        while not mine.is_dir() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert mine.is_dir()
         assert tb.job_cgroup("cpuacct", "national-n1", big).is_dir()
 
     tb.cancel_all()
