@@ -13,7 +13,6 @@ import grp
 import hmac
 import json
 import logging
-import math
 import os
 import pwd
 import socket
@@ -33,8 +32,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
+from . import budgets, queries, report
 from . import config as config_mod
-from . import decisions, report
 from .ledger import Ledger, LedgerError
 
 log = logging.getLogger(__name__)
@@ -256,116 +255,93 @@ class Api:
         state = _str(q, "state")
         if state not in (None, "running", "ended"):
             raise ApiError(400, "query parameter 'state': expected running or ended")
+        order = _str(q, "order") or "desc"
+        if order not in ("asc", "desc"):
+            raise ApiError(400, "query parameter 'order': expected asc or desc")
         user = _str(q, "user")
         only = self._restrict(caller)
         if only is not None:
             if user not in (None, only):
                 raise ApiError(403, f"private_jobs is on: you may only list your own jobs ({only})")
             user = only
-        rows = self.ledger().jobs(
+        jq = queries.JobQuery(
             user=user, account=_str(q, "account"), cluster=_str(q, "cluster"), state=state,
-            kind=_str(q, "kind"), since=_float(q, "since"), until=_float(q, "until"),
-            limit=limit + 1, offset=offset)
-        more = len(rows) > limit
-        return {"jobs": [r.to_dict() for r in rows[:limit]],
-                "next_offset": offset + limit if more else None}
+            kind=_str(q, "kind"), outcome=_str(q, "outcome"), since=_float(q, "since"),
+            until=_float(q, "until"), search=_str(q, "q") or "", sort=_str(q, "sort") or "recent",
+            descending=order == "desc", limit=limit, offset=offset, per=_str(q, "per") or "record")
+        try:
+            page = queries.job_page(self.ledger().db, jq, time.time())
+        except queries.QueryError as e:
+            raise ApiError(400, f"query parameter {e}") from None
+        return {"jobs": [r.to_dict() for r in page.jobs],
+                "next_offset": offset + limit if offset + limit < page.total else None,
+                "total": page.total, "running": page.running, "per": jq.per}
 
     def job(self, cluster: str, job_id: str, caller: Caller) -> dict:
-        led = self.ledger()
-        rows = led.get_job(cluster, job_id)
-        only = self._restrict(caller)
-        if only is not None:
-            rows = [r for r in rows if r.user == only]
-        if not rows:
+        detail = queries.job_detail(self.ledger().db, cluster, job_id, user=self._restrict(caller),
+                                    all_submissions=True)
+        if detail is None:
             raise ApiError(404, f"no job {cluster}/{job_id}")
         records = []
-        for r in rows:
-            d = report.footprint_dict(r, led.factor_sets_of(r.pk))
-            d["series"] = [
-                {k: s[k] for k in ("t_start", "t_end", "cpu_uj", "dram_uj", "gpu_uj", "memory_uj",
-                                   "cpu_time_ns", "carbon_g", "water_site_l", "water_offsite_l")}
-                for s in led.series(r.pk)
-            ]
+        for r, factors, series in zip(detail.nodes, detail.node_factors, detail.node_series,
+                                      strict=True):
+            d = report.footprint_dict(r, factors)
+            d["series"] = [p.to_dict() for p in series]
+            if detail.decision is not None:  # the routing decision that submitted the job
+                d["decision"] = detail.decision
             records.append(d)
-        decision = decisions.for_job(led.db, cluster, job_id)
-        if decision is not None:  # the routing decision that submitted the job
-            for d in records:
-                d["decision"] = decision
         return {"records": records}
 
     def clusters(self) -> dict:
         cfg = self.host.cfg
-        now = time.time()
         try:
-            from greend.policies.state import live_load
-
-            live = live_load(cfg, getattr(self.host, "config_path", None))
-        except Exception as e:  # Slurm unreachable or no policy config: the listing still answers
-            live = {name: {"ok": False, "error": f"load and queue unavailable: {e}"}
-                    for name in cfg.clusters}
+            db = self.ledger().db
+        except LedgerError:  # no ledger yet: the clusters still come from the configuration
+            db = None
+        # Live load and queue: the composition root gives the host a provider (the policy
+        # engine's state cache), so the core does not import the policies.
+        infos = queries.clusters(cfg, time.time(), db=db, live_load=getattr(self.host, "live_load", None))
         out = {}
-        for name, c in cfg.clusters.items():
-            try:
-                f = config_mod.cluster_factors(cfg, name).at(now).to_dict()
-            except Exception as e:  # report, don't fail the whole listing
-                f = {"error": str(e)}
-            out[name] = {"tier": c.tier, "hds": c.hds, "open": c.open, "country": c.country,
-                         "factors": f}
-            state = live.get(name)
-            if state:
-                # Live state from the cluster's controller (cached like `greend route`'s).
-                out[name]["live"] = state
-                if state.get("ok"):
-                    out[name].update(load=state["load"], queue=state["pending"])
+        for c in infos:
+            d = {"tier": c.tier, "hds": c.hds, "open": c.open, "country": c.country,
+                 "factors": c.factors if c.factors is not None else {"error": c.factors_error},
+                 "running": c.running}
+            if c.live:
+                d["live"] = c.live
+                if c.live.get("ok"):
+                    d.update(load=c.load, queue=c.queue)
+            if c.note:
+                d["note"] = c.note
+            out[c.name] = d
         return {"clusters": out, "this_cluster": cfg.cluster, "node": self.host.node}
 
     def summary(self, q: dict, caller: Caller) -> dict:
         by = _str(q, "by") or "account"
-        if by not in ("account", "user", "cluster", "node"):
+        if by not in queries.SUMMARY_BY:
             raise ApiError(400, "query parameter 'by': expected account, user, cluster or node")
         since = _float(q, "since")
         since = 0.0 if since is None else since
         until = _float(q, "until")
         until = time.time() + 1 if until is None else until
         only = self._restrict(caller)
-        where = "last_seen >= ? AND first_seen <= ?"
-        args: list = [since, until]
-        if only is not None:
-            where += " AND user = ?"
-            args.append(only)
         db = self.ledger().db
-        rows = db.execute(
-            # A job on several nodes has one record per node: count it once.
-            f"SELECT {by} AS key, COUNT(DISTINCT cluster || '/' || job_id || '/' || submit_time) AS jobs, "
-            f"SUM(cpu_uj + dram_uj + gpu_uj + memory_uj) AS uj, "
-            f"SUM(carbon_g) AS carbon_g, SUM(water_site_l + water_offsite_l) AS water_l "
-            f"FROM jobs WHERE {where} GROUP BY {by} ORDER BY uj DESC LIMIT 100", args).fetchall()
-        node = db.execute(
-            "SELECT COALESCE(SUM(energy_uj), 0), COALESCE(SUM(unattributed_uj), 0) FROM node_series "
-            "WHERE t_end >= ? AND t_start <= ?", (since, until)).fetchone()
-        out = [{"key": r["key"], "jobs": r["jobs"], "it_energy_j": (r["uj"] or 0) / 1e6,
-                "carbon_g": r["carbon_g"] or 0.0, "water_l": r["water_l"] or 0.0} for r in rows]
-        budgets = self.host.cfg.policy.budgets
-        if by == "account" and budgets and only is None:
+        s = queries.summary(db, by, since, until, user=only, order="energy", limit=100)
+        if only is None:
             # Where each project stands in its own budget period (not the period asked for).
-            from greend.policies.budgets import budget_status, label
-
-            try:
-                status = budget_status(self.host.ledger_path, budgets)
-            except Exception as e:  # the summary still answers; the budgets say why they are missing
-                log.warning("budgets not computed: %s", e)
-                status = {}
-            for row in out:
-                st = status.get(row["key"])
-                if st:
-                    # JSON has no infinity: a zero limit that was used shows as null and exceeded.
-                    finite = {k: (v if math.isfinite(v) else None) for k, v in st["ratio"].items()}
-                    row["budget"] = {**st, "ratio": finite, "label": label(st),
-                                     "max_ratio": st["max_ratio"] if math.isfinite(st["max_ratio"]) else None,
-                                     "exceeded": st["max_ratio"] >= 1}
+            queries.add_budgets(db, s, self.host.cfg.policy.budgets)
+            if "budgets unavailable" in s.note:
+                log.warning("%s", s.note)
+        rows = []
+        for r in s.rows:
+            row = {"key": r.key, "jobs": r.jobs, "it_energy_j": r.it_energy_j, "carbon_g": r.carbon_g,
+                   "water_l": r.water_l}
+            if r.budget is not None:
+                row["budget"] = budgets.to_json(r.budget)
+            rows.append(row)
         return {
-            "by": by, "since": since, "until": until, "rows": out,
-            "node_energy_j": node[0] / 1e6, "unattributed_j": node[1] / 1e6,
+            "by": by, "since": since, "until": until, "rows": rows,
+            "node_energy_j": s.node_energy_j or 0.0, "unattributed_j": s.unattributed_j or 0.0,
+            "note": s.note,
         }
 
 

@@ -292,6 +292,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    if args.func.__module__ == "greend.tui.cli":
+        # The composition root: the TUI's ledger source shows the clusters' load and queue from the
+        # policy engine's state cache (the TUI does not import the policies).
+        from greend.tui import data as tui_data
+
+        from .daemon_cli import live_load_provider
+
+        tui_data.live_load_provider = live_load_provider(
+            getattr(args, "config", None) or os.environ.get("GREEND_CONFIG"))
     try:
         return args.func(args)
     except ConfigError as e:

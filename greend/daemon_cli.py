@@ -77,10 +77,24 @@ def cmd_run(args) -> int:
                    socket_path=sock if args.socket != "" else None, overrides=overrides)
         if args.socket == "":
             d.socket_path = None
+        d.live_load = live_load_provider(d.config_path)
         d.run_forever()
     except DaemonError as e:
         return _fail(f"run: {e}")
     return 0
+
+
+def live_load_provider(config_path: str | None):
+    """Load and queue of the clusters for /api/v1/clusters and the TUI, from the policy engine's
+    state cache: given to the core's read model (greend.queries.clusters), which does not import
+    the policies."""
+
+    def live_load(cfg) -> dict[str, dict]:
+        from greend.policies.state import live_load
+
+        return live_load(cfg, config_path)
+
+    return live_load
 
 
 def cmd_controller(args) -> int:
@@ -105,6 +119,7 @@ def cmd_controller(args) -> int:
                        state_dir=Path(args.state_dir) if getattr(args, "state_dir", None) else None)
         if args.socket == "":
             c.socket_path = None
+        c.live_load = live_load_provider(c.config_path)
         c.run_forever()
     except DaemonError as e:
         return _fail(f"controller: {e}")

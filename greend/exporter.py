@@ -265,10 +265,10 @@ class LedgerMetrics:
 
             self.db = Ledger(self.ledger_path, readonly=True).db
         counts, overflow = decisions.aggregates(self.db)
-        from .policies.budgets import budget_status
+        from .budgets import budget_status
 
         ratios = [(account, resource, ratio)
-                  for account, st in budget_status(self.ledger_path, self.budgets()).items()
+                  for account, st in budget_status(self.db, self.budgets()).items()
                   for resource, ratio in st["ratio"].items()]
         return counts, overflow, ratios
 

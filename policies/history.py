@@ -1,6 +1,7 @@
 """What the ledger knows that a decision needs: the measured history of a user's similar jobs (same
 job name) and each project's (account's) usage over a budget period. Answers are cached briefly, so a
-busy router does not query SQLite for every job.
+busy router does not query SQLite for every job. The queries are the core's read model
+(greend.queries).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+
+from greend import queries
 
 from .records import Record
 
@@ -168,26 +171,6 @@ class Usage(Record):
         self.water_l = water_l
 
 
-_SIMILAR_SQL = """
-SELECT cluster, job_id, MIN(first_seen) AS start, MAX(COALESCE(end_time, last_seen)) AS stop,
-       SUM(COALESCE(alloc_cpus, 0)) AS cpus, SUM(COALESCE(alloc_mem_bytes, 0)) AS mem,
-       SUM(COALESCE(alloc_gpus, 0)) AS gpus, SUM(cpu_time_ns) AS cpu_ns,
-       SUM(cpu_uj + dram_uj + gpu_uj + memory_uj) AS it_uj, SUM(gpu_uj) AS gpu_uj,
-       SUM(max_mem_bytes) AS max_mem
-FROM jobs
-WHERE user = ? AND name = ? AND state = 'ended' AND last_seen >= ?
-GROUP BY cluster, job_id, submit_time
-ORDER BY MAX(last_seen) DESC
-LIMIT ?
-"""
-
-_USAGE_SQL = """
-SELECT COUNT(*), COALESCE(SUM(facility_j), 0), COALESCE(SUM(carbon_g), 0),
-       COALESCE(SUM(water_site_l + water_offsite_l), 0)
-FROM jobs WHERE account = ? AND last_seen >= ?
-"""
-
-
 class LedgerView:
     """Read-only queries on the ledger, cached for ttl_s seconds. A missing ledger is no history."""
 
@@ -239,25 +222,24 @@ class LedgerView:
 
     def _similar(self, user: str, name: str, since: float, limit: int) -> History | None:
         try:
-            rows = self.db.execute(_SIMILAR_SQL, (user, name, since, limit)).fetchall()
+            runs = queries.similar_jobs(self.db, user, name, since, limit)
         except sqlite3.Error as e:
             log.warning("ledger %s: history query failed: %s", self.path, e)
             return None
         jobs = []
-        for cluster, job_id, start, stop, cpus, mem, gpus, cpu_ns, it_uj, gpu_uj, max_mem in rows:
-            elapsed = max((stop or start) - start, 0.0)
-            if elapsed <= 0 or not it_uj:
+        for r in runs:
+            elapsed = max(r.stop - r.start, 0.0)
+            if elapsed <= 0 or not r.it_energy_uj:
                 continue
-            cpus = float(cpus or 0) or 1.0
-            mem_mb = (mem or 0) / MB
-            spec = self.site.by_name.get(cluster)
+            cpus = r.cpus or 1.0
+            mem_mb = r.mem_bytes / MB
+            spec = self.site.by_name.get(r.cluster)
             power = spec.power if spec is not None else self.site.clusters[0].power
             modelled = elapsed * (cpus * power.cpu_w_per_core * power.cpu_usage
                                   + mem_mb / 1024 * power.memory_w_per_gb
-                                  + (gpus or 0) * power.default_gpu_w * power.gpu_usage)
-            jobs.append(PastJob(cluster, str(job_id), elapsed, cpus, mem_mb, int(gpus or 0),
-                                (cpu_ns or 0) / 1e9, it_uj / 1e6, (gpu_uj or 0) / 1e6,
-                                (max_mem or 0) / MB, modelled))
+                                  + r.gpus * power.default_gpu_w * power.gpu_usage)
+            jobs.append(PastJob(r.cluster, r.job_id, elapsed, cpus, mem_mb, r.gpus, r.cpu_time_ns / 1e9,
+                                r.it_energy_uj / 1e6, r.gpu_uj / 1e6, r.max_mem_bytes / MB, modelled))
         if not jobs:
             return None
         cpu_den = sum(j.cpus * j.elapsed_s for j in jobs)
@@ -286,8 +268,8 @@ class LedgerView:
 
     def _usage(self, account: str, since: float) -> Usage | None:
         try:
-            n, fac, carbon, water = self.db.execute(_USAGE_SQL, (account, since)).fetchone()
+            u = queries.account_usage(self.db, account, since)
         except sqlite3.Error as e:
             log.warning("ledger %s: usage query failed: %s", self.path, e)
             return None
-        return Usage(account, since, n, fac, carbon, water)
+        return Usage(account, since, u.jobs, u.facility_energy_j, u.carbon_g, u.water_l)

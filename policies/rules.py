@@ -9,10 +9,11 @@ the entry-point group "greend.rules"; the configuration then names it like a bui
 
 from __future__ import annotations
 
-import time
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from greend.budgets import period_start
 
 from . import quantities as q
 from .request import resolve
@@ -469,27 +470,6 @@ class DataLocality(ScoreRule):
 
 # -- adjustments ----------------------------------------------------------------------------------
 _ACTION_RANK = {"warn": 1, "nice": 2, "defer": 3, "refuse": 4}
-
-
-def period_start(period: str, now: float) -> tuple[float, float]:
-    """(start, end) of the local calendar period containing now (mktime normalises day 32 etc.)."""
-    lt = time.localtime(now)
-    y, m, d = lt.tm_year, lt.tm_mon, lt.tm_mday
-
-    def mk(y: int, m: int, d: int) -> float:
-        return time.mktime((y, m, d, 0, 0, 0, 0, 0, -1))
-
-    if period == "day":
-        return mk(y, m, d), mk(y, m, d + 1)
-    if period == "week":
-        monday = d - lt.tm_wday
-        return mk(y, m, monday), mk(y, m, monday + 7)
-    if period == "month":
-        return mk(y, m, 1), mk(y, m + 1, 1)
-    if period == "quarter":
-        qm = (m - 1) // 3 * 3 + 1
-        return mk(y, qm, 1), mk(y, qm + 3, 1)
-    return mk(y, 1, 1), mk(y + 1, 1, 1)
 
 
 class BudgetRule(AdjustRule):

@@ -1,8 +1,10 @@
 """Where the TUI's figures come from: one interface, three sources (a ledger file read-only, the local
 daemon's API over its unix socket, a site controller's API over HTTP).
 
-Every method may raise `SourceError`, whose message is shown to the person as it is; nothing here
-imports Textual, so the layer is tested and benchmarked on its own.
+The ledger source is a thin adapter over the core's read model (greend.queries), which the API
+serves too: both answer the same queries the same way. Every method may raise `SourceError`, whose
+message is shown to the person as it is; nothing here imports Textual, so the layer is tested and
+benchmarked on its own.
 """
 
 from __future__ import annotations
@@ -15,124 +17,39 @@ import sqlite3
 import threading
 import urllib.parse
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
+from greend import queries
 from greend.ledger import JobRow, Ledger, LedgerError
+from greend.queries import (  # noqa: F401 - the screens import the read model's types from here
+    RUNNING,
+    SORT_KEYS,
+    ClusterInfo,
+    JobDetail,
+    JobPage,
+    JobQuery,
+    LiveLoad,
+    SeriesPoint,
+    Summary,
+    SummaryRow,
+    elapsed_s,
+    group_jobs,
+    job_key,
+    merge_rows,
+    merge_series,
+    water_l,
+)
 
 SOURCES = ("cpu", "gpu", "dram", "memory")
-RUNNING = "running"
 
-# Sort keys the jobs screen offers, in the order `s` cycles through them.
-SORT_KEYS = ("recent", "energy", "carbon", "water", "elapsed", "job", "name")
+# Load and queue of the clusters for the ledger source, when none is given to it: set by the
+# composition root (greend.cli) so that the TUI does not import the policy engine.
+live_load_provider: LiveLoad | None = None
 
 
 class SourceError(Exception):
     """The data cannot be read; the message says from where and why, phrased for a person."""
-
-
-# -- what the screens get ---------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class JobQuery:
-    """Which jobs to list, in which order, which page. None means no filter."""
-
-    user: str | None = None
-    account: str | None = None
-    cluster: str | None = None
-    state: str | None = None
-    since: float | None = None
-    until: float | None = None
-    search: str = ""
-    sort: str = "recent"
-    descending: bool = True
-    limit: int = 100
-    offset: int = 0
-
-
-@dataclass(slots=True)
-class JobPage:
-    """One page of jobs (each merged over its nodes), with the size of the whole result."""
-
-    jobs: list[JobRow]
-    offset: int
-    total: int
-    running: int
-    truncated: bool = False  # the source holds more than it would send: the total is a lower bound
-
-
-@dataclass(slots=True)
-class SeriesPoint:
-    """One bucket of a job's time series (summed over nodes and factor sets)."""
-
-    t_start: float
-    t_end: float
-    cpu_uj: int = 0
-    dram_uj: int = 0
-    gpu_uj: int = 0
-    memory_uj: int = 0
-    carbon_g: float = 0.0
-    water_site_l: float = 0.0
-    water_offsite_l: float = 0.0
-
-    @property
-    def energy_uj(self) -> int:
-        return self.cpu_uj + self.dram_uj + self.gpu_uj + self.memory_uj
-
-
-@dataclass(slots=True)
-class JobDetail:
-    """A job merged over its nodes, its per-node records, power series, factors and routing decision."""
-
-    job: JobRow
-    nodes: list[JobRow]
-    series: list[SeriesPoint]
-    factors: list[dict]
-    decision: dict | None = None
-
-
-@dataclass(slots=True)
-class ClusterInfo:
-    name: str
-    tier: str
-    hds: bool
-    open: bool
-    factors: dict | None
-    """Factors.to_dict() in force now (with `sources`), or None when unknown."""
-    load: float | None = None
-    """Share of the cluster's capacity in use, 0-1, when the source knows it."""
-    queue: int | None = None
-    """Jobs waiting, when the source knows it."""
-    running: int | None = None
-    """Jobs greend sees running there."""
-    note: str = ""
-
-
-@dataclass(slots=True)
-class SummaryRow:
-    key: str
-    it_energy_j: float
-    carbon_g: float
-    water_l: float
-    jobs: int
-    budget_used: float | None = None
-    """Fraction of the budget used (1.0 = all of it), when a budget is configured."""
-    budget_label: str = ""
-
-
-@dataclass(slots=True)
-class Summary:
-    by: str
-    rows: list[SummaryRow]
-    unattributed_j: float | None
-    node_energy_j: float | None
-    note: str = ""
-
-    @property
-    def unattributed_share(self) -> float | None:
-        if not self.node_energy_j or self.unattributed_j is None:
-            return None
-        return self.unattributed_j / self.node_energy_j
 
 
 # -- the interface ----------------------------------------------------------------------------
@@ -196,95 +113,6 @@ def how_obtained(row: JobRow) -> str:
     return "mixed"
 
 
-def elapsed_s(row: JobRow, now: float) -> float:
-    if row.state == RUNNING:
-        return max(0.0, now - row.first_seen)
-    return max(0.0, (row.end_time or row.last_seen) - row.first_seen)
-
-
-def water_l(row: JobRow) -> float:
-    return row.water_site_l + row.water_offsite_l
-
-
-def job_key(row: JobRow) -> tuple[str, str, int]:
-    return (row.cluster, row.job_id, row.submit_time)
-
-
-def _sum_opt(values: Iterable[float | int | None]):
-    vals = [v for v in values if v is not None]
-    return sum(vals) if vals else None
-
-
-def merge_rows(rows: list[JobRow]) -> JobRow:
-    """One job's record over all its nodes: sums of energy and footprint, union of provenance."""
-    if len(rows) == 1:
-        return rows[0]
-    rows = sorted(rows, key=lambda r: r.first_seen)
-    running = any(r.state == RUNNING for r in rows)
-    last = max(rows, key=lambda r: r.last_seen)
-    prov: dict[str, str] = {}
-    for r in rows:
-        for k, v in (r.provenance or {}).items():
-            seen = prov.get(k)
-            if seen is None:
-                prov[k] = v
-            elif v not in seen.split(" | "):
-                prov[k] = f"{seen} | {v}"
-    ends = [r.end_time for r in rows]
-    return dataclasses.replace(
-        rows[0],
-        node=",".join(dict.fromkeys(r.node for r in rows)),
-        state=RUNNING if running else last.state,
-        first_seen=min(r.first_seen for r in rows),
-        last_seen=last.last_seen,
-        end_time=None if running or None in ends else max(e for e in ends if e is not None),
-        alloc_cpus=_sum_opt(r.alloc_cpus for r in rows),
-        alloc_mem_bytes=_sum_opt(r.alloc_mem_bytes for r in rows),
-        alloc_gpus=_sum_opt(r.alloc_gpus for r in rows),
-        cpu_time_ns=sum(r.cpu_time_ns for r in rows),
-        cpu_uj=sum(r.cpu_uj for r in rows),
-        dram_uj=sum(r.dram_uj for r in rows),
-        gpu_uj=sum(r.gpu_uj for r in rows),
-        memory_uj=sum(r.memory_uj for r in rows),
-        facility_j=sum(r.facility_j for r in rows),
-        carbon_g=sum(r.carbon_g for r in rows),
-        water_site_l=sum(r.water_site_l for r in rows),
-        water_offsite_l=sum(r.water_offsite_l for r in rows),
-        # Peaks on different nodes may not coincide: the sum is the job's worst case.
-        max_mem_bytes=sum(r.max_mem_bytes for r in rows),
-        provenance=prov,
-        exit_code=last.exit_code,
-        pk=None,
-    )
-
-
-def group_jobs(rows: Iterable[JobRow]) -> list[JobRow]:
-    """Merge per-node rows into one row per job, keeping the order of first appearance."""
-    groups: dict[tuple, list[JobRow]] = {}
-    for r in rows:
-        groups.setdefault(job_key(r), []).append(r)
-    return [merge_rows(g) for g in groups.values()]
-
-
-def merge_series(points: Iterable[SeriesPoint]) -> list[SeriesPoint]:
-    """Sum points that share a bucket (several nodes, or a factor change inside a bucket)."""
-    out: dict[float, SeriesPoint] = {}
-    for p in points:
-        q = out.get(p.t_start)
-        if q is None:
-            out[p.t_start] = dataclasses.replace(p)
-            continue
-        q.t_end = max(q.t_end, p.t_end)
-        q.cpu_uj += p.cpu_uj
-        q.dram_uj += p.dram_uj
-        q.gpu_uj += p.gpu_uj
-        q.memory_uj += p.memory_uj
-        q.carbon_g += p.carbon_g
-        q.water_site_l += p.water_site_l
-        q.water_offsite_l += p.water_offsite_l
-    return [out[k] for k in sorted(out)]
-
-
 def power_w(series: list[SeriesPoint], first_seen: float | None = None) -> list[float]:
     """Mean power of each bucket: its energy over the time it covers.
 
@@ -304,6 +132,7 @@ def power_w(series: list[SeriesPoint], first_seen: float | None = None) -> list[
     return out
 
 
+# -- in memory, for an older daemon whose API cannot sort or search --------------------------
 def _sort_value(key: str, now: float) -> Callable[[JobRow], object]:
     return {
         "recent": lambda r: r.last_seen,
@@ -322,10 +151,17 @@ def matches(row: JobRow, text: str) -> bool:
                                                    row.cluster, row.partition, row.command, row.node))
 
 
+def _outcome_ok(row: JobRow, outcome: str | None) -> bool:
+    if outcome is None:
+        return True
+    if row.exit_code is None:
+        return False
+    return (row.exit_code == 0) == (outcome == "ok")
+
+
 def select_page(jobs: list[JobRow], q: JobQuery, now: float) -> JobPage:
-    """Search, sort and page merged jobs in memory (for sources that cannot do it themselves)."""
-    if q.search:
-        jobs = [r for r in jobs if matches(r, q.search)]
+    """Search, sort and page merged jobs in memory, as greend.queries.job_page does in SQL."""
+    jobs = [r for r in jobs if (not q.search or matches(r, q.search)) and _outcome_ok(r, q.outcome)]
     jobs = sorted(jobs, key=lambda r: (r.last_seen, r.cluster, r.job_id), reverse=True)
     if q.sort != "recent" or not q.descending:
         jobs.sort(key=_sort_value(q.sort, now), reverse=q.descending)
@@ -334,27 +170,17 @@ def select_page(jobs: list[JobRow], q: JobQuery, now: float) -> JobPage:
 
 
 # -- 1. a ledger file, read-only --------------------------------------------------------------
-_SQL_SORT = {
-    "recent": "max(last_seen)",
-    "energy": "sum(cpu_uj + dram_uj + gpu_uj + memory_uj)",
-    "carbon": "sum(carbon_g)",
-    "water": "sum(water_site_l + water_offsite_l)",
-    "elapsed": "(CASE WHEN max(state = 'running') THEN :now "
-               "ELSE coalesce(max(end_time), max(last_seen)) END) - min(first_seen)",
-    "job": "cluster {dir}, length(job_id) {dir}, job_id",
-    "name": "lower(min(name))",
-}
-
-
 class LedgerSource(DataSource):
-    """Reads a ledger file read-only (no daemon needed); the cluster table comes from the config,
-    given or loaded when first needed (`config_loader`), so listing jobs does not wait for it."""
+    """Reads a ledger file read-only (no daemon needed) through the core's read model; the cluster
+    table comes from the config, given or loaded when first needed (`config_loader`), so listing
+    jobs does not wait for it. Load and queue come from `live_load` (or `live_load_provider`)."""
 
     def __init__(self, path: str | Path, cfg=None, label: str | None = None,
-                 config_loader: Callable[[], object] | None = None):
+                 config_loader: Callable[[], object] | None = None, live_load: LiveLoad | None = None):
         self.path = Path(path)
         self.cfg = cfg
         self.config_loader = config_loader
+        self.live_load = live_load
         self.label = label or f"ledger {self.path}"
         self._ledger: Ledger | None = None
         self._lock = threading.Lock()
@@ -376,6 +202,8 @@ class LedgerSource(DataSource):
                 # A ledger replaced or damaged under us: reopen on the next try.
                 self.close()
                 raise SourceError(f"{self.path}: cannot read the ledger: {e}") from None
+            except queries.QueryError as e:
+                raise SourceError(str(e)) from None
 
     def close(self) -> None:
         self._last = None
@@ -385,28 +213,17 @@ class LedgerSource(DataSource):
             finally:
                 self._ledger = None
 
-    @staticmethod
-    def _where(q: JobQuery) -> tuple[str, dict]:
-        where, args = [], {}
-        for col in ("user", "account", "cluster", "state"):
-            val = getattr(q, col)
-            if val is not None:
-                where.append(f"{col} = :{col}")
-                args[col] = val
-        if q.since is not None:
-            where.append("last_seen >= :since")
-            args["since"] = q.since
-        if q.until is not None:
-            where.append("first_seen <= :until")
-            args["until"] = q.until
-        if q.search:
-            pat = "%" + q.search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            args["pat"] = pat
-            where.append("(" + " OR ".join(
-                f"{c} LIKE :pat ESCAPE '\\'"
-                for c in ("job_id", "name", "user", "account", "cluster", "partition", "command", "node")
-            ) + ")")
-        return (" WHERE " + " AND ".join(where) if where else ""), args
+    def _config(self, required: bool):
+        from greend import config as config_mod
+
+        if self.cfg is None and self.config_loader is not None:
+            try:
+                self.cfg = self.config_loader()
+            except config_mod.ConfigError as e:
+                if required:
+                    raise SourceError(str(e)) from None
+                return None
+        return self.cfg
 
     def _unchanged(self, version: int, q: JobQuery) -> JobPage | None:
         """The last page again if nobody wrote to the ledger since and the query is the same (a
@@ -427,199 +244,38 @@ class LedgerSource(DataSource):
             version = db.execute("PRAGMA data_version").fetchone()[0]
             page = self._unchanged(version, q)
             if page is None:
-                page = self._jobs(db, q, now)
+                page = queries.job_page(db, q, now)
                 self._last = (version, q, page)
             return page
 
         return self._run(run)
 
-    def _jobs(self, db: sqlite3.Connection, q: JobQuery, now: float) -> JobPage:
-        where, args = self._where(q)
-        args.update(now=now, limit=q.limit, offset=q.offset)
-        group = f"FROM jobs{where} GROUP BY cluster, job_id, submit_time"
-        total, running = db.execute(
-            f"SELECT count(*), coalesce(sum(r), 0) FROM (SELECT max(state = 'running') AS r {group})",
-            args,
-        ).fetchone()
-        direction = "DESC" if q.descending else "ASC"
-        expr = _SQL_SORT[q.sort]
-        order = (expr.format(dir=direction) + f" {direction}" if "{dir}" in expr
-                 else f"{expr} {direction}")
-        # (A window count in the same query is slower: it keeps every group's columns.)
-        keys = [tuple(k) for k in db.execute(
-            f"SELECT cluster, job_id, submit_time {group} ORDER BY {order}, "
-            "max(last_seen) DESC, cluster, job_id LIMIT :limit OFFSET :offset", args,
-        ).fetchall()]
-        if not keys:
-            return JobPage([], q.offset, total, running)
-        marks = ", ".join("(?, ?, ?)" for _ in keys)
-        flat = [v for k in keys for v in k]
-        rows = db.execute(
-            f"SELECT * FROM jobs WHERE (cluster, job_id, submit_time) IN (VALUES {marks})", flat
-        ).fetchall()
-        by_key: dict[tuple, list[JobRow]] = {}
-        for r in rows:
-            row = _row(r)
-            by_key.setdefault(job_key(row), []).append(row)
-        jobs = [merge_rows(by_key[k]) for k in keys if k in by_key]
-        return JobPage(jobs, q.offset, total, running)
-
     def job(self, cluster: str, job_id: str) -> JobDetail | None:
-        def run(db: sqlite3.Connection) -> JobDetail | None:
-            rows = [_row(r) for r in db.execute(
-                "SELECT * FROM jobs WHERE cluster = ? AND job_id = ? ORDER BY first_seen",
-                (cluster, job_id))]
-            if not rows:
-                return None
-            # A job id reused after a restart of Slurm's counter: show the latest submission.
-            latest = max(r.submit_time for r in rows)
-            rows = [r for r in rows if r.submit_time == latest]
-            pks = [r.pk for r in rows]
-            marks = ", ".join("?" for _ in pks)
-            points = [
-                SeriesPoint(s["t_start"], s["t_end"], s["cpu_uj"], s["dram_uj"], s["gpu_uj"],
-                            s["memory_uj"], s["carbon_g"], s["water_site_l"], s["water_offsite_l"])
-                for s in db.execute(
-                    f"SELECT * FROM job_series WHERE job_pk IN ({marks}) ORDER BY t_start", pks)
-            ]
-            factors = []
-            for r in db.execute(
-                "SELECT DISTINCT f.* FROM job_series s JOIN factor_sets f ON f.id = s.factor_set "
-                f"WHERE s.job_pk IN ({marks}) ORDER BY f.first_used", pks,
-            ):
-                d = dict(r)
-                d["sources"] = json.loads(d["sources"] or "{}")
-                factors.append(d)
-            return JobDetail(merge_rows(rows), rows, merge_series(points), factors,
-                             _decision(db, cluster, job_id))
-
-        return self._run(run)
+        return self._run(lambda db: queries.job_detail(db, cluster, job_id))
 
     def clusters(self, now: float) -> list[ClusterInfo]:
-        from greend.policies.state import live_load
-
         from greend import config as config_mod
 
-        if self.cfg is None and self.config_loader is not None:
-            try:
-                self.cfg = self.config_loader()
-            except config_mod.ConfigError as e:
-                raise SourceError(str(e)) from None
-        cfg = self.cfg if self.cfg is not None else config_mod.Config()
-
-        def run(db: sqlite3.Connection) -> dict[str, int]:
-            return dict(db.execute(
-                "SELECT cluster, count(*) FROM (SELECT DISTINCT cluster, job_id, submit_time "
-                "FROM jobs WHERE state = 'running') GROUP BY cluster").fetchall())
-
+        cfg = self._config(required=True)
         try:
-            running = self._run(run)
+            running = self._run(queries.running_by_cluster)
         except SourceError:
             running = None  # the table of clusters still comes from the configuration
-        try:
-            live = live_load(cfg)
-        except Exception as e:  # a display never fails for want of Slurm: it says why
-            live, live_error = {}, f"load and queue unavailable: {e}"
-        else:
-            live_error = ""
-        out = []
-        for name, c in cfg.clusters.items():
-            try:
-                f = config_mod.cluster_factors(cfg, name).at(now).to_dict()
-            except config_mod.ConfigError as e:
-                f, note = None, f"factors: {e}"
-            else:
-                note = live_error
-            state = live.get(name, {})
-            if state and not state.get("ok"):
-                note = state.get("error", "")
-            out.append(ClusterInfo(name, c.tier, c.hds, c.open, f, note=note,
-                                   load=state.get("load"), queue=state.get("pending"),
-                                   running=(running or {}).get(name, 0) if running is not None else None))
-        for name, n in sorted((running or {}).items()):
-            if name not in cfg.clusters:
-                out.append(ClusterInfo(name, "", False, True, None, running=n,
-                                       note="in the ledger, not in the configuration"))
-        return out
+        return queries.clusters(cfg if cfg is not None else config_mod.Config(), now, running=running,
+                                live_load=self.live_load or live_load_provider)
 
     def summary(self, since: float | None, until: float | None, by: str) -> Summary:
-        if by not in ("account", "user"):
-            raise ValueError(by)
-
-        def run(db: sqlite3.Connection) -> Summary:
-            where, args = self._where(JobQuery(since=since, until=until))
-            rows = [
-                SummaryRow(k or "(none)", e / 1e6, c, w, n)
-                for k, e, c, w, n in db.execute(
-                    f"SELECT {by}, sum(cpu_uj + dram_uj + gpu_uj + memory_uj), sum(carbon_g), "
-                    "sum(water_site_l + water_offsite_l), "
-                    f"count(DISTINCT cluster || '/' || job_id || '/' || submit_time) FROM jobs{where} "
-                    f"GROUP BY {by} ORDER BY 3 DESC, 2 DESC", args)
-            ]
-            unattr = node_e = None
-            note = ""
-            if since is not None or until is not None:
-                sw, sa = [], {}
-                if since is not None:
-                    sw.append("t_end >= :since")
-                    sa["since"] = since
-                if until is not None:
-                    sw.append("t_start <= :until")
-                    sa["until"] = until
-                r = db.execute("SELECT sum(energy_uj), sum(unattributed_uj) FROM node_series WHERE "
-                               + " AND ".join(sw), sa).fetchone()
-                if r and r[0]:
-                    node_e, unattr = r[0] / 1e6, r[1] / 1e6
-            if node_e is None:
-                r = db.execute("SELECT sum(energy_uj), sum(unattributed_uj) FROM node_totals").fetchone()
-                if r and r[0]:
-                    node_e, unattr = r[0] / 1e6, r[1] / 1e6
-                    if since is not None or until is not None:
-                        note = "unattributed share: since the ledger began (no node series in the period)"
-            return Summary(by, rows, unattr, node_e, note)
-
-        summary = self._run(run)
+        s = self._run(lambda db: queries.summary(db, by, since, until))
         if by == "account":
-            self._add_budgets(summary)
-        return summary
-
-    def _add_budgets(self, summary: Summary) -> None:
-        """Where each project stands in its budget period, from the configuration's budgets."""
-        from greend.policies.budgets import budget_status, label
-
-        cfg = self.cfg
-        if cfg is None and self.config_loader is not None:
             try:
-                cfg = self.cfg = self.config_loader()
+                cfg = self._config(required=False)
             except Exception:  # no usable configuration: no budgets to show
-                return
-        budgets = cfg.policy.budgets if cfg is not None else []
-        if not budgets:
-            return
-        try:
-            status = budget_status(self.path, budgets)
-        except Exception as e:  # the table still shows; the note says why budgets are missing
-            summary.note = (summary.note + "; " if summary.note else "") + f"budgets unavailable: {e}"
-            return
-        for row in summary.rows:
-            st = status.get(row.key)
-            if st:
-                row.budget_used, row.budget_label = st["max_ratio"], label(st)
-
-
-def _row(r: sqlite3.Row) -> JobRow:
-    d = dict(r)
-    d["provenance"] = json.loads(d.get("provenance") or "{}")
-    d["meta"] = json.loads(d.get("meta") or "{}")
-    known = {f.name for f in dataclasses.fields(JobRow)}
-    return JobRow(**{k: v for k, v in d.items() if k in known})
-
-
-def _decision(db: sqlite3.Connection, cluster: str, job_id: str) -> dict | None:
-    """The routing decision that submitted the job, as greend.api serves it (decoded)."""
-    from greend import decisions
-
-    return decisions.for_job(db, cluster, job_id)
+                cfg = None
+            if cfg is not None and cfg.policy.budgets:
+                self._run(lambda db: queries.add_budgets(db, s, cfg.policy.budgets))
+        for row in s.rows:
+            row.key = row.key or "(none)"
+        return s
 
 
 # -- 2 and 3. greend's HTTP API (the daemon's unix socket, a site controller's URL) ------------
@@ -640,11 +296,12 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
 
 class _ApiSource(DataSource):
-    """greend's /api/v1 as the project lead specified it; filters server-side, sorting here."""
+    """greend's /api/v1: filters, search, sorting and paging server-side (greend.queries)."""
 
     prefix = ""
-    # The API pages with limit/offset and cannot sort by footprint or search: fetch the filtered
-    # set (up to max_rows) and do the rest here.
+    max_limit = 1000  # the API's largest page
+    # An older API pages with limit/offset and cannot sort by footprint or search: then fetch the
+    # filtered set (up to max_rows) and do the rest here.
     page_rows = 1000
     max_rows = 50_000
 
@@ -691,14 +348,35 @@ class _ApiSource(DataSource):
         return data
 
     def jobs(self, q: JobQuery, now: float) -> JobPage:
+        params = {"user": q.user, "account": q.account, "cluster": q.cluster, "state": q.state,
+                  "kind": q.kind, "since": q.since, "until": q.until}
+        rows: list[JobRow] = []
+        offset = q.offset
+        total = running = 0
+        # Sorted, searched and paged by the API (a page over max_limit comes in several requests).
+        while len(rows) < q.limit:
+            data = self._get("/api/v1/jobs", {
+                **params, "per": "job", "sort": q.sort, "order": "desc" if q.descending else "asc",
+                "q": q.search or None, "outcome": q.outcome,
+                "limit": min(q.limit - len(rows), self.max_limit), "offset": offset})
+            if "total" not in data:  # a daemon older than sort and search: do them here
+                return self._jobs_in_memory(q, params, now)
+            got = data.get("jobs") or []
+            rows.extend(_job_from_dict(d) for d in got)
+            total, running = int(data["total"]), int(data.get("running") or 0)
+            if not got or data.get("next_offset") is None:
+                break
+            offset += len(got)
+        return JobPage(rows, q.offset, total, running)
+
+    def _jobs_in_memory(self, q: JobQuery, params: dict, now: float) -> JobPage:
+        """For an API without sort and search: fetch the filtered records (up to max_rows), merge,
+        search, sort and page them here."""
         rows: list[JobRow] = []
         offset: int | None = 0
         truncated = False
         while offset is not None:
-            data = self._get("/api/v1/jobs", {
-                "user": q.user, "account": q.account, "cluster": q.cluster, "state": q.state,
-                "since": q.since, "until": q.until, "limit": self.page_rows, "offset": offset,
-            })
+            data = self._get("/api/v1/jobs", {**params, "limit": self.page_rows, "offset": offset})
             got = data.get("jobs") or []
             rows.extend(_job_from_dict(d) for d in got)
             nxt = data.get("next_offset")
@@ -759,7 +437,8 @@ class _ApiSource(DataSource):
             rows.append(row)
         rows.sort(key=lambda r: (r.carbon_g, r.it_energy_j), reverse=True)
         ua, ne = data.get("unattributed_j"), data.get("node_energy_j")
-        return Summary(by, rows, None if ua is None else float(ua), None if ne is None else float(ne))
+        return Summary(by, rows, None if ua is None else float(ua), None if ne is None else float(ne),
+                       str(data.get("note") or ""))
 
 
 def _budget(r: dict) -> tuple[float | None, str]:

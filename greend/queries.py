@@ -1,0 +1,614 @@
+"""The read model over the ledger: pages of jobs (sorted, filtered, searched), one job in detail,
+the clusters, and summaries with budgets. The API, the TUI's ledger source and the policy engine's
+history all read through here, so the ledger's schema is known for reading in this one place.
+
+Every function takes a read-only sqlite3 connection (any row factory) and raises `QueryError` for
+a query that asks for something that does not exist (an unknown sort key, a bad `outcome`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .ledger import JobRow
+
+RUNNING = "running"
+
+# Sort keys of a job page, in the order the TUI's jobs screen cycles through them.
+SORT_KEYS = ("recent", "energy", "carbon", "water", "elapsed", "job", "name")
+OUTCOMES = ("ok", "failed")
+STATES = ("running", "ended")
+SUMMARY_BY = ("account", "user", "cluster", "node")
+# The columns free-text search looks in.
+SEARCH_COLUMNS = ("job_id", "name", "user", "account", "cluster", "partition", "command", "node")
+
+# Load and queue of each cluster, from its Slurm controller: {cluster: {"ok", "load", "pending",
+# ...} or {"ok": False, "error"}}. Given by the composition root (policies.state.live_load), so
+# that the core does not import the policy engine.
+LiveLoad = Callable[[object], dict[str, dict]]
+
+
+class QueryError(ValueError):
+    """A query the read model cannot answer; the message names the field and what was expected."""
+
+
+# -- what a reader gets -------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class JobQuery:
+    """Which jobs to list, in which order, which page. None means no filter.
+
+    `per="job"` merges a job's records on its nodes into one row; `per="record"` lists one row per
+    job and node, as the ledger holds them. `outcome` is "ok" (exit code 0) or "failed" (any other
+    exit code); a job whose exit code is unknown is neither.
+    """
+
+    user: str | None = None
+    account: str | None = None
+    cluster: str | None = None
+    state: str | None = None
+    kind: str | None = None
+    outcome: str | None = None
+    since: float | None = None
+    until: float | None = None
+    search: str = ""
+    sort: str = "recent"
+    descending: bool = True
+    limit: int = 100
+    offset: int = 0
+    per: str = "job"
+
+    def check(self) -> None:
+        if self.sort not in SORT_KEYS:
+            raise QueryError(f"sort: expected one of {', '.join(SORT_KEYS)}, not {self.sort!r}")
+        if self.outcome is not None and self.outcome not in OUTCOMES:
+            raise QueryError(f"outcome: expected ok or failed, not {self.outcome!r}")
+        if self.state is not None and self.state not in STATES:
+            raise QueryError(f"state: expected running or ended, not {self.state!r}")
+        if self.per not in ("job", "record"):
+            raise QueryError(f"per: expected job or record, not {self.per!r}")
+        if self.limit < 1 or self.offset < 0:
+            raise QueryError("limit: expected 1 or more, offset: 0 or more")
+
+
+@dataclass(slots=True)
+class JobPage:
+    """One page of jobs (each merged over its nodes, or records), with the size of the whole result."""
+
+    jobs: list[JobRow]
+    offset: int
+    total: int
+    running: int
+    truncated: bool = False  # the source holds more than it would send: the total is a lower bound
+
+
+@dataclass(slots=True)
+class SeriesPoint:
+    """One bucket of a job's time series (summed over nodes and factor sets when merged)."""
+
+    t_start: float
+    t_end: float
+    cpu_uj: int = 0
+    dram_uj: int = 0
+    gpu_uj: int = 0
+    memory_uj: int = 0
+    carbon_g: float = 0.0
+    water_site_l: float = 0.0
+    water_offsite_l: float = 0.0
+    cpu_time_ns: int = 0
+
+    @property
+    def energy_uj(self) -> int:
+        return self.cpu_uj + self.dram_uj + self.gpu_uj + self.memory_uj
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("t_start", "t_end", "cpu_uj", "dram_uj", "gpu_uj",
+                                               "memory_uj", "cpu_time_ns", "carbon_g", "water_site_l",
+                                               "water_offsite_l")}
+
+
+@dataclass(slots=True)
+class JobDetail:
+    """A job merged over its nodes, its per-node records, power series, factors and routing decision.
+
+    `node_series` and `node_factors` are per record, in the order of `nodes`.
+    """
+
+    job: JobRow
+    nodes: list[JobRow]
+    series: list[SeriesPoint]
+    factors: list[dict]
+    decision: dict | None = None
+    node_series: list[list[SeriesPoint]] = field(default_factory=list)
+    node_factors: list[list[dict]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ClusterInfo:
+    name: str
+    tier: str
+    hds: bool
+    open: bool
+    factors: dict | None
+    """Factors.to_dict() in force now (with `sources`), or None when unknown."""
+    load: float | None = None
+    """Share of the cluster's capacity in use, 0-1, when the source knows it."""
+    queue: int | None = None
+    """Jobs waiting, when the source knows it."""
+    running: int | None = None
+    """Jobs greend sees running there."""
+    note: str = ""
+    country: str = ""
+    live: dict | None = None
+    """The live state as the provider gave it (`ok`, CPUs, counts, or `error`), when asked."""
+    factors_error: str = ""
+    """Why the factors are unknown (a configuration problem), when they are."""
+
+
+@dataclass(slots=True)
+class SummaryRow:
+    key: str
+    it_energy_j: float
+    carbon_g: float
+    water_l: float
+    jobs: int
+    budget_used: float | None = None
+    """Fraction of the budget used (1.0 = all of it), when a budget is configured."""
+    budget_label: str = ""
+    budget: dict | None = None
+    """The account's budget status (greend.budgets.budget_status), when it has a budget."""
+
+
+@dataclass(slots=True)
+class Summary:
+    by: str
+    rows: list[SummaryRow]
+    unattributed_j: float | None
+    node_energy_j: float | None
+    note: str = ""
+
+    @property
+    def unattributed_share(self) -> float | None:
+        if not self.node_energy_j or self.unattributed_j is None:
+            return None
+        return self.unattributed_j / self.node_energy_j
+
+
+# -- rows ---------------------------------------------------------------------------------------
+_JOB_FIELDS = frozenset(f.name for f in dataclasses.fields(JobRow))
+
+
+def _dicts(cur: sqlite3.Cursor) -> list[dict]:
+    """Rows as dicts whatever the connection's row factory."""
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+def job_row(d: dict) -> JobRow:
+    """A JobRow from a `jobs` row (columns unknown to this version are ignored)."""
+    d = dict(d)
+    d["provenance"] = json.loads(d.get("provenance") or "{}")
+    d["meta"] = json.loads(d.get("meta") or "{}")
+    return JobRow(**{k: v for k, v in d.items() if k in _JOB_FIELDS})
+
+
+def job_key(row: JobRow) -> tuple[str, str, int]:
+    return (row.cluster, row.job_id, row.submit_time)
+
+
+def elapsed_s(row: JobRow, now: float) -> float:
+    if row.state == RUNNING:
+        return max(0.0, now - row.first_seen)
+    return max(0.0, (row.end_time or row.last_seen) - row.first_seen)
+
+
+def water_l(row: JobRow) -> float:
+    return row.water_site_l + row.water_offsite_l
+
+
+def _sum_opt(values: Iterable[float | int | None]):
+    vals = [v for v in values if v is not None]
+    return sum(vals) if vals else None
+
+
+def merge_rows(rows: list[JobRow]) -> JobRow:
+    """One job's record over all its nodes: sums of energy and footprint, union of provenance."""
+    if len(rows) == 1:
+        return rows[0]
+    rows = sorted(rows, key=lambda r: r.first_seen)
+    running = any(r.state == RUNNING for r in rows)
+    last = max(rows, key=lambda r: r.last_seen)
+    prov: dict[str, str] = {}
+    for r in rows:
+        for k, v in (r.provenance or {}).items():
+            seen = prov.get(k)
+            if seen is None:
+                prov[k] = v
+            elif v not in seen.split(" | "):
+                prov[k] = f"{seen} | {v}"
+    ends = [r.end_time for r in rows]
+    return dataclasses.replace(
+        rows[0],
+        node=",".join(dict.fromkeys(r.node for r in rows)),
+        state=RUNNING if running else last.state,
+        first_seen=min(r.first_seen for r in rows),
+        last_seen=last.last_seen,
+        end_time=None if running or None in ends else max(e for e in ends if e is not None),
+        alloc_cpus=_sum_opt(r.alloc_cpus for r in rows),
+        alloc_mem_bytes=_sum_opt(r.alloc_mem_bytes for r in rows),
+        alloc_gpus=_sum_opt(r.alloc_gpus for r in rows),
+        cpu_time_ns=sum(r.cpu_time_ns for r in rows),
+        cpu_uj=sum(r.cpu_uj for r in rows),
+        dram_uj=sum(r.dram_uj for r in rows),
+        gpu_uj=sum(r.gpu_uj for r in rows),
+        memory_uj=sum(r.memory_uj for r in rows),
+        facility_j=sum(r.facility_j for r in rows),
+        carbon_g=sum(r.carbon_g for r in rows),
+        water_site_l=sum(r.water_site_l for r in rows),
+        water_offsite_l=sum(r.water_offsite_l for r in rows),
+        # Peaks on different nodes may not coincide: the sum is the job's worst case.
+        max_mem_bytes=sum(r.max_mem_bytes for r in rows),
+        provenance=prov,
+        exit_code=last.exit_code,
+        pk=None,
+    )
+
+
+def group_jobs(rows: Iterable[JobRow]) -> list[JobRow]:
+    """Merge per-node rows into one row per job, keeping the order of first appearance."""
+    groups: dict[tuple, list[JobRow]] = {}
+    for r in rows:
+        groups.setdefault(job_key(r), []).append(r)
+    return [merge_rows(g) for g in groups.values()]
+
+
+def merge_series(points: Iterable[SeriesPoint]) -> list[SeriesPoint]:
+    """Sum points that share a bucket (several nodes, or a factor change inside a bucket)."""
+    out: dict[float, SeriesPoint] = {}
+    for p in points:
+        q = out.get(p.t_start)
+        if q is None:
+            out[p.t_start] = dataclasses.replace(p)
+            continue
+        q.t_end = max(q.t_end, p.t_end)
+        q.cpu_uj += p.cpu_uj
+        q.dram_uj += p.dram_uj
+        q.gpu_uj += p.gpu_uj
+        q.memory_uj += p.memory_uj
+        q.cpu_time_ns += p.cpu_time_ns
+        q.carbon_g += p.carbon_g
+        q.water_site_l += p.water_site_l
+        q.water_offsite_l += p.water_offsite_l
+    return [out[k] for k in sorted(out)]
+
+
+# -- a page of jobs -----------------------------------------------------------------------------
+# Sort expressions over a job's records (GROUP BY the job) and over single records.
+_SORT_JOB = {
+    "recent": "max(last_seen)",
+    "energy": "sum(cpu_uj + dram_uj + gpu_uj + memory_uj)",
+    "carbon": "sum(carbon_g)",
+    "water": "sum(water_site_l + water_offsite_l)",
+    "elapsed": "(CASE WHEN max(state = 'running') THEN :now "
+               "ELSE coalesce(max(end_time), max(last_seen)) END) - min(first_seen)",
+    "job": "cluster {dir}, length(job_id) {dir}, job_id",
+    "name": "lower(min(name))",
+}
+_SORT_RECORD = {
+    "recent": "last_seen",
+    "energy": "cpu_uj + dram_uj + gpu_uj + memory_uj",
+    "carbon": "carbon_g",
+    "water": "water_site_l + water_offsite_l",
+    "elapsed": "(CASE WHEN state = 'running' THEN :now ELSE coalesce(end_time, last_seen) END) "
+               "- first_seen",
+    "job": "cluster {dir}, length(job_id) {dir}, job_id",
+    "name": "lower(name)",
+}
+
+
+def like_pattern(text: str) -> str:
+    """A LIKE pattern (ESCAPE '\\') that finds `text` anywhere, its wildcards taken literally."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def job_where(q: JobQuery) -> tuple[str, dict]:
+    """The WHERE clause (with its leading " WHERE ", or "") and named arguments of a query's filters."""
+    where, args = [], {}
+    for col in ("user", "account", "cluster", "state", "kind"):
+        val = getattr(q, col)
+        if val is not None:
+            where.append(f"{col} = :{col}")
+            args[col] = val
+    if q.outcome == "ok":
+        where.append("exit_code = 0")
+    elif q.outcome == "failed":
+        where.append("exit_code != 0")  # NULL (unknown) is neither
+    if q.since is not None:
+        where.append("last_seen >= :since")
+        args["since"] = q.since
+    if q.until is not None:
+        where.append("first_seen <= :until")
+        args["until"] = q.until
+    if q.search:
+        args["pat"] = like_pattern(q.search)
+        where.append("(" + " OR ".join(f"{c} LIKE :pat ESCAPE '\\'" for c in SEARCH_COLUMNS) + ")")
+    return (" WHERE " + " AND ".join(where) if where else ""), args
+
+
+def job_page(db: sqlite3.Connection, q: JobQuery, now: float) -> JobPage:
+    """One page of the jobs (or records) a query selects, sorted in SQL, with the total and how
+    many of them run."""
+    q.check()
+    where, args = job_where(q)
+    args.update(now=now, limit=q.limit, offset=q.offset)
+    direction = "DESC" if q.descending else "ASC"
+    if q.per == "job":
+        group = f"FROM jobs{where} GROUP BY cluster, job_id, submit_time"
+        total, running = db.execute(
+            f"SELECT count(*), coalesce(sum(r), 0) FROM (SELECT max(state = 'running') AS r {group})",
+            args).fetchone()
+        expr, keys_sql, tie = _SORT_JOB[q.sort], "cluster, job_id, submit_time", \
+            "max(last_seen) DESC, cluster, job_id"
+    else:
+        group = f"FROM jobs{where}"
+        total, running = db.execute(
+            f"SELECT count(*), coalesce(sum(state = 'running'), 0) {group}", args).fetchone()
+        expr, keys_sql, tie = _SORT_RECORD[q.sort], "pk", "last_seen DESC, pk DESC"
+    order = (expr.format(dir=direction) + f" {direction}" if "{dir}" in expr else f"{expr} {direction}")
+    # (A window count in the same query is slower: it keeps every group's columns.)
+    keys = [tuple(k) for k in db.execute(
+        f"SELECT {keys_sql} {group} ORDER BY {order}, {tie} LIMIT :limit OFFSET :offset", args)]
+    if not keys:
+        return JobPage([], q.offset, total, running)
+    flat = [v for k in keys for v in k]
+    if q.per == "record":
+        marks = ", ".join("?" for _ in keys)
+        by_pk = {d["pk"]: job_row(d) for d in _dicts(db.execute(
+            f"SELECT * FROM jobs WHERE pk IN ({marks})", flat))}
+        return JobPage([by_pk[k[0]] for k in keys if k[0] in by_pk], q.offset, total, running)
+    marks = ", ".join("(?, ?, ?)" for _ in keys)
+    by_key: dict[tuple, list[JobRow]] = {}
+    for d in _dicts(db.execute(
+            f"SELECT * FROM jobs WHERE (cluster, job_id, submit_time) IN (VALUES {marks}) "
+            "ORDER BY first_seen", flat)):
+        row = job_row(d)
+        by_key.setdefault(job_key(row), []).append(row)
+    return JobPage([merge_rows(by_key[k]) for k in keys if k in by_key], q.offset, total, running)
+
+
+def running_by_cluster(db: sqlite3.Connection) -> dict[str, int]:
+    """How many jobs run on each cluster (a job on several nodes counts once)."""
+    return dict(db.execute(
+        "SELECT cluster, count(*) FROM (SELECT DISTINCT cluster, job_id, submit_time "
+        "FROM jobs WHERE state = 'running') GROUP BY cluster").fetchall())
+
+
+# -- one job ------------------------------------------------------------------------------------
+def _series_point(d: dict) -> SeriesPoint:
+    return SeriesPoint(d["t_start"], d["t_end"], d["cpu_uj"], d["dram_uj"], d["gpu_uj"], d["memory_uj"],
+                       d["carbon_g"], d["water_site_l"], d["water_offsite_l"], d.get("cpu_time_ns") or 0)
+
+
+def job_detail(db: sqlite3.Connection, cluster: str, job_id: str, *, user: str | None = None,
+               all_submissions: bool = False) -> JobDetail | None:
+    """A job with its records per node, series, factor sets and routing decision; None if the
+    ledger has no such job (or none of `user`'s).
+
+    A job id that Slurm reused (after its counter was reset) has several submissions: the latest
+    one is shown, or every record with `all_submissions` (`job` then merges the latest).
+    """
+    sql, args = "SELECT * FROM jobs WHERE cluster = ? AND job_id = ?", [cluster, job_id]
+    if user is not None:
+        sql += " AND user = ?"
+        args.append(user)
+    rows = [job_row(d) for d in _dicts(db.execute(sql + " ORDER BY first_seen, pk", args))]
+    if not rows:
+        return None
+    latest = max(r.submit_time for r in rows)
+    if not all_submissions:
+        rows = [r for r in rows if r.submit_time == latest]
+    pks = [r.pk for r in rows]
+    marks = ", ".join("?" for _ in pks)
+    per_pk: dict[int, list[SeriesPoint]] = {pk: [] for pk in pks}
+    for d in _dicts(db.execute(
+            f"SELECT * FROM job_series WHERE job_pk IN ({marks}) ORDER BY t_start", pks)):
+        per_pk[d["job_pk"]].append(_series_point(d))
+    factors_pk: dict[int, list[dict]] = {pk: [] for pk in pks}
+    factors: dict[str, dict] = {}
+    for d in _dicts(db.execute(
+            "SELECT DISTINCT s.job_pk, f.* FROM job_series s JOIN factor_sets f ON f.id = s.factor_set "
+            f"WHERE s.job_pk IN ({marks}) ORDER BY f.first_used, f.id", pks)):
+        pk = d.pop("job_pk")
+        d["sources"] = json.loads(d["sources"] or "{}")
+        factors_pk[pk].append(d)
+        factors.setdefault(d["id"], d)
+    shown = [r for r in rows if r.submit_time == latest]
+    from . import decisions
+
+    return JobDetail(
+        merge_rows(shown), rows,
+        merge_series(p for r in shown for p in per_pk[r.pk]),
+        sorted(factors.values(), key=lambda f: (f["first_used"], f["id"])) if factors else [],
+        decisions.for_job(db, cluster, job_id),
+        node_series=[per_pk[pk] for pk in pks],
+        node_factors=[factors_pk[pk] for pk in pks],
+    )
+
+
+# -- clusters -----------------------------------------------------------------------------------
+def clusters(cfg, now: float, *, db: sqlite3.Connection | None = None,
+             running: dict[str, int] | None = None,
+             live_load: LiveLoad | None = None) -> list[ClusterInfo]:
+    """The configuration's clusters with the factors in force now, the jobs greend sees running
+    (from the ledger `db`, or as counted by running_by_cluster), and their load and queue (with a
+    live-load provider). A cluster that is only in the ledger is listed too, with a note. Never
+    fails for want of Slurm: the note says why."""
+    from . import config as config_mod
+
+    if db is not None and running is None:
+        try:
+            running = running_by_cluster(db)
+        except sqlite3.Error:
+            running = None  # the table of clusters still comes from the configuration
+    live: dict[str, dict] = {}
+    live_error = ""
+    if live_load is not None:
+        try:
+            live = live_load(cfg) or {}
+        except Exception as e:  # Slurm unreachable or no policy config: the listing still answers
+            live_error = f"load and queue unavailable: {e}"
+            live = {name: {"ok": False, "error": live_error} for name in cfg.clusters}
+    out = []
+    for name, c in cfg.clusters.items():
+        try:
+            f = config_mod.cluster_factors(cfg, name).at(now).to_dict()
+        except Exception as e:  # report, don't fail the whole listing
+            f, ferr, note = None, str(e), f"factors: {e}"
+        else:
+            ferr, note = "", live_error
+        state = live.get(name) or None
+        if state and not state.get("ok"):
+            note = state.get("error", "") or note
+        ok = bool(state and state.get("ok"))
+        out.append(ClusterInfo(
+            name, c.tier, c.hds, c.open, f, note=note, country=c.country or "", live=state,
+            factors_error=ferr,
+            load=state["load"] if ok else None, queue=state["pending"] if ok else None,
+            running=running.get(name, 0) if running is not None else None))
+    for name, n in sorted((running or {}).items()):
+        if name not in cfg.clusters:
+            out.append(ClusterInfo(name, "", False, True, None, running=n,
+                                   note="in the ledger, not in the configuration"))
+    return out
+
+
+# -- summaries ----------------------------------------------------------------------------------
+_SUMMARY_ORDER = {"carbon": "3 DESC, 2 DESC", "energy": "2 DESC, 3 DESC"}
+
+
+def summary(db: sqlite3.Connection, by: str, since: float | None = None, until: float | None = None,
+            *, user: str | None = None, order: str = "carbon", limit: int | None = None) -> Summary:
+    """Energy, carbon and water of the jobs seen in [since, until] by account, user, cluster or
+    node (a job overlapping the window counts in full; a job on several nodes counts once), and the
+    nodes' unattributed share over the window (since the ledger began when it has no node series
+    there). `user` restricts the rows to that user's jobs. Budgets: add_budgets()."""
+    if by not in SUMMARY_BY:
+        raise QueryError(f"by: expected {', '.join(SUMMARY_BY)}, not {by!r}")
+    if order not in _SUMMARY_ORDER:
+        raise QueryError(f"order: expected carbon or energy, not {order!r}")
+    where, args = job_where(JobQuery(since=since, until=until, user=user))
+    sql = (f"SELECT {by}, sum(cpu_uj + dram_uj + gpu_uj + memory_uj), sum(carbon_g), "
+           "sum(water_site_l + water_offsite_l), "
+           f"count(DISTINCT cluster || '/' || job_id || '/' || submit_time) FROM jobs{where} "
+           f"GROUP BY {by} ORDER BY {_SUMMARY_ORDER[order]}")
+    if limit is not None:
+        sql += " LIMIT :limit"
+        args["limit"] = limit
+    rows = [SummaryRow(k if k is not None else "", (e or 0) / 1e6, c or 0.0, w or 0.0, n)
+            for k, e, c, w, n in db.execute(sql, args)]
+    unattr = node_e = None
+    note = ""
+    if since is not None or until is not None:
+        sw, sa = [], {}
+        if since is not None:
+            sw.append("t_end >= :since")
+            sa["since"] = since
+        if until is not None:
+            sw.append("t_start <= :until")
+            sa["until"] = until
+        r = db.execute("SELECT sum(energy_uj), sum(unattributed_uj) FROM node_series WHERE "
+                       + " AND ".join(sw), sa).fetchone()
+        if r and r[0]:
+            node_e, unattr = r[0] / 1e6, (r[1] or 0) / 1e6
+    if node_e is None:
+        r = db.execute("SELECT sum(energy_uj), sum(unattributed_uj) FROM node_totals").fetchone()
+        if r and r[0]:
+            node_e, unattr = r[0] / 1e6, (r[1] or 0) / 1e6
+            if since is not None or until is not None:
+                note = "unattributed share: since the ledger began (no node series in the period)"
+    return Summary(by, rows, unattr, node_e, note)
+
+
+def add_budgets(db: sqlite3.Connection, s: Summary, budgets, now: float | None = None) -> None:
+    """Where each account of an account summary stands in its own budget period (not the summary's
+    window). A failure leaves the rows without budgets and says why in the note."""
+    from . import budgets as budgets_mod
+
+    budgets = list(budgets or [])
+    if s.by != "account" or not budgets:
+        return
+    try:
+        status = budgets_mod.budget_status(db, budgets, now)
+    except Exception as e:  # the table still shows; the note says why budgets are missing
+        s.note = (s.note + "; " if s.note else "") + f"budgets unavailable: {e}"
+        return
+    for row in s.rows:
+        st = status.get(row.key)
+        if st:
+            row.budget = st
+            row.budget_used, row.budget_label = st["max_ratio"], budgets_mod.label(st)
+
+
+# -- what the policy engine reads ----------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class PastRun:
+    """One ended job of a user's (merged over its nodes), as the policy engine's history reads it."""
+
+    cluster: str
+    job_id: str
+    start: float
+    stop: float
+    cpus: float
+    mem_bytes: int
+    gpus: int
+    cpu_time_ns: int
+    it_energy_uj: int
+    gpu_uj: int
+    max_mem_bytes: int
+
+
+_SIMILAR_SQL = """
+SELECT cluster, job_id, MIN(first_seen) AS start, MAX(COALESCE(end_time, last_seen)) AS stop,
+       SUM(COALESCE(alloc_cpus, 0)) AS cpus, SUM(COALESCE(alloc_mem_bytes, 0)) AS mem,
+       SUM(COALESCE(alloc_gpus, 0)) AS gpus, SUM(cpu_time_ns) AS cpu_ns,
+       SUM(cpu_uj + dram_uj + gpu_uj + memory_uj) AS it_uj, SUM(gpu_uj) AS gpu_uj,
+       SUM(max_mem_bytes) AS max_mem
+FROM jobs
+WHERE user = ? AND name = ? AND state = 'ended' AND last_seen >= ?
+GROUP BY cluster, job_id, submit_time
+ORDER BY MAX(last_seen) DESC
+LIMIT ?
+"""
+
+
+def similar_jobs(db: sqlite3.Connection, user: str, name: str, since: float, limit: int) -> list[PastRun]:
+    """A user's ended jobs of that name seen since `since`, most recent first."""
+    return [PastRun(c, str(j), start, stop if stop is not None else start, float(cpus or 0),
+                    int(mem or 0), int(gpus or 0), int(cpu_ns or 0), int(it or 0), int(gpu or 0),
+                    int(mm or 0))
+            for c, j, start, stop, cpus, mem, gpus, cpu_ns, it, gpu, mm
+            in db.execute(_SIMILAR_SQL, (user, name, since, limit))]
+
+
+@dataclass(frozen=True, slots=True)
+class AccountUsage:
+    """What an account's jobs seen since `since` used (a job overlapping `since` counts in full)."""
+
+    account: str
+    since: float
+    jobs: int
+    facility_energy_j: float
+    carbon_g: float
+    water_l: float
+
+
+def account_usage(db: sqlite3.Connection, account: str, since: float) -> AccountUsage:
+    n, fac, carbon, water = db.execute(
+        "SELECT count(DISTINCT cluster || '/' || job_id || '/' || submit_time), "
+        "coalesce(sum(facility_j), 0), coalesce(sum(carbon_g), 0), "
+        "coalesce(sum(water_site_l + water_offsite_l), 0) FROM jobs WHERE account = ? AND last_seen >= ?",
+        (account, since)).fetchone()
+    return AccountUsage(account, since, n, fac, carbon, water)
