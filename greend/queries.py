@@ -426,16 +426,27 @@ def job_detail(db: sqlite3.Connection, cluster: str, job_id: str, *, user: str |
         factors_pk[pk].append(d)
         factors.setdefault(d["id"], d)
     shown = [r for r in rows if r.submit_time == latest]
-    from . import decisions
-
     return JobDetail(
         merge_rows(shown), rows,
         merge_series(p for r in shown for p in per_pk[r.pk]),
         sorted(factors.values(), key=lambda f: (f["first_used"], f["id"])) if factors else [],
-        decisions.for_job(db, cluster, job_id),
+        decision_for(db, cluster, job_id),
         node_series=[per_pk[pk] for pk in pks],
         node_factors=[factors_pk[pk] for pk in pks],
     )
+
+
+def decision_for(db: sqlite3.Connection, cluster: str, job_id: str) -> dict | None:
+    """The latest routing decision that submitted cluster/job_id, decoded (greend.decisions); None
+    when the ledger has none, or no decisions table (a ledger older than migration 3, read-only)."""
+    from . import decisions
+
+    try:
+        found = _dicts(db.execute("SELECT * FROM decisions WHERE cluster = ? AND job_id = ? "
+                                  "ORDER BY t DESC, id DESC LIMIT 1", (cluster, job_id)))
+    except sqlite3.OperationalError:
+        return None
+    return decisions.decode(found[0]) if found else None
 
 
 # -- clusters -----------------------------------------------------------------------------------
