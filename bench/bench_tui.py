@@ -2,9 +2,11 @@
 
     .venv/bin/python bench/bench_tui.py [--jobs 10000] [--runs 20]
 
-Prints: ledger build time; data-layer query times; `greend tui` itself in a pseudo-terminal, from
-exec to its first page of jobs; then, driven headless by Textual's Pilot, first paint and the time
-of a refresh (unchanged data; changed figures of running jobs), a page change and a re-sort.
+Prints: ledger build time; data-layer query times (the ledger source; the socket source through
+greend's API, which sorts and pages, against what the TUI did before the API could); `greend tui`
+itself in a pseudo-terminal, from exec to its first page of jobs; then, driven headless by
+Textual's Pilot, first paint and the time of a refresh (unchanged data; changed figures of running
+jobs), a page change and a re-sort.
 Goals: first paint < 1 s, refresh < 100 ms.
 """
 
@@ -130,6 +132,63 @@ def bench_data(path: Path, runs: int) -> None:
     src.close()
 
 
+def bench_api(path: Path, runs: int) -> None:
+    """The TUI's socket source against greend's own API server (greend.api) over the ledger: a page
+    sorted, searched and paged by the API (now), and the same page the way the TUI had to get it
+    before the API could sort and search (every matching record in pages of 1,000, merged, sorted
+    and paged in the TUI: _jobs_in_memory, kept as the fallback for an older daemon)."""
+    from greend.tui.data import JobQuery, SocketSource
+
+    from greend import api
+
+    class Host:
+        cfg = config_mod.Config()
+        ledger_path = path
+        socket_path = path.with_name("api.sock")
+        node = None
+        token = None
+        max_body = 1 << 20
+        routes: dict = {}  # noqa: RUF012
+
+        def health(self) -> dict:
+            return {"ok": True}
+
+        def metric_collectors(self) -> list:
+            return []
+
+    host = Host()
+    servers = api.start_servers(host, ("127.0.0.1", 0), host.socket_path)
+    src = SocketSource(host.socket_path)
+    cases = {
+        "my jobs, 30 days, recent first": JobQuery(user=ME, since=NOW - 30 * 86400),
+        "all users, all time, recent first": JobQuery(),
+        "all users, all time, by energy": JobQuery(sort="energy"),
+        "all users, search 'job-4'": JobQuery(search="job-4"),
+        "all users, page 50": JobQuery(offset=5000),
+    }
+    try:
+        for label, q in cases.items():
+            params = {"user": q.user, "account": q.account, "cluster": q.cluster, "state": q.state,
+                      "kind": q.kind, "since": q.since, "until": q.until}
+            now, before = [], []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                page = src.jobs(q, NOW)
+                now.append(time.perf_counter() - t0)
+            for _ in range(max(1, min(runs, 5))):
+                t0 = time.perf_counter()
+                old = src._jobs_in_memory(q, params, NOW)
+                before.append(time.perf_counter() - t0)
+            # The same page both ways (ties included).
+            assert [j.job_id for j in old.jobs] == [j.job_id for j in page.jobs] and old.total == page.total
+            print(f"  jobs(): {label:<36} {page.total:>6} jobs  API sorts: {ms(now)}")
+            print(f"  {'':<45}{'':>13}before: {ms(before)}")
+    finally:
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
+
+
 async def bench_app(path: Path, runs: int, all_users: bool, size: tuple[int, int]) -> None:
     """Through Textual's Pilot, headless. Each figure is wall time from the key press until the app
     is idle again with the new rows painted; Pilot's own idle detection adds a fixed delay, measured
@@ -226,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=10_000)
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--api-only", action="store_true", help="stop after the data layer's figures")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "ledger.sqlite"
@@ -237,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"import greend.tui.app (textual): {(time.perf_counter() - t0) * 1e3:.0f} ms")
         print("data layer (LedgerSource):")
         bench_data(path, args.runs)
+        print("data layer (SocketSource, greend's API on a unix socket):")
+        bench_api(path, args.runs)
+        if args.api_only:
+            return 0
         print("greend tui in a pseudo-terminal (80x24), exec to first page painted:")
         paints = [first_paint_pty(path, ME) for _ in range(min(args.runs, 5))]
         ok = [x for x in paints if x is not None]

@@ -162,7 +162,8 @@ def _outcome_ok(row: JobRow, outcome: str | None) -> bool:
 def select_page(jobs: list[JobRow], q: JobQuery, now: float) -> JobPage:
     """Search, sort and page merged jobs in memory, as greend.queries.job_page does in SQL."""
     jobs = [r for r in jobs if (not q.search or matches(r, q.search)) and _outcome_ok(r, q.outcome)]
-    jobs = sorted(jobs, key=lambda r: (r.last_seen, r.cluster, r.job_id), reverse=True)
+    # Ties broken as the SQL does: most recent first, then by cluster and job id.
+    jobs = sorted(jobs, key=lambda r: (-r.last_seen, r.cluster, r.job_id))
     if q.sort != "recent" or not q.descending:
         jobs.sort(key=_sort_value(q.sort, now), reverse=q.descending)
     running = sum(1 for r in jobs if r.state == RUNNING)
