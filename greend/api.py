@@ -304,7 +304,8 @@ class Api:
         out = {}
         for c in infos:
             d = {"tier": c.tier, "hds": c.hds, "open": c.open, "country": c.country,
-                 "factors": c.factors if c.factors is not None else {"error": c.factors_error},
+                 "factors": c.factors if c.factors is not None or not c.factors_error
+                 else {"error": c.factors_error},
                  "running": c.running}
             if c.live:
                 d["live"] = c.live
