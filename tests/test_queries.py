@@ -164,7 +164,7 @@ def test_a_reused_job_id_shows_its_latest_submission(fixture_ledger, tmp_path):
 
 
 # -- clusters -----------------------------------------------------------------------------------
-def test_clusters_take_live_load_from_the_provider(db):
+def test_clusters_take_live_load_from_the_provider(db, fixture_ledger):
     asked = []
 
     def live(cfg):
@@ -184,6 +184,12 @@ def test_clusters_take_live_load_from_the_provider(db):
 
     cl = queries.clusters(cfg, NOW, db=db, live_load=down)
     assert {c.note for c in cl} == {"load and queue unavailable: no slurm.conf"}
+    # The TUI's ledger source passes its provider (the composition root's) on, and its ledger.
+    from greend.tui import data as tui_data
+
+    src = tui_data.LedgerSource(fixture_ledger, cfg, live_load=live)
+    cl = {c.name: c for c in src.clusters(NOW)}
+    assert (cl["site"].load, cl["site"].running) == (0.5, 2) and len(asked) == 2
     # Without a provider nor a ledger: the configuration alone.
     cl = queries.clusters(cfg, NOW)
     assert {c.name for c in cl} == {"oldlab", "site", "national"} and all(c.running is None for c in cl)
