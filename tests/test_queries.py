@@ -105,6 +105,31 @@ def test_filters_search_and_outcome(db):
         1 for r in everything if r.first_seen <= NOW - 20 * 86400)
 
 
+def test_ties_are_broken_by_recency_cluster_and_job_id_in_sql_and_in_memory(tmp_path):
+    from greend.tui.data import select_page
+
+    led = Ledger(tmp_path / "ledger.sqlite")
+    with led.transaction() as w:
+        for cluster, job, last in (("b", "7", NOW), ("a", "9", NOW), ("b", "10", NOW - 5), ("a", "10", NOW),
+                                   ("b", "1", NOW)):
+            led.upsert_job(w, JobRow(cluster=cluster, job_id=job, node="n1", kind="slurm", state="ended",
+                                     first_seen=NOW - 60, last_seen=last, cpu_uj=100))
+    led.close()
+    ro = Ledger(tmp_path / "ledger.sqlite", readonly=True)
+    try:
+        rows = [queries.job_row(dict(r)) for r in ro.db.execute("SELECT * FROM jobs")]
+        for q in (JobQuery(sort="energy"), JobQuery(sort="energy", descending=False),
+                  JobQuery(limit=2, offset=2)):
+            page = queries.job_page(ro.db, q, NOW)
+            assert [(r.cluster, r.job_id) for r in page.jobs] == [
+                (r.cluster, r.job_id) for r in select_page(rows, q, NOW).jobs]
+        page = queries.job_page(ro.db, JobQuery(sort="energy"), NOW)
+        assert [(r.cluster, r.job_id) for r in page.jobs] == [
+            ("a", "10"), ("a", "9"), ("b", "1"), ("b", "7"), ("b", "10")]
+    finally:
+        ro.close()
+
+
 def test_records_are_listed_per_node(db):
     jobs = queries.job_page(db, JobQuery(limit=1000), NOW)
     recs = queries.job_page(db, JobQuery(limit=1000, per="record"), NOW)
