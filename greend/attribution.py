@@ -1,7 +1,7 @@
 """Splitting measured node energy among jobs, with books that balance exactly.
 
 Energy is counted in integer microjoules, so "sum over jobs + unattributed = measured" holds to the
-microjoule rather than to a float tolerance. The model is Kepler's (REFERENCE.md §1):
+microjoule rather than to a float tolerance. The model is Kepler's (docs/methodology.md §2):
 
     usage_ratio = active / total                     over the interval, from /proc/stat
     E_active    = dE x usage_ratio,  E_idle = dE - E_active

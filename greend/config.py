@@ -25,7 +25,7 @@ from .policies.config import Partition, PolicyConfig, PowerModel, SlurmAccess
 DEFAULT_PORT = 9471  # greend's documented default exporter/API port
 DEFAULT_COUNTRY = "FRA"
 
-# Defaults for a site that has not measured its own factors: REFERENCE.md §3-4.
+# Defaults for a site that has not measured its own factors: docs/methodology.md §3-4.
 DEFAULT_PUE = 1.56
 DEFAULT_PUE_SOURCE = "unknown site: Uptime Institute 2024 global survey average"
 DEFAULT_WUE = 1.8
@@ -310,7 +310,7 @@ def load(path: str | os.PathLike | None) -> Config:
         clusters[name] = c
     cfg = cfg.model_copy(update={"clusters": clusters})
     for name in cfg.clusters:
-        cluster_factors(cfg, name, source=str(p))  # fail now on a bad series, not at first sample
+        cluster_factors(cfg, name)  # fail now on a bad series, not at first sample
     return cfg
 
 
@@ -415,7 +415,7 @@ class ClusterFactors:
         return f
 
 
-def cluster_factors(cfg: Config, name: str | None = None, source: str = "<config>") -> ClusterFactors:
+def cluster_factors(cfg: Config, name: str | None = None) -> ClusterFactors:
     c = cfg.clusters[name or cfg.cluster]
     series = CarbonSeries(c.carbon_intensity_series) if c.carbon_intensity_series else None
     return ClusterFactors(c, series)
