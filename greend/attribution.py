@@ -18,6 +18,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from greend.collectors.base import DomainEnergy  # described by sources too (a GPU's own split)
+
 
 def counter_delta(prev: int, cur: int, max_range: int | None) -> int:
     """Energy between two readings of a cumulative counter.
@@ -66,22 +68,6 @@ def split_exact(total: int, weights: Mapping[str, float], denominator: float) ->
                 shares[i] -= 1
                 left += 1
     return dict(zip(keys, shares, strict=True))
-
-
-@dataclass(frozen=True, slots=True)
-class DomainEnergy:
-    """Energy of one domain over the interval, and how to split it."""
-
-    domain: str
-    source: str  # cpu, dram, gpu, memory
-    energy_uj: int
-    provenance: str
-    active_ratio: float
-    """Share of the domain's energy that is due to activity (the rest is idle/static power)."""
-    active_weights: Mapping[str, float]
-    active_denominator: float
-    idle_weights: Mapping[str, float]
-    idle_denominator: float
 
 
 @dataclass(slots=True)
