@@ -119,6 +119,13 @@ class JobSource(Protocol):
 
 
 @runtime_checkable
+class Describes(Protocol):
+    """A source that can say in a few words what it reads (/healthz's collector detail)."""
+
+    def describe(self) -> str: ...
+
+
+@runtime_checkable
 class Closeable(Protocol):
     """A source holding descriptors or a library handle, released when the monitor closes."""
 

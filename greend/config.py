@@ -74,6 +74,26 @@ class Power(_Model):
     gpu_tdp_w: Annotated[float, Field(ge=0)] = 200.0
 
 
+Switch = Literal["auto", "on", "off"]
+
+
+class Collectors(_Model):
+    """[collectors]: one switch per collector of collectors/registry.py. auto: used when its source
+    exists; on: required (greend refuses to start without it); off: never opened."""
+
+    rapl: Switch = "auto"
+    nvml: Switch = "auto"
+    cgroups: Switch = "auto"
+    procscan: Switch = "auto"
+
+    @model_validator(mode="after")
+    def _a_job_source(self) -> Collectors:
+        if self.cgroups == "off" and self.procscan == "off":
+            raise ValueError("cgroups and procscan are both off: greend needs a job source "
+                             "(switch one to auto or on)")
+        return self
+
+
 class Daemon(_Model):
     listen: str = f"127.0.0.1:{DEFAULT_PORT}"
     """HOST:PORT of the HTTP exporter and API (/metrics, /healthz, /api/v1). Loopback by default."""
@@ -228,6 +248,7 @@ class Config(_Model):
     paths: Paths = Paths()
     attribution: Attribution = Attribution()
     power: Power = Power()
+    collectors: Collectors = Collectors()
     daemon: Daemon = Daemon()
     slurm: Slurm = Slurm()
     controller: Controller = Controller()

@@ -14,7 +14,18 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from greend.collectors.base import CollectorStatus, EnergyCounter, JobUsage, SourceUnavailable
+from greend.collectors import registry
+from greend.collectors.base import (
+    Closeable,
+    CollectorStatus,
+    EnergyCounter,
+    EnergySource,
+    JobSource,
+    JobUsage,
+    KnowsPidOwner,
+    PartialFailures,
+    SplitsOwnDomains,
+)
 from greend.collectors.procfs import (
     ProcStat,
     boot_id,
@@ -29,6 +40,7 @@ from greend.collectors.slurm import footprint_comment
 from . import config as config_mod
 from . import refdata
 from .attribution import CpuInterval, DomainEnergy, Split, counter_delta, split_domain, tdp_power_w
+from .errors import ConfigError
 from .footprint import J_PER_KWH, UJ_PER_J, Factors
 from .ledger import JobRow, Ledger
 
@@ -38,7 +50,10 @@ SOURCES = ("cpu", "dram", "gpu", "memory")
 
 
 @dataclass(slots=True)
-class Snapshot:
+class Sample:
+    """The cumulative readings of one tick, the baseline of the next interval (and, checkpointed,
+    of the first interval after a restart)."""
+
     t: float
     boot_id: str
     cpu_total: int
@@ -95,8 +110,8 @@ class Monitor:
         cfg: config_mod.Config,
         ledger: Ledger | None = None,
         *,
-        jobs_source=None,
-        energy_sources: list | None = None,
+        jobs_source: JobSource | None = None,
+        energy_sources: list[EnergySource] | None = None,
         record_kinds: Iterable[str] | None = None,
         clock: Callable[[], float] = time.time,
         resume: bool = True,
@@ -120,11 +135,15 @@ class Monitor:
             energy_sources if energy_sources is not None else self._open_energy_sources()
         )
         self.jobs_source = jobs_source if jobs_source is not None else self._open_jobs_source()
+        # Optional capabilities, looked up once (the sources do not change while the monitor runs).
+        self._splitters = [s for s in self.energy_sources if isinstance(s, SplitsOwnDomains)]
+        self._pid_owner = (self.jobs_source.owner_of if isinstance(self.jobs_source, KnowsPidOwner)
+                           else None)
         self.accounts: dict[str, Account] = {}
         self.finished: list[Account] = []
         self.node_totals: dict[str, list] = {}  # domain -> [source, provenance, e, unattr, idle]
         self.node_bucket: dict[float, list] = {}
-        self.prev: Snapshot | None = None
+        self.prev: Sample | None = None
         self.ticks = 0
         self.last_tick_s = 0.0
         self.last_split: list[Split] = []
@@ -150,51 +169,40 @@ class Monitor:
             self._resume()
 
     # -- set-up ---------------------------------------------------------------------------------
-    def _open_energy_sources(self) -> list:
-        sources = []
-        if self.cfg.power.rapl:
-            from greend.collectors.rapl import RaplCollector
+    def _where(self) -> registry.Where:
+        p = self.cfg.paths
+        return registry.Where(p.procfs, p.sysfs, p.cgroupfs, self.cluster, self.node)
 
-            st = self.status.setdefault("rapl", CollectorStatus("rapl"))
-            try:
-                rapl = RaplCollector(self.cfg.paths.sysfs)
-                sources.append(rapl)
-                st.detail = ", ".join(z.domain for z in rapl.zones)
-            except SourceUnavailable as e:
-                st.present, st.detail = False, str(e)
-                log.info("rapl: %s; CPU energy will be modelled from TDP", e)
-        from greend.collectors.nvml import NvmlCollector
-
-        st = self.status.setdefault("nvml", CollectorStatus("nvml"))
-        try:
-            nvml = NvmlCollector()
-            sources.append(nvml)
-            st.detail = nvml.describe()
-        except SourceUnavailable as e:
-            st.present, st.detail = False, str(e)
-            log.info("nvml: %s; no GPU energy", e)
-        return sources
-
-    def _pid_owner(self, pid: int) -> str | None:
-        """The job a process belongs to, if the jobs source can tell (for GPU attribution)."""
-        owner_of = getattr(self.jobs_source, "owner_of", None)
-        return owner_of(pid) if owner_of is not None else None
-
-    def _open_jobs_source(self):
+    def _switches(self) -> dict[str, registry.Switch]:
+        """[collectors], with the older spellings: power.rapl = false is rapl off;
+        attribution.jobs_from = cgroup / procscan is cgroups on / off."""
+        sw: dict[str, registry.Switch] = self.cfg.collectors.model_dump()
+        if not self.cfg.power.rapl:
+            sw["rapl"] = "off"
         how = self.cfg.attribution.jobs_from
-        if how in ("auto", "cgroup"):
-            from greend.collectors.cgroups import SlurmCgroups
+        if how == "cgroup":
+            sw["cgroups"] = "on"
+        elif how == "procscan":
+            sw["cgroups"] = "off"
+            sw["procscan"] = "on" if sw["procscan"] == "off" else sw["procscan"]
+        return sw
 
-            try:
-                src = SlurmCgroups(self.cfg.paths.cgroupfs, self.cluster, self.node)
-                self.status["cgroups"] = CollectorStatus("cgroups", detail=str(src.base))
-                return src
-            except SourceUnavailable as e:
-                if how == "cgroup":
-                    raise
-                log.debug("cgroups: %s; scanning processes instead", e)
-        self.status["procscan"] = CollectorStatus("procscan")
-        return ProcScan(self.cfg.paths.procfs, self.cluster)
+    def _open_energy_sources(self) -> list[EnergySource]:
+        try:
+            opened = registry.open_energy(self._switches(), self._where())
+        except registry.CollectorMissing as e:
+            raise ConfigError(str(e)) from None
+        for o in opened:
+            self.status[o.name] = CollectorStatus(o.name, present=o.source is not None, detail=o.detail)
+        return [o.source for o in opened if o.source is not None]
+
+    def _open_jobs_source(self) -> JobSource:
+        try:
+            o = registry.open_jobs(self._switches(), self._where())
+        except registry.CollectorMissing as e:
+            raise ConfigError(str(e)) from None
+        self.status[o.name] = CollectorStatus(o.name, detail=o.detail)
+        return o.source
 
     def _guard(self, name: str, fn, default):
         st = self.status.setdefault(name, CollectorStatus(name))
@@ -232,7 +240,7 @@ class Monitor:
                     row.state, row.end_time = "ended", row.last_seen
                     self.ledger.upsert_job(db, row)
             return
-        self.prev = Snapshot(t, state["boot_id"], state["cpu"][0], state["cpu"][1],
+        self.prev = Sample(t, state["boot_id"], state["cpu"][0], state["cpu"][1],
                              dict(state["counters"]), dict(state["jobs"]))
         for row in running:
             key = (row.meta or {}).get("key")
@@ -260,13 +268,14 @@ class Monitor:
     def read_counters(self) -> list[EnergyCounter]:
         out: list[EnergyCounter] = []
         for src in self.energy_sources:
-            before = getattr(src, "errors_total", None)
+            partial = isinstance(src, PartialFailures)
+            before = src.errors_total if partial else 0
             out.extend(self._guard(src.name, src.read, []))
-            if before is not None and src.errors_total > before:
+            if partial and src.errors_total > before:
                 # A partial failure (one GPU of eight): the read returned, but the source is not
                 # healthy, and /healthz and greend_collector_up must say so.
                 st = self.status[src.name]
-                st.ok, st.error = False, getattr(src, "last_error", "") or "a device read failed"
+                st.ok, st.error = False, src.last_error or "a device read failed"
                 st.errors_total += src.errors_total - before
         for c in out:
             self._domain_source[c.domain] = c.source
@@ -286,7 +295,7 @@ class Monitor:
         jobs: list[JobUsage] | None = self._guard(self.jobs_source.name, read_jobs, None)
         if jobs is None:
             jobs_ok, jobs = False, []
-        snap = Snapshot(t, self.boot_id, cpu.total_ticks, cpu.idle_ticks,
+        snap = Sample(t, self.boot_id, cpu.total_ticks, cpu.idle_ticks,
                         {c.domain: c.value_uj for c in counters},
                         {u.key: u.cpu_time_ns for u in jobs})
         prev = self.prev
@@ -482,7 +491,7 @@ class Monitor:
                 self.node, r.it_energy_uj / UJ_PER_J, r.carbon_g, r.water_site_l + r.water_offsite_l,
                 r.cpu_time_ns / 1e9))
 
-    def _domains(self, prev: Snapshot, snap: Snapshot, counters: list[EnergyCounter],
+    def _domains(self, prev: Sample, snap: Sample, counters: list[EnergyCounter],
                  jobs: list[JobUsage], ncpu: int) -> list[DomainEnergy]:
         dt = max(0.0, snap.t - prev.t)
         job_cpu: dict[str, int] = {}
@@ -526,9 +535,9 @@ class Monitor:
                     prov = "modelled: TDP (counter gap longer than its wrap time)"
                 domains.append(cpu.domain(c.domain, c.source, e, prov))
             else:
-                hint = getattr(self._source_of(c), "split_hint", None)
-                domains.append(hint(c, e, jobs, self.accounts, cpu, pid_owner=self._pid_owner)
-                               if hint else cpu.domain(c.domain, c.source, e, prov))
+                own = self._source_of(c)
+                domains.append(own.split_hint(c, e, jobs, self.accounts, cpu, pid_owner=self._pid_owner)
+                               if own is not None else cpu.domain(c.domain, c.source, e, prov))
         if not have["cpu"]:
             domains.append(cpu.domain("cpu", "cpu", model_uj,
                                       f"modelled: TDP {self.cpu_model.tdp_w:g} W x "
@@ -549,13 +558,13 @@ class Monitor:
             ))
         return domains
 
-    def _source_of(self, c: EnergyCounter):
-        for s in self.energy_sources:
-            if getattr(s, "owns", None) and s.owns(c.domain):
+    def _source_of(self, c: EnergyCounter) -> SplitsOwnDomains | None:
+        for s in self._splitters:
+            if s.owns(c.domain):
                 return s
         return None
 
-    def _interval(self, prev: Snapshot, snap: Snapshot, counters: list[EnergyCounter],
+    def _interval(self, prev: Sample, snap: Sample, counters: list[EnergyCounter],
                   jobs: list[JobUsage], ncpu: int) -> list[Split]:
         domains = self._domains(prev, snap, counters, jobs, ncpu)
         splits = [split_domain(d) for d in domains]
@@ -690,9 +699,8 @@ class Monitor:
 
     def close(self) -> None:
         for src in [*self.energy_sources, self.jobs_source, self.procstat]:
-            close = getattr(src, "close", None)
-            if close:
-                close()
+            if isinstance(src, Closeable):
+                src.close()
 
 
 def _same_job(row: JobRow, info) -> bool:
