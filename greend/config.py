@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import logging
 import os
 import re
 import socket
@@ -440,6 +441,43 @@ def cluster_factors(cfg: Config, name: str | None = None) -> ClusterFactors:
     c = cfg.clusters[name or cfg.cluster]
     series = CarbonSeries(c.carbon_intensity_series) if c.carbon_intensity_series else None
     return ClusterFactors(c, series)
+
+
+class FactorsCache:
+    """The ClusterFactors of every cluster of a configuration, built once and built again only when
+    the cluster's configuration (a reload) or its carbon intensity series file (mtime) changes: a
+    scrape must not re-read every cluster's CSV series."""
+
+    def __init__(self) -> None:
+        self._built: dict[str, tuple[Cluster, float | None, ClusterFactors | None]] = {}
+
+    def get(self, cfg: Config) -> dict[str, ClusterFactors]:
+        """Clusters whose series is unreadable are left out (logged once per change of the file)."""
+        out = {}
+        for name, c in cfg.clusters.items():
+            mtime = _mtime(c.carbon_intensity_series)
+            hit = self._built.get(name)
+            if hit is None or hit[0] is not c or hit[1] != mtime:
+                try:
+                    cf = cluster_factors(cfg, name)
+                except ConfigError as e:
+                    logging.getLogger(__name__).warning("cluster %s: factors unavailable: %s", name, e)
+                    cf = None
+                hit = self._built[name] = (c, mtime, cf)
+            if hit[2] is not None:
+                out[name] = hit[2]
+        for name in self._built.keys() - cfg.clusters.keys():
+            del self._built[name]
+        return out
+
+
+def _mtime(path: Path | None) -> float | None:
+    if path is None:
+        return None
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def to_toml(cfg: Config) -> str:

@@ -20,6 +20,8 @@ from greend.collectors.base import (
     CollectorStatus,
     EnergyCounter,
     EnergySource,
+    Gauge,
+    HasGauges,
     JobSource,
     JobUsage,
     KnowsPidOwner,
@@ -63,6 +65,46 @@ class Sample:
 
 
 @dataclass(slots=True)
+class DomainTotals:
+    """One energy domain of this node since greend first ran, as the monitor hands it out."""
+
+    domain: str
+    source: str  # cpu, dram, gpu, memory
+    provenance: str
+    energy_uj: int
+    unattributed_uj: int
+    idle_uj: int
+    power_w: float
+    """Average power over the last sampling interval."""
+
+
+@dataclass(slots=True)
+class JobTotals:
+    """One job's books on this node, as the monitor hands them out (a copy: safe to read after the
+    daemon's lock is released)."""
+
+    cluster: str
+    node: str
+    job_id: str
+    user: str
+    account: str
+    partition: str
+    kind: str
+    running: bool
+    cpu_uj: int
+    dram_uj: int
+    gpu_uj: int
+    memory_uj: int
+    facility_j: float
+    carbon_g: float
+    water_site_l: float
+    water_offsite_l: float
+    cpu_time_ns: int
+    power_w: float
+    """Average IT power over the last sampling interval (0 once the job has ended)."""
+
+
+@dataclass(slots=True)
 class Account:
     """A job's running totals on this node, and its not yet checkpointed series buckets."""
 
@@ -72,6 +114,13 @@ class Account:
     buckets: dict[tuple[float, str], list] = field(default_factory=dict)
     dirty: bool = True
     last_interval_uj: int = 0
+
+    def totals(self, running: bool, interval_s: float) -> JobTotals:
+        r = self.row
+        return JobTotals(r.cluster, r.node, r.job_id, r.user, r.account, r.partition, r.kind, running,
+                         r.cpu_uj, r.dram_uj, r.gpu_uj, r.memory_uj, r.facility_j, r.carbon_g,
+                         r.water_site_l, r.water_offsite_l, r.cpu_time_ns,
+                         self.last_interval_uj / UJ_PER_J / interval_s if running else 0.0)
 
 
 @dataclass(slots=True)
@@ -643,6 +692,25 @@ class Monitor:
             b[8] += w_off
             acc.dirty = True
         return splits
+
+    # -- views ----------------------------------------------------------------------------------
+    def domain_totals(self) -> list[DomainTotals]:
+        power = self.interval_power_w
+        return [DomainTotals(dom, v[0], v[1], v[2], v[3], v[4], power.get(dom, 0.0))
+                for dom, v in self.node_totals.items()]
+
+    def job_totals(self) -> list[JobTotals]:
+        """The running jobs' books (power over the last sampling interval)."""
+        dt = self.cfg.sampling.interval_s
+        return [acc.totals(True, dt) for acc in self.accounts.values()]
+
+    def gauges(self) -> list[Gauge]:
+        """The energy sources' own gauges (GPU power, utilisation...), from their last read."""
+        out: list[Gauge] = []
+        for src in self.energy_sources:
+            if isinstance(src, HasGauges):
+                out.extend(src.gauges())
+        return out
 
     # -- checkpoint -----------------------------------------------------------------------------
     def state(self) -> dict:
