@@ -37,7 +37,7 @@ from greend.collectors.procfs import (
     mem_total_bytes,
 )
 from greend.collectors.procscan import NS_PER_TICK, ProcScan
-from greend.collectors.slurm import footprint_comment
+from greend.collectors.slurm import SlurmMetadata
 
 from . import config as config_mod
 from . import refdata
@@ -45,6 +45,7 @@ from .attribution import CpuInterval, DomainEnergy, Split, counter_delta, split_
 from .errors import ConfigError
 from .footprint import J_PER_KWH, UJ_PER_J, Factors
 from .ledger import JobRow, Ledger
+from .slurmjobs import SlurmLifecycle
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class Monitor:
         record_kinds: Iterable[str] | None = None,
         clock: Callable[[], float] = time.time,
         resume: bool = True,
-        slurm=None,
+        slurm: SlurmMetadata | None = None,
     ):
         self.cfg = cfg
         self.ledger = ledger
@@ -204,13 +205,10 @@ class Monitor:
         # Called inside the checkpoint's transaction with the accounts written, so that what they
         # write (the site outbox) commits or rolls back with the books.
         self.on_checkpoint: list[Callable[[object, list[Account]], None]] = []
-        # Slurm job metadata (collectors/slurm.py): the tick reads its cache, never waits for Slurm.
+        # Slurm job metadata (collectors/slurm.py): the tick reads its cache, never waits for Slurm;
+        # the jobs' lifecycle with it lives in slurmjobs.py.
         self.slurm = slurm
-        self._slurm_gen = -1
-        self._slurm_asked: set[str] = set()
-        self._slurm_closing: list[Account] = []
-        self._ended_ids: dict[tuple[str, int], float] = {}  # (job id, submit time) closed here
-        self._slurm_written: dict[tuple[str, int], float] = {}  # last "so far" write-back
+        self.slurm_jobs = SlurmLifecycle(self, slurm) if slurm is not None else None
         if slurm is not None:
             slurm.status = self.status.setdefault("slurm", CollectorStatus("slurm",
                                                                            detail=slurm.describe()))
@@ -345,13 +343,13 @@ class Monitor:
         if jobs is None:
             jobs_ok, jobs = False, []
         snap = Sample(t, self.boot_id, cpu.total_ticks, cpu.idle_ticks,
-                        {c.domain: c.value_uj for c in counters},
-                        {u.key: u.cpu_time_ns for u in jobs})
+                      {c.domain: c.value_uj for c in counters},
+                      {u.key: u.cpu_time_ns for u in jobs})
         prev = self.prev
-        if self.slurm is not None:
-            self._slurm_sync(jobs, t)
+        if self.slurm_jobs is not None:
+            self.slurm_jobs.sync(jobs, t)
         for u in jobs:
-            self._account_for(u, t)
+            self.account_for(u, t)
         if prev is None:
             self.prev = snap
             self.ticks += 1
@@ -365,14 +363,15 @@ class Monitor:
         splits = self._interval(prev, snap, counters, jobs, cpu.ncpu)
         for u_key in set(prev.jobs) - set(snap.jobs):
             if jobs_ok:
-                self._end(u_key, prev.t, t)
+                self.end(u_key, prev.t, t)
         self.prev = snap
         self.ticks += 1
         self.last_split = splits
         self.last_tick_s = time.perf_counter() - t0
         return splits
 
-    def _account_for(self, u: JobUsage, t: float) -> Account:
+    def account_for(self, u: JobUsage, t: float) -> Account:
+        """The job's account, opened at its first sight."""
         acc = self.accounts.get(u.key)
         if acc is None:
             user = u.meta.get("user") or _user_name(u.uid)
@@ -398,7 +397,8 @@ class Monitor:
             acc.row.max_mem_bytes = u.mem_bytes
         return acc
 
-    def _end(self, key: str, last_seen: float, t: float) -> None:
+    def end(self, key: str, last_seen: float, t: float) -> None:
+        """Close a job's account: it left the node (or Slurm shows another job under its id)."""
         acc = self.accounts.pop(key, None)
         if acc is None:
             return
@@ -407,138 +407,10 @@ class Monitor:
         acc.row.end_time = t
         acc.dirty = True
         self.finished.append(acc)
-        if self.slurm is not None and acc.row.kind == "slurm":
-            self._slurm_closed(acc)
+        if self.slurm_jobs is not None and acc.row.kind == "slurm":
+            self.slurm_jobs.closed(acc)
 
-    # -- Slurm jobs: identity, metadata, lifecycle ------------------------------------------------
-    def _slurm_sync(self, jobs: list[JobUsage], t: float) -> None:
-        """Give this cluster's Slurm jobs their identity and metadata from the cache. No Slurm call
-        here: job ids the cache does not know ask for one background refresh (at most one a tick)."""
-        meta = self.slurm
-        fresh = meta.generation != self._slurm_gen
-        self._slurm_gen = meta.generation
-        ask = False
-        for u in jobs:
-            if u.kind != "slurm" or (u.cluster or self.cluster) != self.cluster:
-                continue
-            info = meta.get(u.job_id)
-            acc = self.accounts.get(u.key)
-            if acc is not None and info is not None and not _same_job(acc.row, info):
-                # Another job under this id (ids restart when a controller loses its state): close
-                # the old account; the new job's use never goes into it.
-                log.info("job %s: Slurm shows another job under this id (submitted %s); closing "
-                         "the account of the previous one", u.job_id, info.submit_time)
-                self._end(u.key, acc.row.last_seen, acc.row.last_seen)
-                acc = None
-            if acc is None:
-                if info is not None and self._was_ended(u.job_id, info.submit_time):
-                    info = None  # a stale entry: that job was already closed here
-                acc = self._account_for(u, t)
-                if info is None:
-                    # Provisional identity until Slurm's metadata arrives (the row is then fixed
-                    # by its pk): two jobs' footprints are never merged under an unknown identity.
-                    acc.row.submit_time = int(acc.row.first_seen)
-                    acc.row.meta = {**(acc.row.meta or {}), "provisional": "submit_time=first_seen"}
-            if info is None:
-                if u.job_id not in self._slurm_asked:
-                    self._slurm_asked.add(u.job_id)
-                    ask = True
-                continue
-            if fresh or acc.row.submit_time != info.submit_time or "provisional" in (acc.row.meta or {}):
-                self._slurm_apply(acc, info)
-            if fresh and meta.write_back != "none" and meta.write_back_interval_s > 0 and not info.ended:
-                self._slurm_progress(acc, t)  # (an ended job's cgroup can linger a moment)
-            # Slurm's allocation wins over the cpuset's width (declared cores can map onto fewer).
-            if info.alloc_cpus:
-                u.alloc_cpus = info.alloc_cpus
-            if info.alloc_mem_bytes:
-                u.alloc_mem_bytes = info.alloc_mem_bytes
-        if ask:
-            meta.request()
-        if self._slurm_closing:
-            self._slurm_finish(t, fresh)
-
-    def _slurm_apply(self, acc: Account, info) -> None:
-        row = acc.row
-        meta = {k: v for k, v in (row.meta or {}).items() if k != "provisional"}
-        meta["slurm_state"] = info.state
-        if info.cluster:
-            meta["slurm_cluster"] = info.cluster
-        if info.start_time:
-            meta["start_time"] = info.start_time
-        new = {
-            "submit_time": info.submit_time, "user": info.user or row.user,
-            "uid": info.uid if info.uid is not None else row.uid, "account": info.account,
-            "partition": info.partition, "name": info.name,
-            "alloc_cpus": info.alloc_cpus or row.alloc_cpus,
-            "alloc_mem_bytes": info.alloc_mem_bytes or row.alloc_mem_bytes,
-            "alloc_gpus": info.alloc_gpus if info.alloc_gpus is not None else row.alloc_gpus,
-        }
-        if meta != row.meta or any(getattr(row, k) != v for k, v in new.items()):
-            for k, v in new.items():
-                setattr(row, k, v)
-            row.meta = meta
-            acc.dirty = True
-
-    def _was_ended(self, job_id: str, submit_time: int) -> bool:
-        if (job_id, submit_time) in self._ended_ids:
-            return True
-        if self.ledger is None:
-            return False
-        return any(r.submit_time == submit_time and r.state == "ended"
-                   for r in self.ledger.get_job(self.cluster, job_id, self.node))
-
-    def _slurm_closed(self, acc: Account) -> None:
-        row = acc.row
-        if "provisional" not in (row.meta or {}):
-            self._ended_ids[(row.job_id, row.submit_time)] = row.last_seen
-        if len(self._ended_ids) > 20000:
-            for k in sorted(self._ended_ids, key=self._ended_ids.__getitem__)[:10000]:
-                del self._ended_ids[k]
-        self._slurm_asked.discard(row.job_id)
-        self._slurm_closing.append(acc)
-
-    def _slurm_finish(self, t: float, fresh: bool) -> None:
-        """Closed jobs take Slurm's end time and final state when it has them; the record is then
-        final (written again by pk) and, if configured, written back to Slurm."""
-        wait_s = 300.0
-        for acc in list(self._slurm_closing):
-            row = acc.row
-            info = self.slurm.get(row.job_id) if fresh else None
-            if info is not None and not _same_job(row, info):
-                info = None
-            if info is not None and info.ended:
-                self._slurm_apply(acc, info)
-                self._ended_ids[(row.job_id, row.submit_time)] = row.last_seen
-                if info.end_time:
-                    row.end_time = float(info.end_time)
-                    row.meta = {**(row.meta or {}), "end_time_from": "slurm"}
-                self._slurm_final(acc, write_back=True)
-            elif t - row.last_seen > wait_s:
-                self._slurm_final(acc, write_back=False)
-
-    def _slurm_progress(self, acc: Account, t: float) -> None:
-        """Write a running job's footprint so far: Slurm refuses updates once a job has finished."""
-        r = acc.row
-        ident = (r.job_id, r.submit_time)
-        if r.cpu_time_ns and t - self._slurm_written.get(ident, -math.inf) >= \
-                self.slurm.write_back_interval_s:
-            self._slurm_written[ident] = t
-            self.slurm.queue_write_back(r.job_id, r.submit_time, footprint_comment(
-                self.node, r.it_energy_uj / UJ_PER_J, r.carbon_g, r.water_site_l + r.water_offsite_l,
-                r.cpu_time_ns / 1e9, final=False))
-
-    def _slurm_final(self, acc: Account, write_back: bool) -> None:
-        self._slurm_closing.remove(acc)
-        self._slurm_written.pop((acc.row.job_id, acc.row.submit_time), None)
-        acc.dirty = True
-        if not any(a is acc for a in self.finished):
-            self.finished.append(acc)
-        if write_back and self.slurm.write_back != "none":
-            r = acc.row
-            self.slurm.queue_write_back(r.job_id, r.submit_time, footprint_comment(
-                self.node, r.it_energy_uj / UJ_PER_J, r.carbon_g, r.water_site_l + r.water_offsite_l,
-                r.cpu_time_ns / 1e9))
+    _end = end  # the name greend/measure.py calls
 
     def _domains(self, prev: Sample, snap: Sample, counters: list[EnergyCounter],
                  jobs: list[JobUsage], ncpu: int) -> list[DomainEnergy]:
@@ -769,15 +641,6 @@ class Monitor:
         for src in [*self.energy_sources, self.jobs_source, self.procstat]:
             if isinstance(src, Closeable):
                 src.close()
-
-
-def _same_job(row: JobRow, info) -> bool:
-    """Whether Slurm's job `info` is the job `row` accounts for."""
-    if "provisional" in (row.meta or {}):
-        # Only first_seen is known: the job had started by then, and had not ended long before.
-        return ((info.start_time is None or info.start_time <= row.first_seen + 2)
-                and (info.end_time is None or info.end_time >= row.first_seen - 60))
-    return row.submit_time == info.submit_time
 
 
 def _user_name(uid: int) -> str:
