@@ -185,6 +185,7 @@ class Monitor:
             energy_sources if energy_sources is not None else self._open_energy_sources()
         )
         self.jobs_source = jobs_source if jobs_source is not None else self._open_jobs_source()
+        self._partial: dict[int, bool] = {}  # id(source) -> it can fail partially
         # Optional capabilities, looked up once (the sources do not change while the monitor runs).
         self._splitters = [s for s in self.energy_sources if isinstance(s, SplitsOwnDomains)]
         self._pid_owner = (self.jobs_source.owner_of if isinstance(self.jobs_source, KnowsPidOwner)
@@ -315,7 +316,9 @@ class Monitor:
     def read_counters(self) -> list[EnergyCounter]:
         out: list[EnergyCounter] = []
         for src in self.energy_sources:
-            partial = isinstance(src, PartialFailures)
+            partial = self._partial.get(id(src))
+            if partial is None:  # a Protocol isinstance costs ~10 µs: once per source, not per tick
+                partial = self._partial[id(src)] = isinstance(src, PartialFailures)
             before = src.errors_total if partial else 0
             out.extend(self._guard(src.name, src.read, []))
             if partial and src.errors_total > before:
