@@ -16,7 +16,7 @@ from .history import History, LedgerView, Usage
 from .records import Record
 from .registry import build_rules
 from .request import JobRequest, Resolved, resolve
-from .rule import Rule, as_action, as_check, as_score
+from .rule import Action, Check, Rule, Score
 from .site import ClusterSpec, PartitionSpec, Site
 from .state import ClusterState, StateCache, Wait
 
@@ -395,7 +395,9 @@ class Engine:
             for cand in cands:
                 if cand.rejected is not None:
                     continue
-                res = as_check(check(ctx, cand))
+                res = check(ctx, cand)
+                if type(res) is not Check:  # a plugin's (passes, reason, numbers): still accepted
+                    res = Check(*res)
                 if res.passes:
                     if res.partition is not None:
                         cand.partition = res.partition  # the partition the filter chose there
@@ -425,7 +427,9 @@ class Engine:
                 break
             raws, reasons = [], []
             for cand in feasible:
-                sc = as_score(rule.score(ctx, cand))
+                sc = rule.score(ctx, cand)
+                if type(sc) is not Score:
+                    sc = Score(*sc)
                 raws.append(sc.raw)
                 reasons.append((sc.reason, sc.numbers))
             norm = rule.normalize(raws)
@@ -453,7 +457,9 @@ class Engine:
         plan = Plan(cand.name, cand.cluster.tier, cand.partition.name if cand.partition else None,
                     res.walltime_s)
         for rule in self.adjusters:
-            for a in map(as_action, rule.adjust(ctx, cand, plan)):
+            for a in rule.adjust(ctx, cand, plan):
+                if type(a) is not Action:
+                    a = Action(*a)
                 v = Verdict(rule.name, "adjust", cand.name, a.verdict, a.reason, a.numbers)
                 plan.verdicts.append(v)
                 verdicts.append(v)

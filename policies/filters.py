@@ -102,36 +102,32 @@ class FitsPartition(FilterRule):
         r = ctx.request
         s = ctx.site.settings
         res = resolve(r, p, s.default_walltime_s, s.default_mem_per_cpu_mb, p.name)
-        return res, self._why_not(r, res, c, p)
-
-    @staticmethod
-    def _why_not(r, res: Resolved, c, p) -> Callable[[], str] | None:
         cpus = r.cpus
         if r.walltime_s is not None and p.max_walltime_s is not None and r.walltime_s > p.max_walltime_s:
-            return lambda: (f"walltime {q.format_duration(r.walltime_s)} > max "
-                            f"{q.format_duration(p.max_walltime_s)}")
+            return res, lambda: (f"walltime {q.format_duration(r.walltime_s)} > max "
+                                 f"{q.format_duration(p.max_walltime_s)}")
         if p.max_cpus is not None and cpus > p.max_cpus:
-            return lambda: f"{cpus} CPUs > max {p.max_cpus}"
+            return res, lambda: f"{cpus} CPUs > max {p.max_cpus}"
         if p.max_nodes is not None and r.nodes > p.max_nodes:
-            return lambda: f"{r.nodes} nodes > max {p.max_nodes}"
+            return res, lambda: f"{r.nodes} nodes > max {p.max_nodes}"
         if p.cpus_per_node is not None and res.cpus_per_node > p.cpus_per_node:
-            return lambda: f"{res.cpus_per_node} CPUs per node > {p.cpus_per_node}"
+            return res, lambda: f"{res.cpus_per_node} CPUs per node > {p.cpus_per_node}"
         if (p.mem_per_node_mb is not None and not r.mem_whole_node
                 and res.mem_per_node_mb > p.mem_per_node_mb + 1e-6):
-            return lambda: (f"{q.format_memory(res.mem_per_node_mb)} per node > "
-                            f"{q.format_memory(p.mem_per_node_mb)}")
+            return res, lambda: (f"{q.format_memory(res.mem_per_node_mb)} per node > "
+                                 f"{q.format_memory(p.mem_per_node_mb)}")
         if r.gpus:
             types = p.gpu_types if p.gpu_types is not None else c.gpu_types
             if p.max_gpus == 0 or (not types and p.max_gpus is None):
-                return lambda: f"{r.gpus} GPU(s) asked, none here"
+                return res, lambda: f"{r.gpus} GPU(s) asked, none here"
             if p.max_gpus is not None and r.gpus > p.max_gpus:
-                return lambda: f"{r.gpus} GPUs > max {p.max_gpus}"
+                return res, lambda: f"{r.gpus} GPUs > max {p.max_gpus}"
             per_node = -(-r.gpus // r.nodes)
             if p.gpus_per_node is not None and per_node > p.gpus_per_node:
-                return lambda: f"{per_node} GPUs per node > {p.gpus_per_node}"
+                return res, lambda: f"{per_node} GPUs per node > {p.gpus_per_node}"
             if r.gpu_type and types and r.gpu_type not in types:
-                return lambda: f"GPU type {r.gpu_type} not here ({', '.join(sorted(types))})"
-        return None
+                return res, lambda: f"GPU type {r.gpu_type} not here ({', '.join(sorted(types))})"
+        return res, None
 
 
 class TierParams(Params):

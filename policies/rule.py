@@ -118,19 +118,6 @@ class Action:
         return cls("advice", reason, numbers or {})
 
 
-# A site's rule written for the first plugin interface returns plain tuples: still accepted.
-def as_check(r) -> Check:
-    return r if type(r) is Check else Check(*r)
-
-
-def as_score(r) -> Score:
-    return r if type(r) is Score else Score(*r)
-
-
-def as_action(r) -> Action:
-    return r if type(r) is Action else Action(*r)
-
-
 # -- the kinds of rule ---------------------------------------------------------------------------
 class Rule:
     """What every rule has: its registered name, kind, parameters and (score rules) weight."""
