@@ -12,6 +12,12 @@ from . import quantities as q
 from .request import Resolved, resolve
 from .rule import Check, FilterRule, Params, _dur, _mem
 
+# Answers that never change, made once: a router decides thousands of times a second. (A verdict's
+# numbers are never modified after the rule returns them, so sharing them is safe.)
+_OPEN = Check.ok("open")
+_ANY_ACCOUNT = Check.ok("any account")
+_NO_LIMITS = Check.ok("no partition limits configured")
+
 
 class ClusterOpen(FilterRule):
     name = "cluster_open"
@@ -20,7 +26,7 @@ class ClusterOpen(FilterRule):
     def filter(self, ctx, cand):
         c = cand.cluster
         if c.open:
-            return Check.ok("open")
+            return _OPEN
         return Check.reject(f"{c.name} is closed (open = false in the configuration)")
 
 
@@ -54,7 +60,7 @@ class AccountAllowed(FilterRule):
         allowed = cand.cluster.accounts
         acct = ctx.request.account
         if allowed is None:
-            return Check.ok("any account")
+            return _ANY_ACCOUNT
         if acct is None:
             return Check.reject(f"{cand.cluster.name} accepts only accounts "
                                 f"{', '.join(sorted(allowed))}; the job gives none (--account)")
@@ -71,7 +77,7 @@ class FitsPartition(FilterRule):
         c = cand.cluster
         r = ctx.request
         if not c.partitions:
-            return Check.ok("no partition limits configured")
+            return _NO_LIMITS
         asked = [p for p in (c.partition(n) for n in r.partitions) if p is not None]
         note = ""
         if asked:
@@ -166,6 +172,7 @@ class TierConditions(FilterRule):
     Params = TierParams
 
     def setup(self, site):
+        self.other_tier = Check.ok(f"not a {self.params.tier} cluster")
         p = self.params
         self.max_walltime_s = None if p.max_walltime is None else q.parse_duration(p.max_walltime)
         self.max_mem_mb = None if p.max_mem is None else q.parse_memory_mb(p.max_mem)
@@ -174,7 +181,7 @@ class TierConditions(FilterRule):
     def filter(self, ctx, cand):
         p = self.params
         if cand.cluster.tier != p.tier:
-            return Check.ok(f"not a {p.tier} cluster")
+            return self.other_tier
         r = ctx.request
         flags = r.flags & self.or_flags
         if flags:
@@ -230,13 +237,14 @@ class Overflow(FilterRule):
     Params = OverflowParams
 
     def setup(self, site):
+        self.other_tier = Check.ok(f"not a {self.params.tier} cluster")
         self.max_wait_s = None if self.params.max_wait is None else q.parse_duration(self.params.max_wait)
         self.relaxable = self.params.relax
 
     def filter(self, ctx, cand):
         p = self.params
         if cand.cluster.tier != p.tier:
-            return Check.ok(f"not a {p.tier} cluster")
+            return self.other_tier
         st = ctx.state(cand)
         if st is None or not st.ok:
             return Check.ok("no live state: not checked")
