@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
@@ -450,9 +451,14 @@ class FactorsCache:
 
     def __init__(self) -> None:
         self._built: dict[str, tuple[Cluster, float | None, ClusterFactors | None]] = {}
+        self._lock = threading.Lock()  # scrapes come from several server threads
 
     def get(self, cfg: Config) -> dict[str, ClusterFactors]:
         """Clusters whose series is unreadable are left out (logged once per change of the file)."""
+        with self._lock:
+            return self._get(cfg)
+
+    def _get(self, cfg: Config) -> dict[str, ClusterFactors]:
         out = {}
         for name, c in cfg.clusters.items():
             mtime = _mtime(c.carbon_intensity_series)
