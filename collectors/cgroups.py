@@ -68,6 +68,9 @@ class SlurmCgroups:
         self.jobs: dict[str, _Job] = {}
         self.version, self.base = self._detect()
 
+    def describe(self) -> str:
+        return str(self.base)
+
     def _detect(self) -> tuple[int, Path]:
         # With several slurmd on one host (the testbed, multiple-slurmd builds) each node has its
         # own "slurm_<node>" tree; a normal node has plain "slurm".

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .base import EnergyCounter, JobUsage, SourceUnavailable
+from .base import CpuIdleRule, DomainEnergy, EnergyCounter, Gauge, JobUsage, SourceUnavailable
 
 try:
     import pynvml
@@ -29,8 +29,6 @@ PROV_MIG = ("MIG: GPU energy split by the compute slices of the instances each j
             "(NVML gives no per-instance power)")
 
 UJ_PER_MJ = 1000
-
-Gauge = tuple[str, dict[str, str], float]
 
 
 @dataclass(slots=True)
@@ -319,7 +317,8 @@ class NvmlCollector:
         return domain in self._by_domain
 
     def split_hint(self, counter: EnergyCounter, energy_uj: int, jobs: Iterable[JobUsage],
-                   accounts: Mapping, cpu_interval, pid_owner: Callable[[int], str | None] | None = None):
+                   accounts: Mapping, cpu_interval: CpuIdleRule,
+                   pid_owner: Callable[[int], str | None] | None = None) -> DomainEnergy:
         """How the interval's energy of one GPU is shared among the jobs that held it.
 
         A job holds a GPU when one of its processes is on the device (NVML's process lists and
@@ -327,8 +326,6 @@ class NvmlCollector:
         (meta "gpus": indices or UUIDs). One holder gets the whole energy; several share the active
         part by their processes' SM utilisation and the idle part by the node's idle rule.
         """
-        from greend.attribution import DomainEnergy
-
         g = self._by_domain[counter.domain]
         jobs = list(jobs)
         known = {u.key for u in jobs}
@@ -372,7 +369,7 @@ class NvmlCollector:
         if active_den <= 0:  # no SM samples over the interval: equal shares among the holders
             active_w = dict.fromkeys(holders, 1.0)
             active_den = float(len(holders))
-        if cpu_interval is not None and getattr(cpu_interval, "idle_rule", "") == "allocated":
+        if cpu_interval is not None and cpu_interval.idle_rule == "allocated":
             idle_w: dict[str, float] = dict.fromkeys(holders, 1.0)
             idle_den = float(len(holders))
         else:
@@ -382,8 +379,6 @@ class NvmlCollector:
 
     def _split_mig(self, g: _Gpu, counter: EnergyCounter, energy_uj: int,
                    alloc: dict[str, set[str]], owner):
-        from greend.attribution import DomainEnergy
-
         weights: dict[str, float] = {}
         for inst in g.instances:
             holders = {k for k, toks in alloc.items() if inst.uuid in toks}

@@ -45,6 +45,9 @@ class RaplCollector:
         self.zones: list[_Zone] = []
         self._open()
 
+    def describe(self) -> str:
+        return ", ".join(z.domain for z in self.zones)
+
     def _open(self) -> None:
         if not self.root.is_dir():
             raise SourceUnavailable(f"no powercap directory at {self.root}")

@@ -15,8 +15,6 @@ import logging
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -25,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from . import slurmcli
 from .base import CollectorStatus
+from .slurmcli import number
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +111,6 @@ def _split_top(text: str) -> list[str]:
     return [s for s in out if s]
 
 
-def _num(v) -> float | None:
-    """A number from 22.05's plain values or later versions' {"set", "infinite", "number"}."""
-    if isinstance(v, dict):
-        if not v.get("set", True) or v.get("infinite"):
-            return None
-        v = v.get("number")
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return None
-    return v
-
-
 def _state(j: dict) -> str:
     s = j.get("job_state")
     if isinstance(s, list):  # a list from 23.02 on: the base state first, then flags
@@ -164,12 +153,12 @@ def _alloc_nodes(j: dict) -> list[tuple[str, float | None, float | None]]:
                 for state in ((sock or {}).get("cores") or {}).values():
                     if str(state).lower().startswith("allocated"):
                         cores += 1
-            out.append((str(n.get("nodename", "")), cores or _num(n.get("cpus")),
-                        _num(n.get("memory_allocated"))))
+            out.append((str(n.get("nodename", "")), cores or number(n.get("cpus")),
+                        number(n.get("memory_allocated"))))
     elif isinstance(res.get("nodes"), dict):  # 24.05 on
         for a in res["nodes"].get("allocation") or []:
-            out.append((str(a.get("name", "")), _num((a.get("cpus") or {}).get("count")),
-                        _num((a.get("memory") or {}).get("allocated"))))
+            out.append((str(a.get("name", "")), number((a.get("cpus") or {}).get("count")),
+                        number((a.get("memory") or {}).get("allocated"))))
     return out
 
 
@@ -188,10 +177,10 @@ def job_from_json(j: dict, node: str) -> SlurmJob:
         else:  # an allocation without GPUs, unless it is unknown
             total_gpus = 0 if tres else None
         if n == 1:
-            cpus = _num(j.get("cpus")) or (float(tres["cpu"]) if tres.get("cpu", "").isdigit() else None)
+            cpus = number(j.get("cpus")) or (float(tres["cpu"]) if tres.get("cpu", "").isdigit() else None)
             mem = mem_bytes(tres.get("mem", ""))
-            if mem is None and _num(j.get("memory_per_node")):
-                mem = int(_num(j.get("memory_per_node")) * MIB)
+            if mem is None and number(j.get("memory_per_node")):
+                mem = int(number(j.get("memory_per_node")) * MIB)
             gpus = total_gpus if total_gpus is not None or not gres else _gres_gpus(str(gres[0]))
         else:
             if alloc:
@@ -201,11 +190,11 @@ def job_from_json(j: dict, node: str) -> SlurmJob:
                 gpus = _gres_gpus(str(gres[i]))
             elif total_gpus is not None:
                 gpus = total_gpus // n
-    start = _num(j.get("start_time"))
-    end = _num(j.get("end_time"))
-    uid = _num(j.get("user_id"))
+    start = number(j.get("start_time"))
+    end = number(j.get("end_time"))
+    uid = number(j.get("user_id"))
     return SlurmJob(
-        job_id=str(j["job_id"]), submit_time=int(_num(j.get("submit_time")) or 0), state=state,
+        job_id=str(j["job_id"]), submit_time=int(number(j.get("submit_time")) or 0), state=state,
         cluster=str(j.get("cluster") or ""), name=str(j.get("name") or ""),
         user=str(j.get("user_name") or ""), uid=int(uid) if uid is not None else None,
         account=str(j.get("account") or ""), partition=str(j.get("partition") or ""),
@@ -287,30 +276,15 @@ class SlurmCommands:
                              + (f" in {self.bin_dir}" if self.bin_dir else " in PATH"))
         timeout = timeout_s or self.timeout_s
         try:
-            # Its own session, so that a timeout kills the command and whatever it started.
-            p = subprocess.Popen([exe, *argv[1:]], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, env=self.env, text=True, errors="replace",
-                                 start_new_session=True)
-        except OSError as e:
-            raise SlurmError(f"{argv[0]}: cannot run {exe}: {e.strerror}") from None
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            try:
-                p.communicate(timeout=2)
-            except subprocess.TimeoutExpired:
-                pass
+            r = slurmcli.run([exe, *argv[1:]], env=self.env, timeout_s=timeout)
+        except TimeoutError:
             raise SlurmError(f"{' '.join(argv[:2])} did not answer within {timeout:g} s "
                              "(controller down or overloaded?)") from None
-        if p.returncode != 0:
-            lines = (err or out or "").strip().splitlines()
-            raise SlurmError(f"{' '.join(argv[:2])} exited {p.returncode}"
+        if r.returncode != 0:
+            lines = (r.stderr or r.stdout or "").strip().splitlines()
+            raise SlurmError(f"{' '.join(argv[:2])} exited {r.returncode}"
                              + (f": {lines[-1][:300]}" if lines else ""))
-        return out
+        return r.stdout
 
     def version(self) -> str:
         return self.run("scontrol", "--version").strip()

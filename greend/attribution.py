@@ -1,7 +1,7 @@
 """Splitting measured node energy among jobs, with books that balance exactly.
 
 Energy is counted in integer microjoules, so "sum over jobs + unattributed = measured" holds to the
-microjoule rather than to a float tolerance. The model is Kepler's (REFERENCE.md §1):
+microjoule rather than to a float tolerance. The model is Kepler's (docs/methodology.md §2):
 
     usage_ratio = active / total                     over the interval, from /proc/stat
     E_active    = dE x usage_ratio,  E_idle = dE - E_active
@@ -17,6 +17,8 @@ import heapq
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from greend.collectors.base import DomainEnergy  # described by sources too (a GPU's own split)
 
 
 def counter_delta(prev: int, cur: int, max_range: int | None) -> int:
@@ -66,22 +68,6 @@ def split_exact(total: int, weights: Mapping[str, float], denominator: float) ->
                 shares[i] -= 1
                 left += 1
     return dict(zip(keys, shares, strict=True))
-
-
-@dataclass(frozen=True, slots=True)
-class DomainEnergy:
-    """Energy of one domain over the interval, and how to split it."""
-
-    domain: str
-    source: str  # cpu, dram, gpu, memory
-    energy_uj: int
-    provenance: str
-    active_ratio: float
-    """Share of the domain's energy that is due to activity (the rest is idle/static power)."""
-    active_weights: Mapping[str, float]
-    active_denominator: float
-    idle_weights: Mapping[str, float]
-    idle_denominator: float
 
 
 @dataclass(slots=True)

@@ -34,10 +34,6 @@ command's own status (127 not found, 126 not executable, 128+N killed by signal 
 """
 
 
-class UsageError(Exception):
-    pass
-
-
 def _fail(msg: str, status: int = EXIT_USAGE) -> int:
     print(f"greend: {msg}", file=sys.stderr)
     return status

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import bisect
 import csv
+import logging
 import os
 import re
 import socket
+import threading
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +27,7 @@ from .policies.config import Partition, PolicyConfig, PowerModel, SlurmAccess
 DEFAULT_PORT = 9471  # greend's documented default exporter/API port
 DEFAULT_COUNTRY = "FRA"
 
-# Defaults for a site that has not measured its own factors: REFERENCE.md §3-4.
+# Defaults for a site that has not measured its own factors: docs/methodology.md §3-4.
 DEFAULT_PUE = 1.56
 DEFAULT_PUE_SOURCE = "unknown site: Uptime Institute 2024 global survey average"
 DEFAULT_WUE = 1.8
@@ -72,6 +74,26 @@ class Power(_Model):
     unknown_cpu_w_per_core: Annotated[float, Field(gt=0)] = 12.0
     memory_w_per_gb: Annotated[float, Field(ge=0)] = 0.3725
     gpu_tdp_w: Annotated[float, Field(ge=0)] = 200.0
+
+
+Switch = Literal["auto", "on", "off"]
+
+
+class Collectors(_Model):
+    """[collectors]: one switch per collector of collectors/registry.py. auto: used when its source
+    exists; on: required (greend refuses to start without it); off: never opened."""
+
+    rapl: Switch = "auto"
+    nvml: Switch = "auto"
+    cgroups: Switch = "auto"
+    procscan: Switch = "auto"
+
+    @model_validator(mode="after")
+    def _a_job_source(self) -> Collectors:
+        if self.cgroups == "off" and self.procscan == "off":
+            raise ValueError("cgroups and procscan are both off: greend needs a job source "
+                             "(switch one to auto or on)")
+        return self
 
 
 class Daemon(_Model):
@@ -228,6 +250,7 @@ class Config(_Model):
     paths: Paths = Paths()
     attribution: Attribution = Attribution()
     power: Power = Power()
+    collectors: Collectors = Collectors()
     daemon: Daemon = Daemon()
     slurm: Slurm = Slurm()
     controller: Controller = Controller()
@@ -310,7 +333,7 @@ def load(path: str | os.PathLike | None) -> Config:
         clusters[name] = c
     cfg = cfg.model_copy(update={"clusters": clusters})
     for name in cfg.clusters:
-        cluster_factors(cfg, name, source=str(p))  # fail now on a bad series, not at first sample
+        cluster_factors(cfg, name)  # fail now on a bad series, not at first sample
     return cfg
 
 
@@ -415,10 +438,52 @@ class ClusterFactors:
         return f
 
 
-def cluster_factors(cfg: Config, name: str | None = None, source: str = "<config>") -> ClusterFactors:
+def cluster_factors(cfg: Config, name: str | None = None) -> ClusterFactors:
     c = cfg.clusters[name or cfg.cluster]
     series = CarbonSeries(c.carbon_intensity_series) if c.carbon_intensity_series else None
     return ClusterFactors(c, series)
+
+
+class FactorsCache:
+    """The ClusterFactors of every cluster of a configuration, built once and built again only when
+    the cluster's configuration (a reload) or its carbon intensity series file (mtime) changes: a
+    scrape must not re-read every cluster's CSV series."""
+
+    def __init__(self) -> None:
+        self._built: dict[str, tuple[Cluster, float | None, ClusterFactors | None]] = {}
+        self._lock = threading.Lock()  # scrapes come from several server threads
+
+    def get(self, cfg: Config) -> dict[str, ClusterFactors]:
+        """Clusters whose series is unreadable are left out (logged once per change of the file)."""
+        with self._lock:
+            return self._get(cfg)
+
+    def _get(self, cfg: Config) -> dict[str, ClusterFactors]:
+        out = {}
+        for name, c in cfg.clusters.items():
+            mtime = _mtime(c.carbon_intensity_series)
+            hit = self._built.get(name)
+            if hit is None or hit[0] is not c or hit[1] != mtime:
+                try:
+                    cf = cluster_factors(cfg, name)
+                except ConfigError as e:
+                    logging.getLogger(__name__).warning("cluster %s: factors unavailable: %s", name, e)
+                    cf = None
+                hit = self._built[name] = (c, mtime, cf)
+            if hit[2] is not None:
+                out[name] = hit[2]
+        for name in self._built.keys() - cfg.clusters.keys():
+            del self._built[name]
+        return out
+
+
+def _mtime(path: Path | None) -> float | None:
+    if path is None:
+        return None
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def to_toml(cfg: Config) -> str:

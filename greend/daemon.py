@@ -8,6 +8,7 @@ error the running config stays and the reason is logged and shown in /healthz. W
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -73,6 +74,7 @@ class Daemon:
         self.servers: list = []
         self.scheduler = None
         self.exporter = NodeCollector(self.snapshot, user_label=cfg.daemon.user_label)
+        self.factors_cache = config_mod.FactorsCache()  # other clusters' factors, for snapshot()
         self._series_mtime = self._series_mtimes()
         self.node = self.monitor.node
         self.max_body = MAX_BODY
@@ -252,39 +254,29 @@ class Daemon:
 
     # -- views ----------------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
+        """What /metrics shows: the monitor's typed views, copied under the lock; the factors of the
+        other clusters come from a cache rebuilt only when their configuration or series change."""
         m = self.monitor
         with self.lock:
-            nodes = [(dom, v[0], v[1], v[2], v[3], v[4], m.interval_power_w.get(dom, 0.0))
-                     for dom, v in m.node_totals.items()]
-            jobs = []
-            dt = self.cfg.sampling.interval_s
-            for running, accs in ((True, m.accounts.values()),
-                                  (False, (a for _, a in self.ended.values()))):
-                for acc in accs:
-                    r = acc.row
-                    labels = (r.cluster, r.node, r.job_id, r.user, r.account, r.partition, r.kind)
-                    jobs.append((labels, running, r.cpu_uj, r.dram_uj, r.gpu_uj, r.memory_uj,
-                                 r.facility_j, r.carbon_g, r.water_site_l, r.water_offsite_l,
-                                 r.cpu_time_ns, acc.last_interval_uj / 1e6 / dt if running else 0.0))
-            now = time.time()
-            factors = {}
-            for name in self.cfg.clusters:
-                try:
-                    f = config_mod.cluster_factors(self.cfg, name).at(now) if name != m.cluster \
-                        else m.factors.at(now)
-                except Exception:  # a bad series of another cluster must not break a scrape
-                    continue
-                factors[name] = (f.pue, f.wue_site_l_per_kwh, f.ewif_l_per_kwh,
-                                 f.carbon_intensity_g_per_kwh)
-            collectors = [(s.name, s.ok, s.errors_total, s.last_duration_s)
-                          for s in m.status.values() if s.present]
-            gauges = []
-            for src in m.energy_sources:
-                g = getattr(src, "gauges", None)
-                if g:
-                    gauges.extend(g())
-            return Snapshot(m.cluster, m.node, nodes, jobs, factors, collectors, m.last_tick_s,
-                            m.ticks, self.checkpoint_errors, self.last_checkpoint, gauges)
+            cfg = self.cfg
+            domains = m.domain_totals()
+            jobs = m.job_totals()
+            jobs.extend(acc.totals(False, 0.0) for _, acc in self.ended.values())
+            own = m.factors
+            collectors = [copy.copy(s) for s in m.status.values() if s.present]
+            snap = Snapshot(m.cluster, m.node, domains, jobs, {}, collectors, m.last_tick_s,
+                            m.ticks, self.checkpoint_errors, self.last_checkpoint, m.gauges())
+        now = time.time()
+        others = self.factors_cache.get(cfg)
+        for name in cfg.clusters:
+            cf = own if name == m.cluster else others.get(name)
+            if cf is None:
+                continue
+            try:
+                snap.factors[name] = cf.at(now)
+            except Exception:  # a bad series of another cluster must not break a scrape
+                continue
+        return snap
 
     def health(self) -> dict:
         reasons = []

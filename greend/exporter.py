@@ -14,12 +14,19 @@ import platform
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from . import __version__
+
+if TYPE_CHECKING:  # the exporter only reads these; importing it must not load the monitor
+    from greend.collectors.base import CollectorStatus, Gauge
+
+    from .footprint import Factors
+    from .monitor import DomainTotals, JobTotals
 
 # name -> (type, help, labels)
 JOB_LABELS = ["cluster", "node", "job_id", "user", "account", "partition", "kind"]
@@ -103,15 +110,18 @@ class Snapshot:
 
     cluster: str
     node: str
-    nodes: list[tuple]  # (domain, source, provenance, energy_uj, unattributed_uj, idle_uj, power_w)
-    jobs: list[tuple]  # (labels tuple, running, cpu, dram, gpu, mem, facility_j, carbon, ws, wo, cpu_ns, w)
-    factors: dict[str, tuple[float, float, float, float]]
-    collectors: list[tuple[str, bool, int, float]]
+    domains: list[DomainTotals]
+    jobs: list[JobTotals]
+    """Running jobs, then finished ones in their grace period (running False)."""
+    factors: dict[str, Factors]
+    """The factors in force for each cluster of the configuration (its own and the others)."""
+    collectors: list[CollectorStatus]
+    """Copies of the present collectors' status."""
     sample_duration_s: float
     samples: int
     checkpoint_errors: int
     last_checkpoint: float
-    gauges: list[tuple[str, dict, float]]
+    gauges: list[Gauge]
 
 
 def _label_value(v: str) -> str:
@@ -180,12 +190,13 @@ class NodeCollector:
 
         f("greend_build").add_metric([], {"version": __version__, "python": platform.python_version()})
         cn = [s.cluster, s.node]
-        for dom, src, prov, e, un, idle, pw in s.nodes:
-            m = _method(prov)
-            f("greend_node_energy_joules_total").add_metric([*cn, dom, src, m], e / 1e6)
-            f("greend_node_power_watts").add_metric([*cn, dom, src, m], pw)
-            f("greend_node_unattributed_energy_joules_total").add_metric([*cn, dom, src], un / 1e6)
-            f("greend_node_idle_energy_joules_total").add_metric([*cn, dom, src], idle / 1e6)
+        for d in s.domains:
+            m = _method(d.provenance)
+            f("greend_node_energy_joules_total").add_metric([*cn, d.domain, d.source, m], d.energy_uj / 1e6)
+            f("greend_node_power_watts").add_metric([*cn, d.domain, d.source, m], d.power_w)
+            f("greend_node_unattributed_energy_joules_total").add_metric(
+                [*cn, d.domain, d.source], d.unattributed_uj / 1e6)
+            f("greend_node_idle_energy_joules_total").add_metric([*cn, d.domain, d.source], d.idle_uj / 1e6)
         for name in ("greend_job_energy_joules_total", "greend_job_facility_energy_joules_total",
                      "greend_job_carbon_grams_total", "greend_job_water_litres_total",
                      "greend_job_cpu_seconds_total", "greend_job_power_watts", "greend_job_running"):
@@ -198,34 +209,37 @@ class NodeCollector:
         pw = fam["greend_job_power_watts"].add
         run = fam["greend_job_running"].add
         active = 0
-        for labels, running, c, d, g, mem, facility, carbon, ws, wo, cpu_ns, power in s.jobs:
-            lab = tuple(labels) if self.user_label else (*labels[:3], "", *labels[4:])
+        user_label = self.user_label
+        for j in s.jobs:
+            lab = (j.cluster, j.node, j.job_id, j.user if user_label else "", j.account, j.partition,
+                   j.kind)
             ls = ",".join([f'{k}="{_label_value(v)}"' for k, v in zip(JOB_LABELS, lab, strict=True)])
             # cpu and memory always appear so that a job's series exist from its first scrape.
-            en((*lab, "cpu"), ls + ',source="cpu"', c / 1e6)
-            en((*lab, "memory"), ls + ',source="memory"', mem / 1e6)
-            if d:
-                en((*lab, "dram"), ls + ',source="dram"', d / 1e6)
-            if g:
-                en((*lab, "gpu"), ls + ',source="gpu"', g / 1e6)
-            fac(lab, ls, facility)
-            co2(lab, ls, carbon)
-            wat((*lab, "site"), ls + ',scope="site"', ws)
-            wat((*lab, "offsite"), ls + ',scope="offsite"', wo)
-            cpu(lab, ls, cpu_ns / 1e9)
-            pw(lab, ls, power)
-            run(lab, ls, 1.0 if running else 0.0)
-            active += bool(running)
+            en((*lab, "cpu"), ls + ',source="cpu"', j.cpu_uj / 1e6)
+            en((*lab, "memory"), ls + ',source="memory"', j.memory_uj / 1e6)
+            if j.dram_uj:
+                en((*lab, "dram"), ls + ',source="dram"', j.dram_uj / 1e6)
+            if j.gpu_uj:
+                en((*lab, "gpu"), ls + ',source="gpu"', j.gpu_uj / 1e6)
+            fac(lab, ls, j.facility_j)
+            co2(lab, ls, j.carbon_g)
+            wat((*lab, "site"), ls + ',scope="site"', j.water_site_l)
+            wat((*lab, "offsite"), ls + ',scope="offsite"', j.water_offsite_l)
+            cpu(lab, ls, j.cpu_time_ns / 1e9)
+            pw(lab, ls, j.power_w)
+            run(lab, ls, 1.0 if j.running else 0.0)
+            active += j.running
         f("greend_jobs_active").add_metric(cn, active)
-        for cluster, (pue, wue, ewif, ci) in s.factors.items():
-            f("greend_factor_pue").add_metric([cluster], pue)
-            f("greend_factor_wue_site_litres_per_kilowatt_hour").add_metric([cluster], wue)
-            f("greend_factor_ewif_litres_per_kilowatt_hour").add_metric([cluster], ewif)
-            f("greend_factor_carbon_intensity_grams_per_kilowatt_hour").add_metric([cluster], ci)
-        for name, ok, errors, dur in s.collectors:
-            f("greend_collector_up").add_metric([name], 1.0 if ok else 0.0)
-            f("greend_collector_errors_total").add_metric([name], errors)
-            f("greend_collector_duration_seconds").add_metric([name], dur)
+        for cluster, fa in s.factors.items():
+            f("greend_factor_pue").add_metric([cluster], fa.pue)
+            f("greend_factor_wue_site_litres_per_kilowatt_hour").add_metric([cluster], fa.wue_site_l_per_kwh)
+            f("greend_factor_ewif_litres_per_kilowatt_hour").add_metric([cluster], fa.ewif_l_per_kwh)
+            f("greend_factor_carbon_intensity_grams_per_kilowatt_hour").add_metric(
+                [cluster], fa.carbon_intensity_g_per_kwh)
+        for c in s.collectors:
+            f("greend_collector_up").add_metric([c.name], 1.0 if c.ok else 0.0)
+            f("greend_collector_errors_total").add_metric([c.name], c.errors_total)
+            f("greend_collector_duration_seconds").add_metric([c.name], c.last_duration_s)
         f("greend_sample_duration_seconds").add_metric([], s.sample_duration_s)
         f("greend_samples_total").add_metric([], s.samples)
         f("greend_checkpoint_errors_total").add_metric([], s.checkpoint_errors)

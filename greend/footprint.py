@@ -1,4 +1,4 @@
-"""The footprint model: IT energy -> facility energy, carbon and water (REFERENCE.md §2-4).
+"""The footprint model: IT energy -> facility energy, carbon and water (docs/methodology.md §3-4).
 
 Pure functions over explicit factors, so each figure can be checked against published numbers.
 """

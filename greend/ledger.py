@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -402,7 +401,3 @@ class Ledger:
             d["sources"] = json.loads(d["sources"])
             out.append(d)
         return out
-
-
-def now() -> float:
-    return time.time()

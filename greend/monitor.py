@@ -14,7 +14,20 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from greend.collectors.base import CollectorStatus, EnergyCounter, JobUsage, SourceUnavailable
+from greend.collectors import registry
+from greend.collectors.base import (
+    Closeable,
+    CollectorStatus,
+    EnergyCounter,
+    EnergySource,
+    Gauge,
+    HasGauges,
+    JobSource,
+    JobUsage,
+    KnowsPidOwner,
+    PartialFailures,
+    SplitsOwnDomains,
+)
 from greend.collectors.procfs import (
     ProcStat,
     boot_id,
@@ -24,13 +37,15 @@ from greend.collectors.procfs import (
     mem_total_bytes,
 )
 from greend.collectors.procscan import NS_PER_TICK, ProcScan
-from greend.collectors.slurm import footprint_comment
+from greend.collectors.slurm import SlurmMetadata
 
 from . import config as config_mod
 from . import refdata
 from .attribution import CpuInterval, DomainEnergy, Split, counter_delta, split_domain, tdp_power_w
+from .errors import ConfigError
 from .footprint import J_PER_KWH, UJ_PER_J, Factors
 from .ledger import JobRow, Ledger
+from .slurmjobs import SlurmLifecycle
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +53,56 @@ SOURCES = ("cpu", "dram", "gpu", "memory")
 
 
 @dataclass(slots=True)
-class Snapshot:
+class Sample:
+    """The cumulative readings of one tick, the baseline of the next interval (and, checkpointed,
+    of the first interval after a restart)."""
+
     t: float
     boot_id: str
     cpu_total: int
     cpu_idle: int
     counters: dict[str, int]
     jobs: dict[str, int]
+
+
+@dataclass(slots=True)
+class DomainTotals:
+    """One energy domain of this node since greend first ran, as the monitor hands it out."""
+
+    domain: str
+    source: str  # cpu, dram, gpu, memory
+    provenance: str
+    energy_uj: int
+    unattributed_uj: int
+    idle_uj: int
+    power_w: float
+    """Average power over the last sampling interval."""
+
+
+@dataclass(slots=True)
+class JobTotals:
+    """One job's books on this node, as the monitor hands them out (a copy: safe to read after the
+    daemon's lock is released)."""
+
+    cluster: str
+    node: str
+    job_id: str
+    user: str
+    account: str
+    partition: str
+    kind: str
+    running: bool
+    cpu_uj: int
+    dram_uj: int
+    gpu_uj: int
+    memory_uj: int
+    facility_j: float
+    carbon_g: float
+    water_site_l: float
+    water_offsite_l: float
+    cpu_time_ns: int
+    power_w: float
+    """Average IT power over the last sampling interval (0 once the job has ended)."""
 
 
 @dataclass(slots=True)
@@ -57,6 +115,13 @@ class Account:
     buckets: dict[tuple[float, str], list] = field(default_factory=dict)
     dirty: bool = True
     last_interval_uj: int = 0
+
+    def totals(self, running: bool, interval_s: float) -> JobTotals:
+        r = self.row
+        return JobTotals(r.cluster, r.node, r.job_id, r.user, r.account, r.partition, r.kind, running,
+                         r.cpu_uj, r.dram_uj, r.gpu_uj, r.memory_uj, r.facility_j, r.carbon_g,
+                         r.water_site_l, r.water_offsite_l, r.cpu_time_ns,
+                         self.last_interval_uj / UJ_PER_J / interval_s if running else 0.0)
 
 
 @dataclass(slots=True)
@@ -95,12 +160,12 @@ class Monitor:
         cfg: config_mod.Config,
         ledger: Ledger | None = None,
         *,
-        jobs_source=None,
-        energy_sources: list | None = None,
+        jobs_source: JobSource | None = None,
+        energy_sources: list[EnergySource] | None = None,
         record_kinds: Iterable[str] | None = None,
         clock: Callable[[], float] = time.time,
         resume: bool = True,
-        slurm=None,
+        slurm: SlurmMetadata | None = None,
     ):
         self.cfg = cfg
         self.ledger = ledger
@@ -120,11 +185,16 @@ class Monitor:
             energy_sources if energy_sources is not None else self._open_energy_sources()
         )
         self.jobs_source = jobs_source if jobs_source is not None else self._open_jobs_source()
+        self._partial: dict[int, bool] = {}  # id(source) -> it can fail partially
+        # Optional capabilities, looked up once (the sources do not change while the monitor runs).
+        self._splitters = [s for s in self.energy_sources if isinstance(s, SplitsOwnDomains)]
+        self._pid_owner = (self.jobs_source.owner_of if isinstance(self.jobs_source, KnowsPidOwner)
+                           else None)
         self.accounts: dict[str, Account] = {}
         self.finished: list[Account] = []
         self.node_totals: dict[str, list] = {}  # domain -> [source, provenance, e, unattr, idle]
         self.node_bucket: dict[float, list] = {}
-        self.prev: Snapshot | None = None
+        self.prev: Sample | None = None
         self.ticks = 0
         self.last_tick_s = 0.0
         self.last_split: list[Split] = []
@@ -136,13 +206,10 @@ class Monitor:
         # Called inside the checkpoint's transaction with the accounts written, so that what they
         # write (the site outbox) commits or rolls back with the books.
         self.on_checkpoint: list[Callable[[object, list[Account]], None]] = []
-        # Slurm job metadata (collectors/slurm.py): the tick reads its cache, never waits for Slurm.
+        # Slurm job metadata (collectors/slurm.py): the tick reads its cache, never waits for Slurm;
+        # the jobs' lifecycle with it lives in slurmjobs.py.
         self.slurm = slurm
-        self._slurm_gen = -1
-        self._slurm_asked: set[str] = set()
-        self._slurm_closing: list[Account] = []
-        self._ended_ids: dict[tuple[str, int], float] = {}  # (job id, submit time) closed here
-        self._slurm_written: dict[tuple[str, int], float] = {}  # last "so far" write-back
+        self.slurm_jobs = SlurmLifecycle(self, slurm) if slurm is not None else None
         if slurm is not None:
             slurm.status = self.status.setdefault("slurm", CollectorStatus("slurm",
                                                                            detail=slurm.describe()))
@@ -150,51 +217,40 @@ class Monitor:
             self._resume()
 
     # -- set-up ---------------------------------------------------------------------------------
-    def _open_energy_sources(self) -> list:
-        sources = []
-        if self.cfg.power.rapl:
-            from greend.collectors.rapl import RaplCollector
+    def _where(self) -> registry.Where:
+        p = self.cfg.paths
+        return registry.Where(p.procfs, p.sysfs, p.cgroupfs, self.cluster, self.node)
 
-            st = self.status.setdefault("rapl", CollectorStatus("rapl"))
-            try:
-                rapl = RaplCollector(self.cfg.paths.sysfs)
-                sources.append(rapl)
-                st.detail = ", ".join(z.domain for z in rapl.zones)
-            except SourceUnavailable as e:
-                st.present, st.detail = False, str(e)
-                log.info("rapl: %s; CPU energy will be modelled from TDP", e)
-        from greend.collectors.nvml import NvmlCollector
-
-        st = self.status.setdefault("nvml", CollectorStatus("nvml"))
-        try:
-            nvml = NvmlCollector()
-            sources.append(nvml)
-            st.detail = nvml.describe()
-        except SourceUnavailable as e:
-            st.present, st.detail = False, str(e)
-            log.info("nvml: %s; no GPU energy", e)
-        return sources
-
-    def _pid_owner(self, pid: int) -> str | None:
-        """The job a process belongs to, if the jobs source can tell (for GPU attribution)."""
-        owner_of = getattr(self.jobs_source, "owner_of", None)
-        return owner_of(pid) if owner_of is not None else None
-
-    def _open_jobs_source(self):
+    def _switches(self) -> dict[str, registry.Switch]:
+        """[collectors], with the older spellings: power.rapl = false is rapl off;
+        attribution.jobs_from = cgroup / procscan is cgroups on / off."""
+        sw: dict[str, registry.Switch] = self.cfg.collectors.model_dump()
+        if not self.cfg.power.rapl:
+            sw["rapl"] = "off"
         how = self.cfg.attribution.jobs_from
-        if how in ("auto", "cgroup"):
-            from greend.collectors.cgroups import SlurmCgroups
+        if how == "cgroup":
+            sw["cgroups"] = "on"
+        elif how == "procscan":
+            sw["cgroups"] = "off"
+            sw["procscan"] = "on" if sw["procscan"] == "off" else sw["procscan"]
+        return sw
 
-            try:
-                src = SlurmCgroups(self.cfg.paths.cgroupfs, self.cluster, self.node)
-                self.status["cgroups"] = CollectorStatus("cgroups", detail=str(src.base))
-                return src
-            except SourceUnavailable as e:
-                if how == "cgroup":
-                    raise
-                log.debug("cgroups: %s; scanning processes instead", e)
-        self.status["procscan"] = CollectorStatus("procscan")
-        return ProcScan(self.cfg.paths.procfs, self.cluster)
+    def _open_energy_sources(self) -> list[EnergySource]:
+        try:
+            opened = registry.open_energy(self._switches(), self._where())
+        except registry.CollectorMissing as e:
+            raise ConfigError(str(e)) from None
+        for o in opened:
+            self.status[o.name] = CollectorStatus(o.name, present=o.source is not None, detail=o.detail)
+        return [o.source for o in opened if o.source is not None]
+
+    def _open_jobs_source(self) -> JobSource:
+        try:
+            o = registry.open_jobs(self._switches(), self._where())
+        except registry.CollectorMissing as e:
+            raise ConfigError(str(e)) from None
+        self.status[o.name] = CollectorStatus(o.name, detail=o.detail)
+        return o.source
 
     def _guard(self, name: str, fn, default):
         st = self.status.setdefault(name, CollectorStatus(name))
@@ -232,7 +288,7 @@ class Monitor:
                     row.state, row.end_time = "ended", row.last_seen
                     self.ledger.upsert_job(db, row)
             return
-        self.prev = Snapshot(t, state["boot_id"], state["cpu"][0], state["cpu"][1],
+        self.prev = Sample(t, state["boot_id"], state["cpu"][0], state["cpu"][1],
                              dict(state["counters"]), dict(state["jobs"]))
         for row in running:
             key = (row.meta or {}).get("key")
@@ -260,13 +316,16 @@ class Monitor:
     def read_counters(self) -> list[EnergyCounter]:
         out: list[EnergyCounter] = []
         for src in self.energy_sources:
-            before = getattr(src, "errors_total", None)
+            partial = self._partial.get(id(src))
+            if partial is None:  # a Protocol isinstance costs ~10 µs: once per source, not per tick
+                partial = self._partial[id(src)] = isinstance(src, PartialFailures)
+            before = src.errors_total if partial else 0
             out.extend(self._guard(src.name, src.read, []))
-            if before is not None and src.errors_total > before:
+            if partial and src.errors_total > before:
                 # A partial failure (one GPU of eight): the read returned, but the source is not
                 # healthy, and /healthz and greend_collector_up must say so.
                 st = self.status[src.name]
-                st.ok, st.error = False, getattr(src, "last_error", "") or "a device read failed"
+                st.ok, st.error = False, src.last_error or "a device read failed"
                 st.errors_total += src.errors_total - before
         for c in out:
             self._domain_source[c.domain] = c.source
@@ -286,14 +345,14 @@ class Monitor:
         jobs: list[JobUsage] | None = self._guard(self.jobs_source.name, read_jobs, None)
         if jobs is None:
             jobs_ok, jobs = False, []
-        snap = Snapshot(t, self.boot_id, cpu.total_ticks, cpu.idle_ticks,
-                        {c.domain: c.value_uj for c in counters},
-                        {u.key: u.cpu_time_ns for u in jobs})
+        snap = Sample(t, self.boot_id, cpu.total_ticks, cpu.idle_ticks,
+                      {c.domain: c.value_uj for c in counters},
+                      {u.key: u.cpu_time_ns for u in jobs})
         prev = self.prev
-        if self.slurm is not None:
-            self._slurm_sync(jobs, t)
+        if self.slurm_jobs is not None:
+            self.slurm_jobs.sync(jobs, t)
         for u in jobs:
-            self._account_for(u, t)
+            self.account_for(u, t)
         if prev is None:
             self.prev = snap
             self.ticks += 1
@@ -307,14 +366,15 @@ class Monitor:
         splits = self._interval(prev, snap, counters, jobs, cpu.ncpu)
         for u_key in set(prev.jobs) - set(snap.jobs):
             if jobs_ok:
-                self._end(u_key, prev.t, t)
+                self.end(u_key, prev.t, t)
         self.prev = snap
         self.ticks += 1
         self.last_split = splits
         self.last_tick_s = time.perf_counter() - t0
         return splits
 
-    def _account_for(self, u: JobUsage, t: float) -> Account:
+    def account_for(self, u: JobUsage, t: float) -> Account:
+        """The job's account, opened at its first sight."""
         acc = self.accounts.get(u.key)
         if acc is None:
             user = u.meta.get("user") or _user_name(u.uid)
@@ -340,7 +400,8 @@ class Monitor:
             acc.row.max_mem_bytes = u.mem_bytes
         return acc
 
-    def _end(self, key: str, last_seen: float, t: float) -> None:
+    def end(self, key: str, last_seen: float, t: float) -> None:
+        """Close a job's account: it left the node (or Slurm shows another job under its id)."""
         acc = self.accounts.pop(key, None)
         if acc is None:
             return
@@ -349,140 +410,12 @@ class Monitor:
         acc.row.end_time = t
         acc.dirty = True
         self.finished.append(acc)
-        if self.slurm is not None and acc.row.kind == "slurm":
-            self._slurm_closed(acc)
+        if self.slurm_jobs is not None and acc.row.kind == "slurm":
+            self.slurm_jobs.closed(acc)
 
-    # -- Slurm jobs: identity, metadata, lifecycle ------------------------------------------------
-    def _slurm_sync(self, jobs: list[JobUsage], t: float) -> None:
-        """Give this cluster's Slurm jobs their identity and metadata from the cache. No Slurm call
-        here: job ids the cache does not know ask for one background refresh (at most one a tick)."""
-        meta = self.slurm
-        fresh = meta.generation != self._slurm_gen
-        self._slurm_gen = meta.generation
-        ask = False
-        for u in jobs:
-            if u.kind != "slurm" or (u.cluster or self.cluster) != self.cluster:
-                continue
-            info = meta.get(u.job_id)
-            acc = self.accounts.get(u.key)
-            if acc is not None and info is not None and not _same_job(acc.row, info):
-                # Another job under this id (ids restart when a controller loses its state): close
-                # the old account; the new job's use never goes into it.
-                log.info("job %s: Slurm shows another job under this id (submitted %s); closing "
-                         "the account of the previous one", u.job_id, info.submit_time)
-                self._end(u.key, acc.row.last_seen, acc.row.last_seen)
-                acc = None
-            if acc is None:
-                if info is not None and self._was_ended(u.job_id, info.submit_time):
-                    info = None  # a stale entry: that job was already closed here
-                acc = self._account_for(u, t)
-                if info is None:
-                    # Provisional identity until Slurm's metadata arrives (the row is then fixed
-                    # by its pk): two jobs' footprints are never merged under an unknown identity.
-                    acc.row.submit_time = int(acc.row.first_seen)
-                    acc.row.meta = {**(acc.row.meta or {}), "provisional": "submit_time=first_seen"}
-            if info is None:
-                if u.job_id not in self._slurm_asked:
-                    self._slurm_asked.add(u.job_id)
-                    ask = True
-                continue
-            if fresh or acc.row.submit_time != info.submit_time or "provisional" in (acc.row.meta or {}):
-                self._slurm_apply(acc, info)
-            if fresh and meta.write_back != "none" and meta.write_back_interval_s > 0 and not info.ended:
-                self._slurm_progress(acc, t)  # (an ended job's cgroup can linger a moment)
-            # Slurm's allocation wins over the cpuset's width (declared cores can map onto fewer).
-            if info.alloc_cpus:
-                u.alloc_cpus = info.alloc_cpus
-            if info.alloc_mem_bytes:
-                u.alloc_mem_bytes = info.alloc_mem_bytes
-        if ask:
-            meta.request()
-        if self._slurm_closing:
-            self._slurm_finish(t, fresh)
+    _end = end  # the name greend/measure.py calls
 
-    def _slurm_apply(self, acc: Account, info) -> None:
-        row = acc.row
-        meta = {k: v for k, v in (row.meta or {}).items() if k != "provisional"}
-        meta["slurm_state"] = info.state
-        if info.cluster:
-            meta["slurm_cluster"] = info.cluster
-        if info.start_time:
-            meta["start_time"] = info.start_time
-        new = {
-            "submit_time": info.submit_time, "user": info.user or row.user,
-            "uid": info.uid if info.uid is not None else row.uid, "account": info.account,
-            "partition": info.partition, "name": info.name,
-            "alloc_cpus": info.alloc_cpus or row.alloc_cpus,
-            "alloc_mem_bytes": info.alloc_mem_bytes or row.alloc_mem_bytes,
-            "alloc_gpus": info.alloc_gpus if info.alloc_gpus is not None else row.alloc_gpus,
-        }
-        if meta != row.meta or any(getattr(row, k) != v for k, v in new.items()):
-            for k, v in new.items():
-                setattr(row, k, v)
-            row.meta = meta
-            acc.dirty = True
-
-    def _was_ended(self, job_id: str, submit_time: int) -> bool:
-        if (job_id, submit_time) in self._ended_ids:
-            return True
-        if self.ledger is None:
-            return False
-        return any(r.submit_time == submit_time and r.state == "ended"
-                   for r in self.ledger.get_job(self.cluster, job_id, self.node))
-
-    def _slurm_closed(self, acc: Account) -> None:
-        row = acc.row
-        if "provisional" not in (row.meta or {}):
-            self._ended_ids[(row.job_id, row.submit_time)] = row.last_seen
-        if len(self._ended_ids) > 20000:
-            for k in sorted(self._ended_ids, key=self._ended_ids.__getitem__)[:10000]:
-                del self._ended_ids[k]
-        self._slurm_asked.discard(row.job_id)
-        self._slurm_closing.append(acc)
-
-    def _slurm_finish(self, t: float, fresh: bool) -> None:
-        """Closed jobs take Slurm's end time and final state when it has them; the record is then
-        final (written again by pk) and, if configured, written back to Slurm."""
-        wait_s = 300.0
-        for acc in list(self._slurm_closing):
-            row = acc.row
-            info = self.slurm.get(row.job_id) if fresh else None
-            if info is not None and not _same_job(row, info):
-                info = None
-            if info is not None and info.ended:
-                self._slurm_apply(acc, info)
-                self._ended_ids[(row.job_id, row.submit_time)] = row.last_seen
-                if info.end_time:
-                    row.end_time = float(info.end_time)
-                    row.meta = {**(row.meta or {}), "end_time_from": "slurm"}
-                self._slurm_final(acc, write_back=True)
-            elif t - row.last_seen > wait_s:
-                self._slurm_final(acc, write_back=False)
-
-    def _slurm_progress(self, acc: Account, t: float) -> None:
-        """Write a running job's footprint so far: Slurm refuses updates once a job has finished."""
-        r = acc.row
-        ident = (r.job_id, r.submit_time)
-        if r.cpu_time_ns and t - self._slurm_written.get(ident, -math.inf) >= \
-                self.slurm.write_back_interval_s:
-            self._slurm_written[ident] = t
-            self.slurm.queue_write_back(r.job_id, r.submit_time, footprint_comment(
-                self.node, r.it_energy_uj / UJ_PER_J, r.carbon_g, r.water_site_l + r.water_offsite_l,
-                r.cpu_time_ns / 1e9, final=False))
-
-    def _slurm_final(self, acc: Account, write_back: bool) -> None:
-        self._slurm_closing.remove(acc)
-        self._slurm_written.pop((acc.row.job_id, acc.row.submit_time), None)
-        acc.dirty = True
-        if not any(a is acc for a in self.finished):
-            self.finished.append(acc)
-        if write_back and self.slurm.write_back != "none":
-            r = acc.row
-            self.slurm.queue_write_back(r.job_id, r.submit_time, footprint_comment(
-                self.node, r.it_energy_uj / UJ_PER_J, r.carbon_g, r.water_site_l + r.water_offsite_l,
-                r.cpu_time_ns / 1e9))
-
-    def _domains(self, prev: Snapshot, snap: Snapshot, counters: list[EnergyCounter],
+    def _domains(self, prev: Sample, snap: Sample, counters: list[EnergyCounter],
                  jobs: list[JobUsage], ncpu: int) -> list[DomainEnergy]:
         dt = max(0.0, snap.t - prev.t)
         job_cpu: dict[str, int] = {}
@@ -526,9 +459,9 @@ class Monitor:
                     prov = "modelled: TDP (counter gap longer than its wrap time)"
                 domains.append(cpu.domain(c.domain, c.source, e, prov))
             else:
-                hint = getattr(self._source_of(c), "split_hint", None)
-                domains.append(hint(c, e, jobs, self.accounts, cpu, pid_owner=self._pid_owner)
-                               if hint else cpu.domain(c.domain, c.source, e, prov))
+                own = self._source_of(c)
+                domains.append(own.split_hint(c, e, jobs, self.accounts, cpu, pid_owner=self._pid_owner)
+                               if own is not None else cpu.domain(c.domain, c.source, e, prov))
         if not have["cpu"]:
             domains.append(cpu.domain("cpu", "cpu", model_uj,
                                       f"modelled: TDP {self.cpu_model.tdp_w:g} W x "
@@ -549,13 +482,13 @@ class Monitor:
             ))
         return domains
 
-    def _source_of(self, c: EnergyCounter):
-        for s in self.energy_sources:
-            if getattr(s, "owns", None) and s.owns(c.domain):
+    def _source_of(self, c: EnergyCounter) -> SplitsOwnDomains | None:
+        for s in self._splitters:
+            if s.owns(c.domain):
                 return s
         return None
 
-    def _interval(self, prev: Snapshot, snap: Snapshot, counters: list[EnergyCounter],
+    def _interval(self, prev: Sample, snap: Sample, counters: list[EnergyCounter],
                   jobs: list[JobUsage], ncpu: int) -> list[Split]:
         domains = self._domains(prev, snap, counters, jobs, ncpu)
         splits = [split_domain(d) for d in domains]
@@ -635,6 +568,25 @@ class Monitor:
             acc.dirty = True
         return splits
 
+    # -- views ----------------------------------------------------------------------------------
+    def domain_totals(self) -> list[DomainTotals]:
+        power = self.interval_power_w
+        return [DomainTotals(dom, v[0], v[1], v[2], v[3], v[4], power.get(dom, 0.0))
+                for dom, v in self.node_totals.items()]
+
+    def job_totals(self) -> list[JobTotals]:
+        """The running jobs' books (power over the last sampling interval)."""
+        dt = self.cfg.sampling.interval_s
+        return [acc.totals(True, dt) for acc in self.accounts.values()]
+
+    def gauges(self) -> list[Gauge]:
+        """The energy sources' own gauges (GPU power, utilisation...), from their last read."""
+        out: list[Gauge] = []
+        for src in self.energy_sources:
+            if isinstance(src, HasGauges):
+                out.extend(src.gauges())
+        return out
+
     # -- checkpoint -----------------------------------------------------------------------------
     def state(self) -> dict:
         p = self.prev
@@ -690,18 +642,8 @@ class Monitor:
 
     def close(self) -> None:
         for src in [*self.energy_sources, self.jobs_source, self.procstat]:
-            close = getattr(src, "close", None)
-            if close:
-                close()
-
-
-def _same_job(row: JobRow, info) -> bool:
-    """Whether Slurm's job `info` is the job `row` accounts for."""
-    if "provisional" in (row.meta or {}):
-        # Only first_seen is known: the job had started by then, and had not ended long before.
-        return ((info.start_time is None or info.start_time <= row.first_seen + 2)
-                and (info.end_time is None or info.end_time >= row.first_seen - 60))
-    return row.submit_time == info.submit_time
+            if isinstance(src, Closeable):
+                src.close()
 
 
 def _user_name(uid: int) -> str:

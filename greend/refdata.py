@@ -74,7 +74,7 @@ def _energy_mix() -> dict:
 
 
 def ewif_of_mix(row: dict) -> float:
-    """Generation-weighted off-site water intensity of a country's mix (REFERENCE.md §3)."""
+    """Generation-weighted off-site water intensity of a country's mix (docs/methodology.md §4)."""
     gen = {
         "coal": row.get("coal_TWh", 0.0),
         "gas": row.get("gas_TWh", 0.0),

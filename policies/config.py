@@ -109,7 +109,7 @@ class RuleSpec(BaseModel):
     @model_validator(mode="after")
     def _check_rule(self) -> RuleSpec:
         # Lazy: the registry imports the rule classes, which greend.config must not pull in.
-        from .rules import instantiate
+        from .registry import instantiate
 
         instantiate(self, None)
         return self

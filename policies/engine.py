@@ -14,8 +14,9 @@ from . import quantities as q
 from .estimate import Estimate, estimate
 from .history import History, LedgerView, Usage
 from .records import Record
+from .registry import build_rules
 from .request import JobRequest, Resolved, resolve
-from .rules import Rule, build_rules
+from .rule import Action, Check, Rule, Score
 from .site import ClusterSpec, PartitionSpec, Site
 from .state import ClusterState, StateCache, Wait
 
@@ -394,15 +395,19 @@ class Engine:
             for cand in cands:
                 if cand.rejected is not None:
                     continue
-                ok, reason, nums = check(ctx, cand)
-                if ok:
-                    add(Verdict(name, "filter", cand.name, "pass", reason, nums))
+                res = check(ctx, cand)
+                if type(res) is not Check:  # a plugin's (passes, reason, numbers): still accepted
+                    res = Check(*res)
+                if res.passes:
+                    if res.partition is not None:
+                        cand.partition = res.partition  # the partition the filter chose there
+                    add(Verdict(name, "filter", cand.name, "pass", res.reason, res.numbers))
                 elif rule.relaxable:
-                    v = Verdict(name, "filter", cand.name, "hold", reason, nums)
+                    v = Verdict(name, "filter", cand.name, "hold", res.reason, res.numbers)
                     cand.held.append(v)
                     add(v)
                 else:
-                    v = Verdict(name, "filter", cand.name, "reject", reason, nums)
+                    v = Verdict(name, "filter", cand.name, "reject", res.reason, res.numbers)
                     cand.rejected = v
                     add(v)
 
@@ -422,9 +427,11 @@ class Engine:
                 break
             raws, reasons = [], []
             for cand in feasible:
-                raw, reason, nums = rule.score(ctx, cand)
-                raws.append(raw)
-                reasons.append((reason, nums))
+                sc = rule.score(ctx, cand)
+                if type(sc) is not Score:
+                    sc = Score(*sc)
+                raws.append(sc.raw)
+                reasons.append((sc.reason, sc.numbers))
             norm = rule.normalize(raws)
             for cand, raw, s, (reason, nums) in zip(feasible, raws, norm, reasons, strict=True):
                 weighted = s * rule.weight
@@ -450,8 +457,10 @@ class Engine:
         plan = Plan(cand.name, cand.cluster.tier, cand.partition.name if cand.partition else None,
                     res.walltime_s)
         for rule in self.adjusters:
-            for verdict, reason, nums in rule.adjust(ctx, cand, plan):
-                v = Verdict(rule.name, "adjust", cand.name, verdict, reason, nums)
+            for a in rule.adjust(ctx, cand, plan):
+                if type(a) is not Action:
+                    a = Action(*a)
+                v = Verdict(rule.name, "adjust", cand.name, a.verdict, a.reason, a.numbers)
                 plan.verdicts.append(v)
                 verdicts.append(v)
         est = ctx.estimate(cand)

@@ -1,4 +1,4 @@
-"""A job's footprint before it runs, on one cluster (REFERENCE.md §1, Green Algorithms):
+"""A job's footprint before it runs, on one cluster (docs/methodology.md §6, Green Algorithms):
 
     E_IT = t x (n_c x P_c x u_c + n_m x P_m + n_g x P_g x u_g)      (n_m: GB of memory requested)
 

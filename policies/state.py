@@ -10,36 +10,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import threading
 import time
 from pathlib import Path
+
+from greend.collectors import slurmcli
+from greend.collectors.slurmcli import first_error, number
 
 from . import quantities as q
 from .records import Record
 
 log = logging.getLogger(__name__)
 
-_ERR_PREFIX = re.compile(r"^\w+: (?:error|fatal): ", re.IGNORECASE)
-
 _BAD_NODE_STATES = frozenset({"down", "drain", "drained", "draining", "fail", "failing", "future",
                               "unknown", "maint", "reboot_requested", "powered_down", "inval"})
 _BAD_NODE_FLAGS = frozenset({"DRAIN", "DRAINING", "DRAINED", "NOT_RESPONDING", "FAIL", "MAINTENANCE",
                              "POWERED_DOWN", "POWERING_DOWN", "REBOOT_REQUESTED", "INVALID_REG"})
-
-
-def _num(v, default=0):
-    """A number of Slurm's JSON: plain (22.05) or {"set": true, "number": N} (23.02+)."""
-    if isinstance(v, dict):
-        if not v.get("set", True) or v.get("infinite"):
-            return default
-        v = v.get("number", default)
-    if v is None:
-        return default
-    try:
-        return v if isinstance(v, int | float) else float(v)
-    except (TypeError, ValueError):
-        return default
 
 
 def _state(v) -> str:
@@ -267,11 +253,11 @@ def parse_sinfo(data: dict) -> list[NodeState]:
             flags = {str(s).upper() for s in n.get("state_flags", [])}
         state = str(state).lower()
         usable = state not in _BAD_NODE_STATES and not (flags & _BAD_NODE_FLAGS)
-        cpus = int(_num(n.get("cpus")))
+        cpus = int(number(n.get("cpus")))
         out.append(NodeState(
             name=str(n.get("name", "")), state=state, cpus=cpus,
-            alloc_cpus=int(_num(n.get("alloc_cpus"))), mem_mb=float(_num(n.get("real_memory"))),
-            alloc_mem_mb=float(_num(n.get("alloc_memory"))),
+            alloc_cpus=int(number(n.get("alloc_cpus"))), mem_mb=float(number(n.get("real_memory"))),
+            alloc_mem_mb=float(number(n.get("alloc_memory"))),
             partitions=tuple(n.get("partitions") or ()), usable=usable,
         ))
     return out
@@ -282,15 +268,15 @@ def parse_squeue(data: dict, now: float) -> tuple[list[JobState], list[JobState]
     running, pending, every = [], [], []
     for j in data.get("jobs", []):
         state = _state(j.get("job_state"))
-        limit_min = _num(j.get("time_limit"), 0)
+        limit_min = number(j.get("time_limit"), 0)
         limit_s = float(limit_min) * 60 if limit_min else 365 * 86400.0
-        start = float(_num(j.get("start_time"), 0))
-        end = float(_num(j.get("end_time"), 0)) or (start + limit_s if start else now + limit_s)
+        start = float(number(j.get("start_time"), 0))
+        end = float(number(j.get("end_time"), 0)) or (start + limit_s if start else now + limit_s)
         res = j.get("job_resources") or {}
         alloc = res.get("allocated_nodes") or []
         nodes = tuple(str(a.get("nodename")) for a in alloc if isinstance(a, dict) and a.get("nodename"))
         js = JobState(
-            job_id=str(j.get("job_id")), state=state, cpus=int(_num(j.get("cpus"), 1)) or 1,
+            job_id=str(j.get("job_id")), state=state, cpus=int(number(j.get("cpus"), 1)) or 1,
             partition=str(j.get("partition") or ""), time_limit_s=limit_s, end_time=end, nodes=nodes,
             name=str(j.get("name") or ""), comment=str(j.get("comment") or ""),
             user=str(j.get("user_name") or ""),
@@ -306,52 +292,14 @@ def parse_squeue(data: dict, now: float) -> tuple[list[JobState], list[JobState]
 # -- fetching -----------------------------------------------------------------------------------
 def run_slurm(spec, argv: list[str], timeout_s: float,
               extra_env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Run a Slurm command for one cluster: (exit status, stdout, stderr); raises TimeoutError."""
-    import subprocess  # here: deciding without live state never needs it
-
+    """Run a Slurm command for one cluster (its SLURM_CONF, its bin_dir): (exit status, stdout,
+    stderr); raises TimeoutError (collectors/slurmcli.py runs it)."""
     if spec.conf is not None and not Path(spec.conf).is_file():
         # Slurm's commands retry a missing slurm.conf for a minute before giving up.
         return 1, "", f"slurm.conf {spec.conf} does not exist"
-    cmd = [spec.command(argv[0]), *argv[1:]]
-    try:
-        # Own process group: on a timeout the command and anything it started (a wrapper's
-        # children keep the pipes open) are killed together.
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**spec.env(os.environ), **(extra_env or {})}, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    except FileNotFoundError:
-        return 127, "", f"{cmd[0]}: command not found"
-    except PermissionError:
-        return 126, "", f"{cmd[0]}: permission denied"
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        raise TimeoutError(f"{argv[0]} did not answer within {timeout_s:g} s") from None
-    except BaseException:
-        _kill_group(proc)
-        raise
-    return proc.returncode, out, err
-
-
-def _kill_group(proc) -> None:
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        proc.kill()
-    proc.communicate()
-
-
-def _first_error(err: str) -> str:
-    """The first error line of a Slurm command's stderr, without its "sbatch: error: " prefix."""
-    lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
-    for ln in lines:
-        m = _ERR_PREFIX.match(ln)
-        if m:
-            return ln[m.end():]
-    return lines[-1] if lines else "no output"
+    r = slurmcli.run([spec.command(argv[0]), *argv[1:]], timeout_s=timeout_s,
+                     env={**spec.env(os.environ), **(extra_env or {})})
+    return r.returncode, r.stdout, r.stderr
 
 
 def fetch(cluster, now: float | None = None) -> ClusterState:
@@ -375,7 +323,7 @@ def fetch(cluster, now: float | None = None) -> ClusterState:
     for name in ("sinfo", "squeue"):
         rc, _, err = results[name]
         if rc != 0:
-            msg = err if rc is None else f"{name}: {_first_error(err)}"
+            msg = err if rc is None else f"{name}: {first_error(err)}"
             return ClusterState(cluster.name, False, now, error=f"controller did not answer: {msg}",
                                 fetch_s=elapsed)
     try:

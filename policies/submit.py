@@ -16,8 +16,10 @@ import secrets
 import time
 from pathlib import Path
 
+from greend.collectors.slurmcli import first_error
+
 from .records import Record
-from .state import _first_error, run_slurm
+from .state import run_slurm
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +214,7 @@ def submit(engine, decision, script: Path, decisions: DecisionLog | None, *,
                 sub.cluster, sub.partition, sub.plan = name, plan.partition, plan
                 sub.tried.append({"cluster": name, "result": f"job {sub.job_id}"})
                 break
-            msg = _first_error(err or out)
+            msg = first_error(err or out)
             if _unreachable(rc, err):
                 sub.tried.append({"cluster": name, "result": f"controller did not take the job: {msg}"})
                 continue

@@ -249,3 +249,25 @@ def test_every_example_config_round_trips_through_config_check(example):
     cfg = config_mod.load(example)
     text = config_mod.to_toml(cfg)
     assert config_mod.parse(tomllib.loads(text), "printed") == cfg
+
+
+def test_factors_cache_rereads_a_series_only_when_its_file_changes(tmp_path):
+    series = write(tmp_path / "ci.csv", SERIES)
+    p = write(tmp_path / "greend.toml", """
+[clusters.local]
+[clusters.far]
+carbon_intensity_series = "ci.csv"
+""")
+    cfg = config_mod.load(p)
+    cache = config_mod.FactorsCache()
+    first = cache.get(cfg)
+    assert set(first) == {"local", "far"}
+    assert cache.get(cfg)["far"] is first["far"]  # nothing changed: not read again
+    series.write_text(SERIES.replace(",50", ",65"))
+    os.utime(series, (series.stat().st_atime, series.stat().st_mtime + 10))
+    again = cache.get(cfg)
+    assert again["far"] is not first["far"] and again["local"] is first["local"]
+    assert again["far"].at(ts("2024-01-01T00:30:00")).carbon_intensity_g_per_kwh == 65
+    series.write_text("timestamp,g_per_kwh\nnot a time,1\n")
+    os.utime(series, (series.stat().st_atime, series.stat().st_mtime + 20))
+    assert set(cache.get(cfg)) == {"local"}  # a bad series leaves its cluster out, not the others

@@ -1,4 +1,4 @@
-"""The footprint model against the published numbers of REFERENCE.md (§2-4) and CodeCarbon's data."""
+"""The footprint model against the published numbers of docs/methodology.md (§3-4) and CodeCarbon's data."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_unknown_country_is_a_key_error():
 
 
 def test_ewif_of_the_2023_french_mix_is_about_1_62_l_per_kwh():
-    # REFERENCE.md §3 (derived): Li et al.'s per-fuel factors on the 2023 French mix.
+    # docs/methodology.md §4 (derived): Li et al.'s per-fuel factors on the 2023 French mix.
     assert refdata.country_mix("FRA").ewif_l_per_kwh == pytest.approx(1.62, abs=0.01)
 
 

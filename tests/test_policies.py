@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from greend.policies import quantities as q
+from greend.policies import registry as registry_mod
 from greend.policies import rules as rules_mod
 from greend.policies.carbon import CarbonWindow
 from greend.policies.engine import Engine
@@ -313,6 +314,27 @@ def test_local_only_for_short_small_interactive_or_debug_jobs():
     debug = eng.decide(request(cli=[("time", "4:00:00"), ("interactive", None)]), now=NOW,
                        states=idle_states())
     assert debug.cluster == "local"
+
+
+def test_fits_partition_returns_its_choice_and_leaves_the_candidate_alone():
+    from greend.policies.engine import Candidate, Context
+    from greend.policies.filters import FitsPartition
+    from greend.policies.rule import Check
+
+    eng = make_engine()
+    site = eng.site.by_name["site"]
+    req = request(cli=[("cpus-per-task", "2"), ("time", "1:00:00")])
+    ctx = Context(eng.site, req, NOW, None, "live state off", None)
+    cand = Candidate(site, site.default_partition)
+    rule = next(r for r in eng.filters if isinstance(r, FitsPartition))
+    got = rule.filter(ctx, cand)
+    assert isinstance(got, Check) and got.passes
+    assert got.partition is site.partition("batch") and got.numbers["partition"] == "batch"
+    assert site.default_partition is not got.partition
+    assert cand.partition is site.default_partition  # the engine, not the rule, applies the choice
+    too_big = rule.filter(Context(eng.site, request(cli=[("cpus-per-task", "64")]), NOW, None, "", None),
+                          Candidate(site, site.default_partition))
+    assert not too_big.passes and too_big.partition is None and "fits no partition" in str(too_big.reason())
 
 
 def test_accounts_gpus_and_partition_limits_filter():
@@ -646,7 +668,7 @@ def test_a_site_rule_from_the_entry_point_group(tmp_path, monkeypatch):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: site-rules\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[greend.rules]\nno_friday = site_rules:NoFriday\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(rules_mod, "_plugins", None)
+    monkeypatch.setattr(registry_mod, "_plugins", None)
     data = site_data(policy={"rules": [{"rule": "no_friday", "tier": "national"},
                                        {"rule": "tier_preference", "tiers": {"national": 1.0, "site": 0.1}}]})
     eng = make_engine(data)
@@ -657,7 +679,7 @@ def test_a_site_rule_from_the_entry_point_group(tmp_path, monkeypatch):
     assert [r.name for r in eng.rules][:2] == ["cluster_open", "hds"]
     with pytest.raises(ConfigError, match="unknown parameter 'tyer'"):
         config_mod.parse(site_data(policy={"rules": [{"rule": "no_friday", "tyer": "x"}]}))
-    monkeypatch.setattr(rules_mod, "_plugins", None)
+    monkeypatch.setattr(registry_mod, "_plugins", None)
 
 
 # -- live state ---------------------------------------------------------------------------------
