@@ -249,3 +249,77 @@ def test_every_example_config_round_trips_through_config_check(example):
     cfg = config_mod.load(example)
     text = config_mod.to_toml(cfg)
     assert config_mod.parse(tomllib.loads(text), "printed") == cfg
+
+
+# -- where the configuration is looked up ----------------------------------------------------------
+def lookup_env(tmp_path: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GREEND_CONFIG", "GREEND_STATE_DIR", "XDG_CONFIG_HOME")}
+    env.update({"GREEND_SYSCONFDIR": str(tmp_path / "etc"), "HOME": str(tmp_path / "home")}, **extra)
+    return env
+
+
+def check_json(tmp_path: Path, env: dict, *args: str) -> dict:
+    import json
+
+    r = subprocess.run([str(GREEND), *args, "config", "check", "--json"], capture_output=True,
+                       text=True, cwd=tmp_path, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_system_config_in_etc_is_found_without_flags(tmp_path):
+    env = lookup_env(tmp_path)
+    d = check_json(tmp_path, env)
+    assert d["resolved"]["config_file"]["path"] is None
+    assert "embedded default" in d["resolved"]["config_file"]["why"]
+    etc = write(tmp_path / "etc" / "greend" / "greend.toml",
+                'cluster = "jz"\n[clusters.jz]\npue = 1.2\n')
+    d = check_json(tmp_path, env)
+    assert d["cluster"] == "jz"
+    assert d["resolved"]["config_file"] == {"path": str(etc), "why": "system configuration"}
+    r = subprocess.run([str(GREEND), "config", "check"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=60)
+    assert f"# configuration file in force: {etc} (system configuration)" in r.stdout
+
+
+def test_lookup_order_flag_env_user_system(tmp_path):
+    write(tmp_path / "etc" / "greend" / "greend.toml", 'cluster = "sys"\n[clusters.sys]\n')
+    user = write(tmp_path / "xdg" / "greend" / "greend.toml", 'cluster = "usr"\n[clusters.usr]\n')
+    env_file = write(tmp_path / "env.toml", 'cluster = "env"\n[clusters.env]\n')
+    flag = write(tmp_path / "flag.toml", 'cluster = "flag"\n[clusters.flag]\n')
+    env = lookup_env(tmp_path, XDG_CONFIG_HOME=str(tmp_path / "xdg"))
+    if os.geteuid() != 0:  # root never reads a user configuration
+        assert check_json(tmp_path, env)["resolved"]["config_file"]["path"] == str(user)
+    else:
+        assert check_json(tmp_path, env)["cluster"] == "sys"
+    env["GREEND_CONFIG"] = str(env_file)
+    assert check_json(tmp_path, env)["cluster"] == "env"
+    assert check_json(tmp_path, env, "--config", str(flag))["cluster"] == "flag"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run greend as user greendtest")
+def test_user_config_is_read_for_an_unprivileged_user(tmp_path):
+    import pwd
+    import shutil
+    import tempfile
+
+    from daemonproc import greend_argv
+
+    try:
+        pwd.getpwnam("greendtest")
+    except KeyError:
+        pytest.skip("needs user greendtest (made by the testbed)")
+    top = Path(tempfile.mkdtemp(prefix="greend-xdg-", dir="/tmp"))  # pytest's tmp is root-only
+    try:
+        os.chmod(top, 0o755)
+        write(top / "greend" / "greend.toml", 'cluster = "mine"\n[clusters.mine]\n')
+        for p in top.rglob("*"):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        env = lookup_env(tmp_path, XDG_CONFIG_HOME=str(top))
+        r = subprocess.run([*greend_argv("greendtest"), "config", "check", "--json"],
+                           capture_output=True, text=True, cwd="/tmp", env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert '"cluster": "mine"' in r.stdout and "user configuration" in r.stdout
+    finally:
+        shutil.rmtree(top)
