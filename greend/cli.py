@@ -301,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="greend: %(levelname)s: %(message)s")
+    from .logsetup import setup
+
+    setup(args.verbose, daemon=getattr(args, "cmd", None) in ("run", "controller"))
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
