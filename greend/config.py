@@ -311,16 +311,22 @@ def locate(explicit: str | os.PathLike | None = None) -> tuple[Path | None, str]
         return Path(env), "$GREEND_CONFIG"
     candidates = [] if os.geteuid() == 0 else [(user_config_path(), "user configuration")]
     candidates.append((system_config_path(), "system configuration"))
+    unsearchable = []
     for path, why in candidates:
         try:
             path.stat()
         except FileNotFoundError:
             continue
+        except PermissionError:
+            unsearchable.append(str(path.parent))  # a directory we may not look into
+            continue
         except OSError:
-            pass  # there but out of reach: load() says so, rather than silently using the default
+            pass
+        # A file that exists but cannot be read is load()'s clear error, not the default.
         return path, why
     looked = ", ".join(str(p) for p, _ in candidates)
-    return None, f"embedded default (no --config, no $GREEND_CONFIG, none of {looked})"
+    hidden = f"; cannot look into {', '.join(unsearchable)}" if unsearchable else ""
+    return None, f"embedded default (no --config, no $GREEND_CONFIG, none of {looked}{hidden})"
 
 
 def load(path: str | os.PathLike | None) -> Config:

@@ -323,3 +323,36 @@ def test_user_config_is_read_for_an_unprivileged_user(tmp_path):
         assert '"cluster": "mine"' in r.stdout and "user configuration" in r.stdout
     finally:
         shutil.rmtree(top)
+
+
+def test_unreadable_config_is_an_error_not_the_default(tmp_path):
+    """/etc/greend/greend.toml there but not readable (mode 0600): an error naming it, never the
+    embedded default (which would book a node's jobs under cluster "local")."""
+    import shutil
+    import tempfile
+
+    from daemonproc import greend_argv
+
+    user = None
+    if os.geteuid() == 0:  # root reads any file: be the test user
+        try:
+            import pwd
+
+            pwd.getpwnam("greendtest")
+        except KeyError:
+            pytest.skip("as root, needs user greendtest (made by the testbed or bin/test)")
+        user = "greendtest"
+    top = Path(tempfile.mkdtemp(prefix="greend-etc-", dir="/tmp"))
+    try:
+        os.chmod(top, 0o755)
+        p = write(top / "greend" / "greend.toml", 'cluster = "x"\n[clusters.x]\n')
+        os.chmod(top / "greend", 0o755)
+        os.chmod(p, 0o600 if user else 0)
+        env = lookup_env(tmp_path, GREEND_SYSCONFDIR=str(top))
+        argv = greend_argv(user) if user else [str(GREEND)]
+        r = subprocess.run([*argv, "config", "check"], capture_output=True, text=True, cwd="/tmp",
+                           env=env, timeout=60)
+        assert r.returncode == 2, r.stdout
+        assert f"{p}: cannot read: Permission denied" in r.stderr
+    finally:
+        shutil.rmtree(top)
