@@ -295,7 +295,12 @@ def system_config_path() -> Path:
 
 
 def user_config_path() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    base = os.environ.get("XDG_CONFIG_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".config")
+        except RuntimeError:  # no home (a system service's transient user): no user configuration
+            base = "/nonexistent"
     return Path(base) / "greend" / CONFIG_NAME
 
 
