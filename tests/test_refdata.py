@@ -107,13 +107,16 @@ def test_update_without_codecarbon_says_how_to_get_it(tmp_path):
     ("Intel(R) Xeon(R) Gold 9999Z CPU @ 2.00GHz", "Intel Xeon Gold", 7.5),
     ("Intel(R) Xeon(R) CPU E5-2600 v9 @ 2.60GHz", "Intel Xeon E5", 10.5),
     ("Intel(R) Xeon Phi(TM) CPU 7250 @ 1.40GHz", "Intel Xeon Phi", 3.75),
+    ("Intel(R) Xeon(R) Processor", "Intel Xeon", 9.38),  # a VM's generic name: the whole series
+    ("Intel(R) Core(TM) i7-99999K CPU @ 3.60GHz", "Intel Core", 15.5),
+    ("AMD Ryzen 7 9999X 8-Core Processor", "AMD Ryzen", 10.83),
 ])
 def test_cpu_family_by_vendor_and_series(model, family, w_per_core):
     fam = refdata.cpu_family(model)
     assert fam is not None and (fam.family, fam.w_per_core) == (family, w_per_core)
 
 
-@pytest.mark.parametrize("model", ["Intel(R) Xeon(R) Processor", "Totally Unknown Chip 9000", ""])
+@pytest.mark.parametrize("model", ["Intel(R) Pentium(R) CPU", "Totally Unknown Chip 9000", "AMD", ""])
 def test_no_family_for_a_bare_or_unknown_name(model):
     assert refdata.cpu_family(model) is None
 
@@ -136,7 +139,7 @@ def test_known_model_uses_its_table_entry_per_package(tmp_path):
 
 
 def test_unknown_family_falls_back_to_the_configured_per_core_default(tmp_path):
-    make_procfs(tmp_path / "proc", ncpu=4, packages=1, model="Intel(R) Xeon(R) Processor")
+    make_procfs(tmp_path / "proc", ncpu=4, packages=1, model="Totally Unknown Chip 9000")
     m = cpu_power_model(cfg_for(tmp_path / "proc", unknown_cpu_w_per_core=10.0))
     assert m.tdp_w == 40.0
     assert "family unknown" in m.source and "10 W/core x 4 cores" in m.source
