@@ -6,7 +6,7 @@ runbook base URL, the severity of the budget alert.
     python -m dashboards.rules --check              # exit 1 if they differ from the templates
     python -m dashboards.rules --selector 'job="hpc-greend"' --out /etc/prometheus/rules
 
-Installed, the module is greend.share.dashboards.rules (`python -m greend.share.dashboards.rules`).
+Installed, the module is greend.files.dashboards.rules (`python -m greend.files.dashboards.rules`).
 Standard library only: it runs wherever greend does.
 """
 

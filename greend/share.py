@@ -1,5 +1,5 @@
 """Where greend's admin files are: systemd units, example configurations, Prometheus rules, Grafana
-dashboards and provisioning (docs/admin.md). They ship in the wheel under greend/share/; in a
+dashboards and provisioning (docs/admin.md). They ship in the wheel under greend/files/; in a
 checkout they are the repository's packaging/, examples/ and dashboards/."""
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ class ShareError(RuntimeError):
 def root() -> Path:
     """The directory holding packaging/, examples/ and dashboards/."""
     here = Path(__file__).resolve().parent
-    for candidate in (here / "share", here.parent):
+    for candidate in (here / "files", here.parent):
         if (candidate / "packaging" / "greend.service").is_file():
             return candidate
-    raise ShareError(f"greend's shared files are missing (looked in {here / 'share'} and "
+    raise ShareError(f"greend's shared files are missing (looked in {here / 'files'} and "
                      f"{here.parent}): reinstall greend")
 
 

@@ -85,6 +85,11 @@ def test_admin_files_ship_with_the_wheel(installed):
     assert (dest / "packaging" / "greend.service").read_bytes() == \
         (ROOT / "packaging" / "greend.service").read_bytes()
     assert not list(dest.rglob("*.py"))
+    # the rules generator runs from the install, for a site's own selector
+    out = installed[2] / "rules"
+    run([str(venv / "bin" / "python"), "-m", "greend.files.dashboards.rules", "--selector",
+         'job="hpc-energy"', "--out", str(out)], env=installed[1], cwd=installed[2])
+    assert 'up{job="hpc-energy"} == 0' in (out / "greend-alerts.yml").read_text()
     venv_, env, _ = installed
     again = subprocess.run([str(venv_ / "bin" / "greend"), "share", "--copy", str(dest)],
                            capture_output=True, text=True, env=env, timeout=60)
