@@ -150,10 +150,14 @@ def test_installed_greend_finds_etc_config_and_serves_metrics(installed):
     try:
         def metrics():
             assert p.poll() is None, (tmp / "run.log").read_text()
-            status, _, body = request(port, "GET", "/metrics", timeout=2)
-            return status == 200 and "greend_" in body.decode() and body.decode()
-        body = wait_for(metrics, 30, what="/metrics of the installed greend")
+            status, headers, body = request(port, "GET", "/metrics", timeout=2)
+            return status == 200 and "greend_" in body.decode() and (headers, body.decode())
+        headers, body = wait_for(metrics, 30, what="/metrics of the installed greend")
         assert 'cluster="jz"' in body
+        # standard process metrics, and the exposition header docs/api.md states
+        assert "\nprocess_cpu_seconds_total " in body and "greend_process_" not in body
+        ctype = {k.lower(): v for k, v in headers.items()}["content-type"]
+        assert f"`Content-Type: {ctype}`" in " ".join((ROOT / "docs" / "api.md").read_text().split())
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(30)
