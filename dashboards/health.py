@@ -100,11 +100,11 @@ def build():
     b.row("The daemon itself")
     b.panel(timeseries_panel(
         "greend CPU", CORES,
-        query(f"rate(greend_process_cpu_seconds_total{{{I}}}[$__rate_interval])", "{{instance}}"),
+        query(f"rate(process_cpu_seconds_total{{{I}}}[$__rate_interval])", "{{instance}}"),
         width=8))
     b.panel(timeseries_panel(
         "greend resident memory", BYTES,
-        query(f"greend_process_resident_memory_bytes{{{I}}}", "{{instance}}"), width=8))
+        query(f"process_resident_memory_bytes{{{I}}}", "{{instance}}"), width=8))
     b.panel(table_panel(
         "Versions", ["version", "python"],
         [Column("Instances", COUNT, f"count by (version, python) (greend_build_info{{{I}}})")],

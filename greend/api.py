@@ -197,7 +197,7 @@ class Api:
         self.local = threading.local()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_HostMetrics(host))
-        self.registry.register(ProcessCollector(namespace="greend", registry=None))
+        self.registry.register(ProcessCollector(namespace="", registry=None))
 
     def ledger(self) -> Ledger:
         led = getattr(self.local, "ledger", None)

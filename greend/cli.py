@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from . import __version__
 
@@ -24,8 +25,10 @@ intensity) were applied, with their sources.
 
 EPILOG = """\
 Files and environment:
-  config      --config FILE or $GREEND_CONFIG; without one, the embedded default monitors this
-              machine as a one-node cluster "local" (see `greend config check`).
+  config      --config FILE, else $GREEND_CONFIG, else (not as root)
+              $XDG_CONFIG_HOME/greend/greend.toml (~/.config/greend/greend.toml), else
+              /etc/greend/greend.toml; without any, the embedded default monitors this machine
+              as a one-node cluster "local". `greend config check` says which file is in force.
   state       --state-dir DIR, $GREEND_STATE_DIR, or state_dir in the config; default
               /var/lib/greend as root, else $XDG_STATE_HOME/greend (~/.local/state/greend).
 
@@ -42,7 +45,9 @@ def _fail(msg: str, status: int = EXIT_USAGE) -> int:
 def _load_config(args):
     from . import config as config_mod
 
-    path = args.config or os.environ.get("GREEND_CONFIG") or None
+    path, _ = config_mod.locate(args.config)
+    # Commands that re-read the file (a daemon's SIGHUP) find it in args.config.
+    args.config = str(path) if path else None
     cfg = config_mod.load(path)
     updates = {}
     if getattr(args, "state_dir", None):
@@ -122,13 +127,19 @@ def cmd_measure(args) -> int:
 def cmd_config_check(args) -> int:
     from . import config as config_mod
 
-    path = args.file or args.config or os.environ.get("GREEND_CONFIG") or None
+    if args.file:
+        path, why = Path(args.file), "named on the command line"
+    else:
+        path, why = config_mod.locate(args.config)
     cfg = config_mod.load(path)
     if args.json:
         data = cfg.model_dump(mode="json")
         data["resolved"] = _resolved(cfg)
+        data["resolved"]["config_file"] = {"path": str(path) if path else None, "why": why}
         print(json.dumps(data, indent=2))
     else:
+        print(f"# configuration file in force: {path} ({why})" if path
+              else f"# configuration file in force: none: {why}")
         print(f"# effective configuration ({path or 'embedded default'})")
         print(config_mod.to_toml(cfg), end="")
         print("\n# resolved at start")
@@ -241,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     csub = c.add_subparsers(dest="config_cmd", metavar="ACTION")
     cc = csub.add_parser(
         "check", help="validate a config file and print the effective configuration",
-        description="Validate FILE (or --config, $GREEND_CONFIG, or the embedded default) and "
+        description="Validate FILE (or the file in force: --config, $GREEND_CONFIG, "
+        "~/.config/greend/greend.toml, /etc/greend/greend.toml, or the embedded default), say "
+        "which file that is, and "
         "print the effective configuration with defaults filled in, plus what is resolved at "
         "start: node name, state directory, factors with their sources, CPU power model. Exits "
         "2 with the file, key and expected value on an error.",
@@ -270,11 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     from greend.policies import cli as policies_cli
     from greend.tui import cli as tui_cli
 
-    from . import daemon_cli
+    from . import clidoc, daemon_cli
 
     daemon_cli.add_commands(sub)
     policies_cli.add_commands(sub)
     tui_cli.add_commands(sub)
+    clidoc.add_commands(sub)
     return p
 
 
@@ -283,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="greend: %(levelname)s: %(message)s")
+    from .logsetup import setup
+
+    setup(args.verbose, daemon=getattr(args, "cmd", None) in ("run", "controller"))
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

@@ -307,6 +307,56 @@ def parse(data: dict, source: str = "<config>") -> Config:
         raise ConfigError(_format_validation_error(source, e)) from None
 
 
+# Where a configuration is looked up when none is named. GREEND_SYSCONFDIR moves /etc (tests use a
+# temporary root; a packager may use /usr/local/etc).
+SYSCONFDIR_ENV = "GREEND_SYSCONFDIR"
+CONFIG_NAME = "greend.toml"
+
+
+def system_config_path() -> Path:
+    return Path(os.environ.get(SYSCONFDIR_ENV) or "/etc") / "greend" / CONFIG_NAME
+
+
+def user_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".config")
+        except RuntimeError:  # no home (a system service's transient user): no user configuration
+            base = "/nonexistent"
+    return Path(base) / "greend" / CONFIG_NAME
+
+
+def locate(explicit: str | os.PathLike | None = None) -> tuple[Path | None, str]:
+    """The configuration file in force and why: --config, $GREEND_CONFIG, the user's
+    ($XDG_CONFIG_HOME/greend/greend.toml, not for root), the system's (/etc/greend/greend.toml),
+    else (None, ...) for the embedded default. A named file must exist; a conventional one is used
+    only when it does."""
+    if explicit:
+        return Path(explicit), "--config"
+    env = os.environ.get("GREEND_CONFIG")
+    if env:
+        return Path(env), "$GREEND_CONFIG"
+    candidates = [] if os.geteuid() == 0 else [(user_config_path(), "user configuration")]
+    candidates.append((system_config_path(), "system configuration"))
+    unsearchable = []
+    for path, why in candidates:
+        try:
+            path.stat()
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            unsearchable.append(str(path.parent))  # a directory we may not look into
+            continue
+        except OSError:
+            pass
+        # A file that exists but cannot be read is load()'s clear error, not the default.
+        return path, why
+    looked = ", ".join(str(p) for p, _ in candidates)
+    hidden = f"; cannot look into {', '.join(unsearchable)}" if unsearchable else ""
+    return None, f"embedded default (no --config, no $GREEND_CONFIG, none of {looked}{hidden})"
+
+
 def load(path: str | os.PathLike | None) -> Config:
     """Load and validate a config file; None gives the embedded default."""
     if path is None:

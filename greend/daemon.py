@@ -19,7 +19,7 @@ from pathlib import Path
 from greend.collectors.slurm import from_config as slurm_metadata
 
 from . import config as config_mod
-from . import decisions, site
+from . import decisions, sdnotify, site
 from .api import MAX_BODY
 from .exporter import LedgerMetrics, NodeCollector, Snapshot
 from .ledger import Ledger, LedgerError, default_path
@@ -48,6 +48,7 @@ def default_socket(cfg: config_mod.Config) -> Path | None:
 
 
 class Daemon:
+    pings_watchdog = True  # from sample(), not from the service loop (greend/sdnotify.py)
     def __init__(self, cfg: config_mod.Config, config_path: str | None = None,
                  listen: str | None = None, socket_path: Path | None = None,
                  overrides: dict | None = None):
@@ -104,7 +105,7 @@ class Daemon:
                 self.sender.close()
                 self.monitor.on_checkpoint.remove(self.outbox)
                 self.sender = self.outbox = None
-                log.warning("site mode off: records are no longer sent to a controller")
+                log.info("site mode off: records are no longer sent to a controller")
             self.token = None
             return
         try:
@@ -156,6 +157,7 @@ class Daemon:
         with self.lock:
             ended_before = {id(a) for a in self.monitor.finished}
             self.monitor.tick()
+            sdnotify.watchdog()  # systemd WatchdogSec: a stuck sampler gets greend restarted
             now = time.time()
             for acc in self.monitor.finished:
                 if id(acc) not in ended_before:
@@ -177,7 +179,7 @@ class Daemon:
                 self.last_checkpoint_error = f"{type(e).__name__}: {e}"
             else:
                 if self.last_checkpoint_error:
-                    log.warning("checkpoint works again")
+                    log.info("checkpoint works again")
                 self.last_checkpoint_error = ""
                 self.last_checkpoint = time.time()
 
@@ -341,7 +343,7 @@ class Daemon:
         where = [f"http://{self.listen[0]}:{self.servers[0].server_address[1]}"]
         if self.socket_path and len(self.servers) > 1:
             where.append(f"unix:{self.socket_path}")
-        log.warning("greend %s monitoring node %s (cluster %s): %s; ledger %s",
+        log.info("greend %s monitoring node %s (cluster %s): %s; ledger %s",
                     __import__("greend").__version__, self.monitor.node, self.monitor.cluster,
                     ", ".join(where), self.ledger_path)
 

@@ -57,7 +57,6 @@ def add_commands(sub) -> None:
 
 
 def cmd_run(args) -> int:
-    import logging
 
     from .cli import _fail, _load_config
     from .daemon import Daemon, DaemonError
@@ -65,8 +64,6 @@ def cmd_run(args) -> int:
     cfg = _load_config(args)
     if args.once:
         return _once(cfg, args.json)
-    if args.verbose == 0:
-        logging.getLogger().setLevel(logging.WARNING)
     sock = None
     if args.socket is not None:
         sock = Path(args.socket) if args.socket else Path("")
@@ -98,7 +95,6 @@ def live_load_provider(config_path: str | None):
 
 
 def cmd_controller(args) -> int:
-    import logging
 
     from .cli import _fail, _load_config
     from .daemon import DaemonError
@@ -108,8 +104,6 @@ def cmd_controller(args) -> int:
     if not args.token_file and cfg.controller.token_file is None:
         return _fail("controller: no token file: give --token-file FILE or set "
                      "controller.token_file (the site's shared secret, chmod 600)")
-    if args.verbose == 0:
-        logging.getLogger().setLevel(logging.WARNING)
     sock = None
     if args.socket is not None:
         sock = Path(args.socket) if args.socket else None

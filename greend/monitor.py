@@ -132,7 +132,9 @@ class CpuPowerModel:
 
 
 def cpu_power_model(cfg: config_mod.Config) -> CpuPowerModel:
-    """The node's CPU TDP for the fallback model: configured, looked up, or per core (documented)."""
+    """The node's CPU TDP for the fallback model, from the most specific source there is: configured,
+    the model's table entry (per package), its family's median per core, else the generic per-core
+    default (docs/methodology.md)."""
     procfs = cfg.paths.procfs
     model = cfg.power.cpu_model or cpu_model(procfs) or "unknown CPU"
     if cfg.power.cpu_tdp_w > 0:
@@ -146,11 +148,18 @@ def cpu_power_model(cfg: config_mod.Config) -> CpuPowerModel:
             f"x {packages} package(s)",
         )
     ncpu = cpu_count(procfs)
+    fam = refdata.cpu_family(model)
+    if fam:
+        return CpuPowerModel(
+            fam.w_per_core * ncpu, model,
+            f"CPU model {model!r} not in CodeCarbon's table: family {fam.family!r}, "
+            f"{fam.w_per_core:g} W/core (median of its entries in {fam.source}) x {ncpu} cores",
+        )
     w = cfg.power.unknown_cpu_w_per_core
     return CpuPowerModel(
         w * ncpu, model,
-        f"CPU model {model!r} not in CodeCarbon's table: Green Algorithms 'Any' CPU, "
-        f"{w:g} W/core x {ncpu} cores",
+        f"CPU model {model!r} not in CodeCarbon's table, family unknown: Green Algorithms 'Any' "
+        f"CPU, {w:g} W/core x {ncpu} cores",
     )
 
 

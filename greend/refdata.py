@@ -1,13 +1,17 @@
-"""Reference data bundled with CodeCarbon (CPU TDP table, per-country energy mix), read from its files.
+"""Reference data: CodeCarbon's CPU TDP table and per-country energy mix, vendored in greend/data/
+with their provenance (CodeCarbon's version, SHA-256 of each file), plus per-core CPU family figures.
 
-CodeCarbon's package __init__ imports its whole tracker (pandas, requests, ...: ~28 MB of RSS), so the
-data directory is located through the import system without executing the package.
+greend uses CodeCarbon for its reference data only, never its tracker: installing CodeCarbon would pull
+~26 packages (pandas, numpy, ...: ~224 MB) onto every node for two data files. `python -m
+greend.refdata update --from-codecarbon` (bin/update-refdata) rewrites the vendored files from an
+installed CodeCarbon and records its version.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import importlib.util
 import json
 import re
@@ -35,21 +39,36 @@ class RefDataError(RuntimeError):
     """The bundled reference data could not be found or read."""
 
 
-@functools.cache
-def codecarbon_data_dir() -> Path:
-    spec = importlib.util.find_spec("codecarbon")
-    if spec is None or not spec.submodule_search_locations:
-        raise RefDataError("the codecarbon package is not installed (needed for its reference data)")
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+PROVENANCE_FILE = "PROVENANCE.json"
+# The files taken from CodeCarbon: (path inside its package, name in greend/data/).
+CODECARBON_FILES = (
+    ("data/hardware/cpu_power.csv", "cpu_power.csv"),
+    ("data/private_infra/global_energy_mix.json", "global_energy_mix.json"),
+)
+CODECARBON_LICENSE_FILE = "LICENSE.codecarbon"
+
+
+def data_dir() -> Path:
+    return DATA_DIR
 
 
 @functools.cache
-def codecarbon_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
+def provenance() -> dict:
+    """Where greend/data/ came from: CodeCarbon's version, each file's origin and SHA-256."""
+    path = data_dir() / PROVENANCE_FILE
     try:
-        return version("codecarbon")
-    except PackageNotFoundError:
+        with path.open(encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise RefDataError(f"cannot read {path}: {e}") from e
+
+
+def codecarbon_version() -> str:
+    """The CodeCarbon release whose data files greend/data/ holds (recorded when vendored)."""
+    try:
+        return str(provenance()["codecarbon"]["version"])
+    except (RefDataError, KeyError, TypeError):
         return "unknown"
 
 
@@ -65,7 +84,7 @@ class CountryMix:
 
 @functools.cache
 def _energy_mix() -> dict:
-    path = codecarbon_data_dir() / "private_infra" / "global_energy_mix.json"
+    path = data_dir() / "global_energy_mix.json"
     try:
         with path.open(encoding="utf-8") as f:
             return json.load(f)
@@ -125,7 +144,7 @@ def _tokens(name: str) -> tuple[str, ...]:
 
 @functools.cache
 def _cpu_table() -> dict[tuple[str, ...], tuple[str, float]]:
-    path = codecarbon_data_dir() / "hardware" / "cpu_power.csv"
+    path = data_dir() / "cpu_power.csv"
     table: dict[tuple[str, ...], tuple[str, float]] = {}
     try:
         with path.open(encoding="utf-8", newline="") as f:
@@ -157,3 +176,176 @@ def cpu_tdp_w(model_name: str) -> tuple[str, float] | None:
         if len(key) >= 2 and set(key) <= have and (best is None or len(key) > best[0]):
             best = (len(key), value)
     return best[1] if best else None
+
+
+@dataclass(frozen=True, slots=True)
+class CpuFamily:
+    """Per-core power of a CPU family (vendor and series), for a CPU not in the TDP table."""
+
+    family: str
+    w_per_core: float
+    entries: str
+    source: str
+
+
+@functools.cache
+def _cpu_families() -> list[tuple[re.Pattern, CpuFamily]]:
+    path = data_dir() / "cpu_families.csv"
+    src = provenance().get("cpu_families.csv", {}).get("source", "Green Algorithms TDP_cpu.csv")
+    out = []
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            for n, row in enumerate(csv.DictReader(f), start=2):
+                try:
+                    fam = CpuFamily(row["family"], float(row["w_per_core"]), row["entries"], src)
+                    out.append((re.compile(row["match"], re.IGNORECASE), fam))
+                except (KeyError, ValueError, TypeError, re.error) as e:
+                    raise RefDataError(f"{path} line {n}: {e}") from e
+    except OSError as e:
+        raise RefDataError(f"cannot read {path}: {e}") from e
+    return out
+
+
+def cpu_family(model_name: str) -> CpuFamily | None:
+    """The first family (most specific first) whose pattern matches the normalised model name."""
+    name = " ".join(_tokens(model_name))
+    for pattern, fam in _cpu_families():
+        if pattern.search(name):
+            return fam
+    return None
+
+
+# -- refreshing the vendored data from an installed CodeCarbon ----------------------------------
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def find_codecarbon(where: Path | None = None) -> tuple[Path, str]:
+    """CodeCarbon's package directory and version, without importing it (its __init__ starts the
+    tracker's imports). `where` is the package directory or the site-packages holding it."""
+    if where is None:
+        spec = importlib.util.find_spec("codecarbon")
+        if spec is None or not spec.submodule_search_locations:
+            raise RefDataError("codecarbon is not installed here: `pip install codecarbon==X.Y.Z` in a "
+                               "scratch venv and pass --from-codecarbon PATH/TO/site-packages")
+        pkg = Path(next(iter(spec.submodule_search_locations)))
+    else:
+        pkg = where / "codecarbon" if (where / "codecarbon").is_dir() else where
+    if not (pkg / "data").is_dir():
+        raise RefDataError(f"{pkg}: not a codecarbon package directory (no data/ in it)")
+    metas = sorted(pkg.parent.glob("codecarbon-*.dist-info/METADATA"))
+    if not metas:
+        raise RefDataError(f"{pkg.parent}: no codecarbon-*.dist-info: cannot tell CodeCarbon's version")
+    version = ""
+    for line in metas[-1].read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("Version:"):
+            version = line.split(":", 1)[1].strip()
+            break
+    if not version:
+        raise RefDataError(f"{metas[-1]}: no Version: field")
+    return pkg, version
+
+
+def _check_cpu_table(path: Path) -> int:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"Name", "TDP"} <= set(reader.fieldnames):
+            raise RefDataError(f"{path}: expected the columns Name,TDP, found {reader.fieldnames}")
+        return sum(1 for _ in reader)
+
+
+def _check_energy_mix(path: Path) -> int:
+    try:
+        mix = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise RefDataError(f"{path}: not JSON: {e}") from e
+    if not isinstance(mix, dict) or not all(
+        isinstance(v, dict) and "carbon_intensity" in v for v in mix.values()
+    ):
+        raise RefDataError(f"{path}: expected an object of countries, each with carbon_intensity")
+    return len(mix)
+
+
+def update_from_codecarbon(where: Path | None = None, dest: Path | None = None) -> dict:
+    """Copy CodeCarbon's two data files and its licence into dest (greend/data/) and record the
+    version and checksums in PROVENANCE.json. Checks both files first: a malformed source changes
+    nothing."""
+    pkg, version = find_codecarbon(where)
+    dest = dest or data_dir()
+    srcs = {name: pkg / rel for rel, name in CODECARBON_FILES}
+    for src in srcs.values():
+        if not src.is_file():
+            raise RefDataError(f"CodeCarbon {version} has no {src}: its layout changed, update "
+                               "CODECARBON_FILES in greend/refdata.py")
+    counts = {"cpu_power.csv": _check_cpu_table(srcs["cpu_power.csv"]),
+              "global_energy_mix.json": _check_energy_mix(srcs["global_energy_mix.json"])}
+    lic = sorted(pkg.parent.glob("codecarbon-*.dist-info/licenses/LICENSE*")) + sorted(
+        pkg.parent.glob("codecarbon-*.dist-info/LICENSE*"))
+    try:
+        old = json.loads((dest / PROVENANCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = {}
+    prov = {k: v for k, v in old.items() if k != "codecarbon"}
+    prov["codecarbon"] = {
+        "version": version,
+        "license": "MIT (see LICENSE.codecarbon)",
+        "url": "https://github.com/mlco2/codecarbon",
+        "files": {name: {"from": f"codecarbon/{rel}", "sha256": _sha256(srcs[name]),
+                         "entries": counts[name]} for rel, name in CODECARBON_FILES},
+    }
+    dest.mkdir(parents=True, exist_ok=True)
+    staged = []
+    for name, src in srcs.items():
+        staged.append((dest / f".{name}.new", dest / name, src.read_bytes()))
+    if lic:
+        staged.append((dest / f".{CODECARBON_LICENSE_FILE}.new", dest / CODECARBON_LICENSE_FILE,
+                       lic[0].read_bytes()))
+    staged.append((dest / f".{PROVENANCE_FILE}.new", dest / PROVENANCE_FILE,
+                   (json.dumps(prov, indent=2) + "\n").encode()))
+    for tmp, _, data in staged:
+        tmp.write_bytes(data)
+    for tmp, final, _ in staged:
+        tmp.replace(final)
+    provenance.cache_clear()
+    _cpu_table.cache_clear()
+    _energy_mix.cache_clear()
+    return prov["codecarbon"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m greend.refdata",
+        description="Show or refresh greend's vendored reference data (greend/data/).",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub.add_parser("show", help="print the provenance of the vendored data")
+    u = sub.add_parser(
+        "update", help="rewrite greend/data/ from an installed CodeCarbon, recording its version",
+        description="Copy cpu_power.csv and global_energy_mix.json and CodeCarbon's licence from an "
+        "installed CodeCarbon into greend/data/ and record its version and the files' SHA-256 in "
+        "PROVENANCE.json. Example: python -m venv /tmp/cc && /tmp/cc/bin/pip install "
+        "codecarbon==3.3.2 && bin/update-refdata --from-codecarbon /tmp/cc/lib/python3.11/site-packages",
+    )
+    u.add_argument("--from-codecarbon", metavar="PATH", type=Path, nargs="?", const=None,
+                   default=None, help="codecarbon's package directory or the site-packages holding "
+                   "it (default: the one this Python imports)")
+    u.add_argument("--dest", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "show":
+            print(json.dumps(provenance(), indent=2))
+            return 0
+        info = update_from_codecarbon(args.from_codecarbon, args.dest)
+    except (RefDataError, OSError) as e:
+        print(f"greend.refdata: {e}", file=sys.stderr)
+        return 1
+    print(f"greend/data/ now holds CodeCarbon {info['version']}'s reference data: "
+          + ", ".join(f"{n} ({f['entries']} entries)" for n, f in info["files"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,6 +7,8 @@ import logging
 import signal
 import threading
 
+from . import sdnotify
+
 log = logging.getLogger(__name__)
 
 
@@ -16,7 +18,7 @@ def run_until_signalled(service, stop_message: str) -> None:
     reload_requested = threading.Event()
 
     def on_stop(signum, _frame):
-        log.warning("received %s: %s", signal.Signals(signum).name, stop_message)
+        log.info("received %s: %s", signal.Signals(signum).name, stop_message)
         stop.set()
 
     def on_hup(_signum, _frame):
@@ -28,12 +30,16 @@ def run_until_signalled(service, stop_message: str) -> None:
     signal.signal(signal.SIGHUP, on_hup)
     service.stop_event = stop
     service.start()
+    sdnotify.ready()  # systemd Type=notify: the listeners are up
+    # A service whose periodic work pings the watchdog itself (the node daemon's sampling) says so.
+    ping_here = not getattr(service, "pings_watchdog", False)
     try:
         while True:
             # A signal delivered to another thread runs its handler only when the main thread
             # wakes up: never block it indefinitely.
             while not stop.wait(0.5):
-                pass
+                if ping_here:
+                    sdnotify.watchdog()
             if reload_requested.is_set():
                 reload_requested.clear()
                 stop.clear()
@@ -41,4 +47,5 @@ def run_until_signalled(service, stop_message: str) -> None:
                 continue
             break
     finally:
+        sdnotify.stopping()
         service.shutdown()

@@ -296,7 +296,7 @@ class Sender:
         self.sent_total += nrec
         self.outbox.backlog = left
         if self.last_error:
-            log.warning("outbox: controller %s reachable again", self.settings.url)
+            log.info("outbox: controller %s reachable again", self.settings.url)
         self.last_success = time.time()
         self.last_error = self.last_reason = ""
         self.failing_since = None
@@ -777,7 +777,7 @@ class Controller:
             return 503, "application/json", (json.dumps(
                 {"error": f"ledger unavailable, retry later: {e}"}) + "\n").encode()
         if self.ledger_error:
-            log.warning("controller: ledger writable again")
+            log.info("controller: ledger writable again")
             self.ledger_error = ""
         now = time.time()
         with self.stats_lock:
@@ -941,7 +941,7 @@ class Controller:
         where = [f"http://{self.listen[0]}:{self.servers[0].server_address[1]}"]
         if self.socket_path and len(self.servers) > 1:
             where.append(f"unix:{self.socket_path}")
-        log.warning("greend %s controller: %s; site ledger %s", __version__, ", ".join(where),
+        log.info("greend %s controller: %s; site ledger %s", __version__, ", ".join(where),
                     self.ledger_path)
 
     def _with_args(self, cfg: config_mod.Config) -> config_mod.Config:
@@ -969,7 +969,7 @@ class Controller:
         self.cfg, self.token = new, token
         self.max_body = new.controller.max_body_bytes
         self.config_error = ""
-        log.warning("controller: config and token reloaded")
+        log.info("controller: config and token reloaded")
 
     def run_forever(self) -> None:
         from .service import run_until_signalled

@@ -8,9 +8,13 @@ from fixtures import Clock, FakeProc, FakeRapl, make_procfs, make_rapl
 
 @pytest.fixture(autouse=True)
 def _no_site_environment(monkeypatch):
-    """A test never picks up the host's greend configuration or state directory by accident."""
+    """A test never picks up the host's greend configuration or state directory by accident: not
+    $GREEND_CONFIG, nor /etc/greend/greend.toml, nor ~/.config/greend/greend.toml."""
     monkeypatch.delenv("GREEND_CONFIG", raising=False)
     monkeypatch.delenv("GREEND_STATE_DIR", raising=False)
+    nowhere = "/nonexistent/greend-tests"  # absent for every user, root or the test user
+    monkeypatch.setenv("GREEND_SYSCONFDIR", f"{nowhere}/etc")
+    monkeypatch.setenv("XDG_CONFIG_HOME", f"{nowhere}/xdg")
 
 
 @pytest.fixture

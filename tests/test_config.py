@@ -271,3 +271,108 @@ carbon_intensity_series = "ci.csv"
     series.write_text("timestamp,g_per_kwh\nnot a time,1\n")
     os.utime(series, (series.stat().st_atime, series.stat().st_mtime + 20))
     assert set(cache.get(cfg)) == {"local"}  # a bad series leaves its cluster out, not the others
+# -- where the configuration is looked up ----------------------------------------------------------
+def lookup_env(tmp_path: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GREEND_CONFIG", "GREEND_STATE_DIR", "XDG_CONFIG_HOME")}
+    env.update({"GREEND_SYSCONFDIR": str(tmp_path / "etc"), "HOME": str(tmp_path / "home")}, **extra)
+    return env
+
+
+def check_json(tmp_path: Path, env: dict, *args: str) -> dict:
+    import json
+
+    r = subprocess.run([str(GREEND), *args, "config", "check", "--json"], capture_output=True,
+                       text=True, cwd=tmp_path, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_system_config_in_etc_is_found_without_flags(tmp_path):
+    env = lookup_env(tmp_path)
+    d = check_json(tmp_path, env)
+    assert d["resolved"]["config_file"]["path"] is None
+    assert "embedded default" in d["resolved"]["config_file"]["why"]
+    etc = write(tmp_path / "etc" / "greend" / "greend.toml",
+                'cluster = "jz"\n[clusters.jz]\npue = 1.2\n')
+    d = check_json(tmp_path, env)
+    assert d["cluster"] == "jz"
+    assert d["resolved"]["config_file"] == {"path": str(etc), "why": "system configuration"}
+    r = subprocess.run([str(GREEND), "config", "check"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=60)
+    assert f"# configuration file in force: {etc} (system configuration)" in r.stdout
+
+
+def test_lookup_order_flag_env_user_system(tmp_path):
+    write(tmp_path / "etc" / "greend" / "greend.toml", 'cluster = "sys"\n[clusters.sys]\n')
+    user = write(tmp_path / "xdg" / "greend" / "greend.toml", 'cluster = "usr"\n[clusters.usr]\n')
+    env_file = write(tmp_path / "env.toml", 'cluster = "env"\n[clusters.env]\n')
+    flag = write(tmp_path / "flag.toml", 'cluster = "flag"\n[clusters.flag]\n')
+    env = lookup_env(tmp_path, XDG_CONFIG_HOME=str(tmp_path / "xdg"))
+    if os.geteuid() != 0:  # root never reads a user configuration
+        assert check_json(tmp_path, env)["resolved"]["config_file"]["path"] == str(user)
+    else:
+        assert check_json(tmp_path, env)["cluster"] == "sys"
+    env["GREEND_CONFIG"] = str(env_file)
+    assert check_json(tmp_path, env)["cluster"] == "env"
+    assert check_json(tmp_path, env, "--config", str(flag))["cluster"] == "flag"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run greend as user greendtest")
+def test_user_config_is_read_for_an_unprivileged_user(tmp_path):
+    import pwd
+    import shutil
+    import tempfile
+
+    from daemonproc import greend_argv
+
+    try:
+        pwd.getpwnam("greendtest")
+    except KeyError:
+        pytest.skip("needs user greendtest (made by the testbed)")
+    top = Path(tempfile.mkdtemp(prefix="greend-xdg-", dir="/tmp"))  # pytest's tmp is root-only
+    try:
+        os.chmod(top, 0o755)
+        write(top / "greend" / "greend.toml", 'cluster = "mine"\n[clusters.mine]\n')
+        for p in top.rglob("*"):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        env = lookup_env(tmp_path, XDG_CONFIG_HOME=str(top))
+        r = subprocess.run([*greend_argv("greendtest"), "config", "check", "--json"],
+                           capture_output=True, text=True, cwd="/tmp", env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert '"cluster": "mine"' in r.stdout and "user configuration" in r.stdout
+    finally:
+        shutil.rmtree(top)
+
+
+def test_unreadable_config_is_an_error_not_the_default(tmp_path):
+    """/etc/greend/greend.toml there but not readable (mode 0600): an error naming it, never the
+    embedded default (which would book a node's jobs under cluster "local")."""
+    import shutil
+    import tempfile
+
+    from daemonproc import greend_argv
+
+    user = None
+    if os.geteuid() == 0:  # root reads any file: be the test user
+        try:
+            import pwd
+
+            pwd.getpwnam("greendtest")
+        except KeyError:
+            pytest.skip("as root, needs user greendtest (made by the testbed or bin/test)")
+        user = "greendtest"
+    top = Path(tempfile.mkdtemp(prefix="greend-etc-", dir="/tmp"))
+    try:
+        os.chmod(top, 0o755)
+        p = write(top / "greend" / "greend.toml", 'cluster = "x"\n[clusters.x]\n')
+        os.chmod(top / "greend", 0o755)
+        os.chmod(p, 0o600 if user else 0)
+        env = lookup_env(tmp_path, GREEND_SYSCONFDIR=str(top))
+        argv = greend_argv(user) if user else [str(GREEND)]
+        r = subprocess.run([*argv, "config", "check"], capture_output=True, text=True, cwd="/tmp",
+                           env=env, timeout=60)
+        assert r.returncode == 2, r.stdout
+        assert f"{p}: cannot read: Permission denied" in r.stderr
+    finally:
+        shutil.rmtree(top)

@@ -471,7 +471,7 @@ def test_fast_exposition_matches_prometheus_client(tmp_path):
         def series(text: bytes) -> dict:
             out = {}
             for fam in text_string_to_metric_families(text.decode()):
-                if fam.name.startswith("greend_process_") or fam.name == "greend_build":
+                if fam.name.startswith("process_") or fam.name == "greend_build":
                     continue
                 for s in fam.samples:
                     out[(s.name, tuple(sorted(s.labels.items())))] = s.value

@@ -250,7 +250,11 @@ def test_every_recording_and_alert_rule_loads_and_records(site):
     while True:
         rules = site.rules()
         recording = [r for r in rules if r["type"] == "recording"]
-        missing = [r["name"] for r in recording if not site.query(r["name"])]
+        # The daily figures are 5-minute steps of the :increase5m rules ([1d:5m]): a Prometheus
+        # younger than the last 5-minute boundary has no step yet. promtool's unit tests
+        # (greend-alerts-test.yml) check their values over a day.
+        missing = [r["name"] for r in recording
+                   if not r["name"].endswith(":increase1d") and not site.query(r["name"])]
         if not missing or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -259,8 +263,8 @@ def test_every_recording_and_alert_rule_loads_and_records(site):
     assert len(rules) - len(recording) == len(re.findall(r"^\s*- alert:", shipped, re.M))
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
     assert missing == [], f"recording rules without data: {missing}"
-    # The daily per-account energy is the jobs' energy: the job of this test is in it.
-    assert sum(float(r["value"][1]) for r in site.query("account:greend_job_energy_joules:increase1d")) > 0
+    # The per-account energy is the jobs' energy: the job of this test is in it.
+    assert sum(float(r["value"][1]) for r in site.query("account:greend_job_energy_joules:increase5m")) > 0
 
 
 def _resolve_variables(prom: PromServer, d: dict) -> tuple[dict[str, str], list[str]]:

@@ -20,13 +20,14 @@ def add_commands(sub) -> None:
         "the keys. Reads the local daemon's socket if there is one, else this node's ledger.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  greend tui\n  greend tui --ledger /var/lib/greend/ledger.sqlite "
-        "--all-users\n  greend tui --url https://greend-controller.example.org:9471",
+        "--all-users\n  greend tui --url https://greend-controller.example.org:9472",
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ledger", metavar="FILE", help="read this ledger file (read-only)")
     src.add_argument("--socket", metavar="PATH",
                      help=f"the local daemon's API socket (default: {DEFAULT_SOCKET} if present)")
-    src.add_argument("--url", metavar="URL", help="a site controller's API, e.g. http://host:9471")
+    src.add_argument("--url", metavar="URL",
+                     help="a site controller's API, e.g. http://host:9472 (a node's: port 9471)")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--user", metavar="USER", help="show USER's jobs (default: yours)")
     who.add_argument("--all-users", action="store_true", help="show every user's jobs")
