@@ -128,9 +128,13 @@ def cmd_config_check(args) -> int:
 
     path = args.file or args.config or os.environ.get("GREEND_CONFIG") or None
     cfg = config_mod.load(path)
+    warnings = _carbon_warnings(cfg, args.horizon_h)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if args.json:
         data = cfg.model_dump(mode="json")
         data["resolved"] = _resolved(cfg)
+        data["warnings"] = warnings
         print(json.dumps(data, indent=2))
     else:
         print(f"# effective configuration ({path or 'embedded default'})")
@@ -139,6 +143,13 @@ def cmd_config_check(args) -> int:
         for k, v in _resolved(cfg).items():
             print(f"# {k}: {json.dumps(v)}")
     return 0
+
+
+def _carbon_warnings(cfg, horizon_h: float) -> list[str]:
+    """Carbon signals that cannot be read, series and forecasts that do not cover now .. +horizon."""
+    from .carbon_feed import coverage_warnings
+
+    return coverage_warnings(cfg, time.time(), horizon_h * 3600)
 
 
 def _resolved(cfg) -> dict:
@@ -206,6 +217,16 @@ def _me() -> str:
 
 
 # -- parser -----------------------------------------------------------------------------------
+def _positive_hours(v: str) -> float:
+    try:
+        h = float(v)
+    except ValueError:
+        h = -1.0
+    if not 0 < h <= 24 * 366:
+        raise argparse.ArgumentTypeError(f"expected a number of hours > 0, got {v!r}")
+    return h
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="greend", description=DESCRIPTION, epilog=EPILOG,
@@ -248,9 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate FILE (or --config, $GREEND_CONFIG, or the embedded default) and "
         "print the effective configuration with defaults filled in, plus what is resolved at "
         "start: node name, state directory, factors with their sources, CPU power model. Exits "
-        "2 with the file, key and expected value on an error.",
+        "2 with the file, key and expected value on an error. Warns (on standard error; in "
+        "\"warnings\" with --json) when a cluster's carbon_signal cannot be read (it is fetched, "
+        "within its timeout_s, unless the cache is fresh) or when its signal or "
+        "carbon_intensity_series does not cover now .. +HORIZON.",
     )
     cc.add_argument("file", nargs="?", help="config file to check")
+    cc.add_argument("--horizon-h", type=_positive_hours, default=24.0, metavar="HOURS",
+                    help="how far ahead a carbon series or forecast should reach (default: 24)")
     cc.add_argument("--json", action="store_true", help="print as JSON")
     cc.set_defaults(func=cmd_config_check)
     c.set_defaults(func=lambda a: (c.print_help(), 0)[1])
