@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 CACHE_DIR = "carbon-signal"
 CACHE_VERSION = 1
+OBSERVED_HOLD_S = 3600.0
 
 
 def hhmm(t: float) -> str:
@@ -169,9 +170,12 @@ def resolve(name: str, cluster: Cluster, static: Factors, series: CarbonSeries |
         used = _label(sig.provider, zone, c["fetched_at"], c.get("forecast_from"), c.get("notes") or [])
         if note:
             used += ", cached"
+        step = float(c.get("step_s") or 3600)
+        # Without a forecast the latest observation is the best estimate of now: it stands for up to
+        # an hour (eCO2mix publishes taux_co2 with some delay), then the static value does.
+        hold = step if c.get("forecast_from") is not None else max(step, OBSERVED_HOLD_S)
         return LiveSeries(kind, f"{used} (fallback: {note})" if note else used, static_g,
-                          [t for t, _ in pts], [v for _, v in pts], float(c.get("step_s") or 3600), note,
-                          c["fetched_at"], used)
+                          [t for t, _ in pts], [v for _, v in pts], hold, note, c["fetched_at"], used)
 
     if cache and cache["points"] and now - cache["fetched_at"] < sig.refresh_s:
         return from_cache(cache, "live")

@@ -20,7 +20,7 @@ import pytest
 from greend.collectors import carbon_signal as cs
 from greend.policies.engine import Engine
 from greend.policies.request import build_request
-from greend.policies.site import compile_site
+from greend.policies.site import compile_site, refresh_carbon
 
 from greend import carbon_feed
 from greend import config as config_mod
@@ -456,3 +456,33 @@ def test_bad_carbon_signal_config_names_the_key(tmp_path, signal, message):
     p = run_greend("config", "check", path, cwd=tmp_path)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert message in p.stderr and str(path) in p.stderr
+
+
+def test_observed_only_signal_holds_its_latest_value_for_an_hour_and_says_it_has_no_forecast(provider,
+                                                                                             tmp_path):
+    now = time.time()
+    last = now - now % 900 - 1800  # eCO2mix's taux_co2 lags: the latest is half an hour old
+    provider.routes[cs.RTE_DATASET_PATH] = (200, eco2mix_body(last - 3 * 900, [30, 32, 28, 25, None]), 0)
+    signal = {"provider": "rte-eco2mix", "url": provider.url}
+    cfg = config_mod.parse({"state_dir": str(tmp_path / "state"), "clusters": {"local": {
+        "carbon_intensity_g_per_kwh": 56.0, "carbon_signal": signal}}})
+    live = resolve(cfg, now)
+    assert live.source.startswith("RTE eCO2mix (FR) observed (no forecast), fetched")
+    assert live.at(now) == 25.0 and live.at(last + 3600 + 1) is None  # then the static value
+    w = live.coverage_warning(now, now + 24 * HOUR)
+    assert w and "not all of" in w and "static 56 g/kWh applies outside it" in w
+
+
+def test_a_long_lived_site_picks_up_the_signal_when_the_provider_comes_back(provider, tmp_path):
+    now = time.time()
+    t0 = now - now % HOUR
+    provider.routes["/v3/"] = (503, {"error": "maintenance"}, 0)
+    cfg = em_cluster(provider.url, tmp_path, retry_s=0)
+    site = compile_site(cfg)
+    spec = site.by_name["local"]
+    assert not spec.carbon.has_series and "HTTP 503" in spec.factors.sources["carbon_intensity_g_per_kwh"]
+    del provider.routes["/v3/"]
+    serve_em(provider, t0)
+    refresh_carbon(site)
+    assert spec.carbon.has_series and spec.carbon.at(t0 + HOUR + 1) == 20.0
+    assert spec.factors.sources["carbon_intensity_g_per_kwh"] == "site configuration"
