@@ -160,7 +160,7 @@ def get_json(url: str, timeout_s: float, headers: dict[str, str] | None = None):
     except urllib.error.HTTPError as e:
         raise SignalError(f"HTTP {e.code} {e.reason} from {_where(url)}") from None
     except urllib.error.URLError as e:
-        raise SignalError(f"unreachable ({_reason(e.reason)}) at {_where(url)}") from None
+        raise SignalError(f"{_reason(e.reason)} at {_where(url)}") from None
     except TimeoutError:
         raise SignalError(f"no answer within {timeout_s:g} s from {_where(url)}") from None
     except OSError as e:
