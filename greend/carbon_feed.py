@@ -138,8 +138,9 @@ def _label(provider: str, zone: str, fetched_at: float, forecast_from: float | N
 
 
 def resolve(name: str, cluster: Cluster, static: Factors, series: CarbonSeries | None, state_dir: Path | None,
-            *, now: float | None = None, fetch: bool = True) -> LiveSeries:
-    """The carbon intensity a decision on cluster `name` uses now. fetch=False: the cache only."""
+            *, now: float | None = None, fetch: bool = True, force: bool = False) -> LiveSeries:
+    """The carbon intensity a decision on cluster `name` uses now. fetch=False: the cache only;
+    force=True: ask the provider now, whatever the cache and the last error (on demand)."""
     static_g = static.carbon_intensity_g_per_kwh
     static_src = static.sources.get("carbon_intensity_g_per_kwh", "")
 
@@ -177,12 +178,12 @@ def resolve(name: str, cluster: Cluster, static: Factors, series: CarbonSeries |
         return LiveSeries(kind, f"{used} (fallback: {note})" if note else used, static_g,
                           [t for t, _ in pts], [v for _, v in pts], hold, note, c["fetched_at"], used)
 
-    if cache and cache["points"] and now - cache["fetched_at"] < sig.refresh_s:
+    if cache and cache["points"] and now - cache["fetched_at"] < sig.refresh_s and not (fetch and force):
         return from_cache(cache, "live")
 
     err = ""
     last_attempt = float(cache.get("last_attempt") or 0) if cache else 0.0
-    if cache and cache.get("last_error") and now - last_attempt < sig.retry_s:
+    if cache and cache.get("last_error") and now - last_attempt < sig.retry_s and not (fetch and force):
         err = f"{cache['last_error']} (at {hhmm(last_attempt)}; next try after {sig.retry_s:g} s)"
     elif not fetch:
         err = ("not fetched (cache only)" if cache is None
@@ -238,7 +239,7 @@ def with_source(f: Factors, ci_source: str) -> Factors:
 
 
 def coverage_warnings(cfg: Config, now: float, horizon_s: float, state_dir: Path | None = None, *,
-                      fetch: bool = True) -> list[str]:
+                      fetch: bool = True, force: bool = False) -> list[str]:
     """What `greend config check` warns about: a configured signal that cannot be read, a series or
     forecast that does not cover now .. now + horizon_s."""
     out = []
@@ -248,7 +249,7 @@ def coverage_warnings(cfg: Config, now: float, horizon_s: float, state_dir: Path
             continue
         cf = cluster_factors(cfg, name)
         live = resolve(name, c, cf.at(float("-inf")), cf.series, state_dir or cfg.resolved_state_dir(),
-                       now=now, fetch=fetch)
+                       now=now, fetch=fetch, force=force)
         key = "carbon_signal" if c.carbon_signal is not None else "carbon_intensity_series"
         if live.note:
             out.append(f"clusters.{name}.{key}: {live.note}; decisions use {live.used}")

@@ -128,7 +128,7 @@ def cmd_config_check(args) -> int:
 
     path = args.file or args.config or os.environ.get("GREEND_CONFIG") or None
     cfg = config_mod.load(path)
-    warnings = _carbon_warnings(cfg, args.horizon_h)
+    warnings = _carbon_warnings(cfg, args.horizon_h, args.refresh_carbon)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if args.json:
@@ -145,18 +145,18 @@ def cmd_config_check(args) -> int:
     return 0
 
 
-def _carbon_warnings(cfg, horizon_h: float) -> list[str]:
+def _carbon_warnings(cfg, horizon_h: float, force: bool) -> list[str]:
     """Carbon signals that cannot be read, series and forecasts that do not cover now .. +horizon."""
     from .carbon_feed import coverage_warnings
 
-    return coverage_warnings(cfg, time.time(), horizon_h * 3600)
+    return coverage_warnings(cfg, time.time(), horizon_h * 3600, force=force)
 
 
 def _resolved(cfg) -> dict:
-    from . import config as config_mod
+    from .carbon_feed import live_factors
     from .monitor import cpu_power_model
 
-    f = config_mod.cluster_factors(cfg).at(time.time())
+    f = live_factors(cfg, fetch=False).at(time.time())  # the live signal as cached by the check
     cm = cpu_power_model(cfg)
     return {
         "node": cfg.node_name, "state_dir": str(cfg.resolved_state_dir()),
@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("file", nargs="?", help="config file to check")
     cc.add_argument("--horizon-h", type=_positive_hours, default=24.0, metavar="HOURS",
                     help="how far ahead a carbon series or forecast should reach (default: 24)")
+    cc.add_argument("--refresh-carbon", action="store_true",
+                    help="fetch every carbon_signal now, ignoring a fresh cache and retry_s, and "
+                    "update the cache that decisions read")
     cc.add_argument("--json", action="store_true", help="print as JSON")
     cc.set_defaults(func=cmd_config_check)
     c.set_defaults(func=lambda a: (c.print_help(), 0)[1])

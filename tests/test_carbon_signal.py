@@ -486,3 +486,20 @@ def test_a_long_lived_site_picks_up_the_signal_when_the_provider_comes_back(prov
     refresh_carbon(site)
     assert spec.carbon.has_series and spec.carbon.at(t0 + HOUR + 1) == 20.0
     assert spec.factors.sources["carbon_intensity_g_per_kwh"] == "site configuration"
+
+
+def test_config_check_refresh_carbon_asks_now_and_the_resolved_factors_name_the_signal(provider, tmp_path):
+    now = time.time()
+    serve_em(provider, now - now % HOUR, fc=[30] * 30)
+    path = site_toml(tmp_path, em_signal(provider.url, tmp_path))
+    p = run_greend("config", "check", "--json", path, cwd=tmp_path)
+    assert p.returncode == 0 and p.stderr == "", p.stderr  # covered: no warning
+    d = json.loads(p.stdout)
+    assert d["warnings"] == []
+    assert d["resolved"]["factors"]["sources"]["carbon_intensity_g_per_kwh"].startswith(
+        "Electricity Maps (FR) observed + forecast, fetched")
+    n = len(provider.requests)
+    run_greend("config", "check", path, cwd=tmp_path)
+    assert len(provider.requests) == n  # the cache is fresh
+    run_greend("config", "check", "--refresh-carbon", path, cwd=tmp_path)
+    assert len(provider.requests) == n + 2  # history and forecast, asked again
