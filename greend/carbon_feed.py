@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 CACHE_DIR = "carbon-signal"
 CACHE_VERSION = 1
 OBSERVED_HOLD_S = 3600.0
+DAY_S = 86400.0
 
 
 def hhmm(t: float) -> str:
@@ -175,6 +176,13 @@ def resolve(name: str, cluster: Cluster, static: Factors, series: CarbonSeries |
         # Without a forecast the latest observation is the best estimate of now: it stands for up to
         # an hour (eCO2mix publishes taux_co2 with some delay), then the static value does.
         hold = step if c.get("forecast_from") is not None else max(step, OBSERVED_HOLD_S)
+        if sig.forecast == "persistence-24h" and c.get("forecast_from") is None and pts:
+            # The naive day-ahead baseline, stated as such: tomorrow repeats the last 24 h observed.
+            last = pts[-1][0]
+            pts = pts + [(t + DAY_S, v) for t, v in pts if last < t + DAY_S]
+            used = used.replace("observed (no forecast)", "observed + 24 h persistence forecast (the last "
+                                "day repeated)")
+            hold = step
         return LiveSeries(kind, f"{used} (fallback: {note})" if note else used, static_g,
                           [t for t, _ in pts], [v for _, v in pts], hold, note, c["fetched_at"], used)
 

@@ -198,6 +198,9 @@ class CarbonSignal(_Model):
     """After a failed fetch, the provider is not asked again for this long (the fallback stands)."""
     max_age_s: Annotated[float, Field(gt=0, le=30 * 86400)] = 6 * 3600.0
     """A cached signal older than this is not used; the series or the static value is."""
+    forecast: Literal["provider", "persistence-24h"] = "provider"
+    """provider: the provider's forecast only (eCO2mix has none). persistence-24h: when the provider
+    gives no forecast, the last 24 h observed are repeated as the next 24 h (a naive baseline)."""
 
     @field_validator("url")
     @classmethod

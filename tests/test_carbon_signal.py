@@ -503,3 +503,24 @@ def test_config_check_refresh_carbon_asks_now_and_the_resolved_factors_name_the_
     assert len(provider.requests) == n  # the cache is fresh
     run_greend("config", "check", "--refresh-carbon", path, cwd=tmp_path)
     assert len(provider.requests) == n + 2  # history and forecast, asked again
+
+
+def test_persistence_forecast_repeats_the_last_day_when_asked_and_says_so(provider, tmp_path):
+    now = time.time()
+    last = now - now % 900 - 900
+    values = [40.0] * 96
+    values[10] = 15.0  # a low quarter hour yesterday, 86 quarter hours before the latest
+    provider.routes[cs.RTE_DATASET_PATH] = (200, eco2mix_body(last - 95 * 900, values), 0)
+    signal = {"provider": "rte-eco2mix", "url": provider.url, "forecast": "persistence-24h"}
+    cfg = config_mod.parse({"state_dir": str(tmp_path / "state"), "clusters": {"local": {
+        "carbon_intensity_g_per_kwh": 56.0, "carbon_signal": signal}}})
+    live = resolve(cfg, now)
+    assert "observed + 24 h persistence forecast (the last day repeated)" in live.source
+    low = last - 85 * 900 + 86400
+    assert live.at(low + 1) == 15.0 and live.at(low + 901) == 40.0
+    assert live.span()[1] == last + 86400 + 900
+    # not asked for: no forecast
+    signal["forecast"] = "provider"
+    cfg = config_mod.parse({"state_dir": str(tmp_path / "state2"), "clusters": {"local": {
+        "carbon_intensity_g_per_kwh": 56.0, "carbon_signal": signal}}})
+    assert resolve(cfg, now).at(low + 1) is None
