@@ -75,7 +75,7 @@ class LiveSeries:
         a, b = span
         if a <= start and b >= end:
             return None
-        covered = f"{self.source} covers {hhmm(a)} .. {hhmm(b)}"
+        covered = f"{self.used} covers {hhmm(a)} .. {hhmm(b)}"
         if b <= start or a >= end:
             return f"{covered}, not {what}: the static {self.static_g:.4g} g/kWh applies"
         return f"{covered}, not all of {what}: the static {self.static_g:.4g} g/kWh applies outside it"
@@ -202,7 +202,7 @@ def resolve(name: str, cluster: Cluster, static: Factors, series: CarbonSeries |
                 sig.provider, url, zone, now, sig.timeout_s, _token(sig.token_file)))
         except cs.SignalError as e:
             err = str(e)
-            log.warning("carbon signal of %s (%s): %s", name, provider, err)
+            log.info("carbon signal of %s (%s): %s", name, provider, err)
             if path is not None:
                 _write_cache(path, {**(cache or {"version": CACHE_VERSION, "key": key, "points": [],
                                                  "fetched_at": 0.0, "step_s": 3600.0}),
