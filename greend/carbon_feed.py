@@ -189,13 +189,14 @@ def resolve(name: str, cluster: Cluster, static: Factors, series: CarbonSeries |
     if cache and cache["points"] and now - cache["fetched_at"] < sig.refresh_s and not (fetch and force):
         return from_cache(cache, "live")
 
-    err = ""
+    err, why = "", "unreachable"
     last_attempt = float(cache.get("last_attempt") or 0) if cache else 0.0
     if cache and cache.get("last_error") and now - last_attempt < sig.retry_s and not (fetch and force):
         err = f"{cache['last_error']} (at {hhmm(last_attempt)}; next try after {sig.retry_s:g} s)"
     elif not fetch:
-        err = ("not fetched (cache only)" if cache is None
-               else f"cache stale, not refreshed ({hhmm(cache['fetched_at'])})")
+        why = "not asked"
+        err = ("no cache" if cache is None or not cache["points"]
+               else f"cache of {hhmm(cache['fetched_at'])} older than refresh_s {sig.refresh_s:g}")
     else:
         try:
             s = cs.fetch_bounded(sig.timeout_s + 0.5, lambda: cs.fetch(
@@ -215,7 +216,7 @@ def resolve(name: str, cluster: Cluster, static: Factors, series: CarbonSeries |
                 _write_cache(path, fresh)
             fresh["points"] = sorted(s.points)
             return from_cache(fresh, "live")
-    note = f"{provider} unreachable: {err}"
+    note = f"{provider} {why}: {err}"
     if cache and cache["points"] and now - cache["fetched_at"] <= sig.max_age_s:
         return from_cache(cache, "cache", note)
     if cache and cache["points"]:
