@@ -132,10 +132,14 @@ def cmd_config_check(args) -> int:
     else:
         path, why = config_mod.locate(args.config)
     cfg = config_mod.load(path)
+    warnings = _carbon_warnings(cfg, args.horizon_h, args.refresh_carbon)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if args.json:
         data = cfg.model_dump(mode="json")
         data["resolved"] = _resolved(cfg)
         data["resolved"]["config_file"] = {"path": str(path) if path else None, "why": why}
+        data["warnings"] = warnings
         print(json.dumps(data, indent=2))
     else:
         print(f"# configuration file in force: {path} ({why})" if path
@@ -148,11 +152,18 @@ def cmd_config_check(args) -> int:
     return 0
 
 
+def _carbon_warnings(cfg, horizon_h: float, force: bool) -> list[str]:
+    """Carbon signals that cannot be read, series and forecasts that do not cover now .. +horizon."""
+    from .carbon_feed import coverage_warnings
+
+    return coverage_warnings(cfg, time.time(), horizon_h * 3600, force=force)
+
+
 def _resolved(cfg) -> dict:
-    from . import config as config_mod
+    from .carbon_feed import live_factors
     from .monitor import cpu_power_model
 
-    f = config_mod.cluster_factors(cfg).at(time.time())
+    f = live_factors(cfg, fetch=False).at(time.time())  # the live signal as cached by the check
     cm = cpu_power_model(cfg)
     return {
         "node": cfg.node_name, "state_dir": str(cfg.resolved_state_dir()),
@@ -213,6 +224,16 @@ def _me() -> str:
 
 
 # -- parser -----------------------------------------------------------------------------------
+def _positive_hours(v: str) -> float:
+    try:
+        h = float(v)
+    except ValueError:
+        h = -1.0
+    if not 0 < h <= 24 * 366:
+        raise argparse.ArgumentTypeError(f"expected a number of hours > 0, got {v!r}")
+    return h
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="greend", description=DESCRIPTION, epilog=EPILOG,
@@ -257,9 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
         "which file that is, and "
         "print the effective configuration with defaults filled in, plus what is resolved at "
         "start: node name, state directory, factors with their sources, CPU power model. Exits "
-        "2 with the file, key and expected value on an error.",
+        "2 with the file, key and expected value on an error. Warns (on standard error; in "
+        "\"warnings\" with --json) when a cluster's carbon_signal cannot be read (it is fetched, "
+        "within its timeout_s, unless the cache is fresh) or when its signal or "
+        "carbon_intensity_series does not cover now .. +HORIZON.",
     )
     cc.add_argument("file", nargs="?", help="config file to check")
+    cc.add_argument("--horizon-h", type=_positive_hours, default=24.0, metavar="HOURS",
+                    help="how far ahead a carbon series or forecast should reach (default: 24)")
+    cc.add_argument("--refresh-carbon", action="store_true",
+                    help="fetch every carbon_signal now, ignoring a fresh cache and retry_s, and "
+                    "update the cache that decisions read")
     cc.add_argument("--json", action="store_true", help="print as JSON")
     cc.set_defaults(func=cmd_config_check)
     c.set_defaults(func=lambda a: (c.print_help(), 0)[1])

@@ -201,6 +201,64 @@ class Controller(_Model):
         return self
 
 
+class CarbonSignal(_Model):
+    """A live carbon intensity signal for a cluster (docs/configuration.md, "Carbon signal")."""
+
+    provider: Literal["rte-eco2mix", "electricitymaps", "uk-carbon-intensity"]
+    zone: str = ""
+    """Grid zone: FR for rte-eco2mix, GB for uk-carbon-intensity (their defaults), an Electricity
+    Maps zone (e.g. "FR", "DE") for electricitymaps (required)."""
+    url: str = ""
+    """Base URL of the provider's API (default: the provider's public one)."""
+    token_file: Path | None = None
+    """electricitymaps: file holding the API token (sent as the auth-token header)."""
+    timeout_s: Annotated[float, Field(gt=0, le=30)] = 2.0
+    """Longest a decision waits for the provider when the cached signal is stale."""
+    refresh_s: Annotated[float, Field(ge=60, le=86400)] = 900.0
+    """A cached signal younger than this is used without asking the provider."""
+    retry_s: Annotated[float, Field(ge=0, le=86400)] = 120.0
+    """After a failed fetch, the provider is not asked again for this long (the fallback stands)."""
+    max_age_s: Annotated[float, Field(gt=0, le=30 * 86400)] = 6 * 3600.0
+    """A cached signal older than this is not used; the series or the static value is."""
+    forecast: Literal["provider", "persistence-24h"] = "provider"
+    """provider: the provider's forecast only (eCO2mix has none). persistence-24h: when the provider
+    gives no forecast, the last 24 h observed are repeated as the next 24 h (a naive baseline)."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v:
+            return v
+        from urllib.parse import urlsplit
+
+        try:
+            u = urlsplit(v)
+            u.port  # noqa: B018 - raises on a bad port
+        except ValueError as e:
+            raise ValueError(f"bad URL: {e}") from None
+        if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
+            raise ValueError('expected the base URL of the provider\'s API, http(s)://HOST[:PORT][/PATH] '
+                             'without ?query, e.g. "https://api.carbonintensity.org.uk"')
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _zone_and_token(self) -> CarbonSignal:
+        zone = self.zone.upper()
+        if self.provider == "rte-eco2mix" and zone not in ("", "FR"):
+            raise ValueError(f"carbon_signal.zone {self.zone!r}: rte-eco2mix covers France only "
+                             '(zone "FR")')
+        if self.provider == "uk-carbon-intensity" and zone not in ("", "GB"):
+            raise ValueError(f"carbon_signal.zone {self.zone!r}: uk-carbon-intensity reads the GB "
+                             'national series (zone "GB")')
+        if self.provider == "electricitymaps":
+            if not zone:
+                raise ValueError('carbon_signal.zone is required for electricitymaps, e.g. "FR"')
+            if self.token_file is None:
+                raise ValueError("carbon_signal.token_file is required for electricitymaps (the "
+                                 "API token, sent as the auth-token header)")
+        return self
+
+
 class Cluster(_Model):
     tier: Literal["local", "site", "national"] = "local"
     country: str = DEFAULT_COUNTRY
@@ -211,6 +269,9 @@ class Cluster(_Model):
     carbon_intensity_g_per_kwh: Annotated[float, Field(ge=0, le=2000)] | None = None
     carbon_intensity_series: Path | None = None
     """CSV of `timestamp,g_per_kwh` rows (ISO 8601, e.g. hourly); the static value fills the gaps."""
+    carbon_signal: CarbonSignal | None = None
+    """Live intensity and forecast from a provider, cached; the series, then the static value, stand
+    in when it cannot be read (greend.carbon_feed)."""
     hds: bool = False
     open: bool = True
     sources: dict[str, str] = Field(default_factory=dict)
@@ -380,6 +441,10 @@ def load(path: str | os.PathLike | None) -> Config:
     for name, c in cfg.clusters.items():
         if c.carbon_intensity_series is not None and not c.carbon_intensity_series.is_absolute():
             c = c.model_copy(update={"carbon_intensity_series": p.parent / c.carbon_intensity_series})
+        sig = c.carbon_signal
+        if sig is not None and sig.token_file is not None and not sig.token_file.is_absolute():
+            sig = sig.model_copy(update={"token_file": p.parent / sig.token_file})
+            c = c.model_copy(update={"carbon_signal": sig})
         clusters[name] = c
     cfg = cfg.model_copy(update={"clusters": clusters})
     for name in cfg.clusters:
@@ -424,6 +489,10 @@ class CarbonSeries:
         self.times = [times[i] for i in order]
         self.values = [values[i] for i in order]
 
+    @property
+    def source(self) -> str:
+        return f"series {self.path}"
+
     def at(self, t: float) -> float | None:
         i = bisect.bisect_right(self.times, t) - 1
         if i < 0:
@@ -444,6 +513,8 @@ class ClusterFactors:
     """Resolves the factors in force for one cluster at a time t."""
 
     def __init__(self, cluster: Cluster, series: CarbonSeries | None):
+        # series: anything with at(t) -> g/kWh or None, and source (a CarbonSeries, or the live
+        # signal of greend.carbon_feed).
         self.cluster = cluster
         self.series = series
         mix = refdata.country_mix(cluster.country)
@@ -481,7 +552,7 @@ class ClusterFactors:
         f = self._cache.get(ci)
         if f is None:
             src = dict(self._static.sources)
-            src["carbon_intensity_g_per_kwh"] = f"series {self.series.path}"
+            src["carbon_intensity_g_per_kwh"] = self.series.source
             f = Factors(self._static.pue, self._static.wue_site_l_per_kwh,
                         self._static.ewif_l_per_kwh, ci, src)
             self._cache[ci] = f

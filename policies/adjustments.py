@@ -100,7 +100,7 @@ class CarbonDeferral(AdjustRule):
             return [Action.skip("deferrable but no deadline: not deferred")]
         c = cand.cluster
         if not c.carbon.has_series:
-            return [Action.skip(f"{c.name} has a static carbon intensity: no better window")]
+            return [Action.skip(f"{c.name} has a static carbon intensity ({c.carbon.source}): no better window")]
         if plan.refused:
             return [Action.skip("job refused")]
         earliest = max(ctx.now, plan.not_before or 0.0, r.begin or 0.0)
@@ -115,6 +115,8 @@ class CarbonDeferral(AdjustRule):
         nums = {"earliest": q.iso(earliest), "latest_start": q.iso(latest), "deadline": q.iso(r.deadline),
                 "mean_now_g_per_kwh": round(first, 2), "mean_best_g_per_kwh": round(best.mean_g_per_kwh, 2),
                 "saving_pct": round(saving, 1), "best_start": q.iso(best.start)}
+        if gap := c.carbon.coverage_note(earliest, r.deadline):  # a window the series does not see
+            nums["coverage"] = gap
         if best.start <= earliest + 1 or saving < self.params.min_saving_pct:
             return [Action.ok(f"starting at {q.iso(earliest)} is within {self.params.min_saving_pct:g} "
                               f"% of the lowest-carbon window ({first:.4g} vs "

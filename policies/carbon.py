@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 
+from . import quantities as q
 from .records import Record
 
 
@@ -55,6 +56,21 @@ class CarbonWindow:
     @property
     def has_series(self) -> bool:
         return bool(self.bps)
+
+    def covers(self, start: float, end: float) -> bool:
+        """Whether the series (not the static value) gives the intensity all over [start, end]."""
+        return bool(self.bps) and self.bps[0] <= start and end <= self.bps[-1]
+
+    def coverage_note(self, start: float, end: float) -> str:
+        """Empty when the series covers [start, end]; else what it covers and what stands in."""
+        if self.covers(start, end):
+            return ""
+        if not self.bps:
+            return f"no series: static {self.static:.4g} g/kWh"
+        a, b = self.bps[0], self.bps[-1]
+        how = "does not cover" if b <= start or a >= end else "covers only part of"
+        return (f"the series ({q.iso(a)} .. {q.iso(b)}) {how} {q.iso(start)} .. {q.iso(end)}: static "
+                f"{self.static:.4g} g/kWh outside it")
 
     def at(self, t: float) -> float:
         bps = self.bps

@@ -87,6 +87,29 @@ def estimate_rows(decision) -> list[list[str]]:
     return rows
 
 
+def carbon_lines(decision) -> list[str]:
+    """Where each cluster's carbon intensity comes from (signal, cache, series or static, and why a
+    fallback), and whether it covers the job's run, up to its deadline for a deferrable job."""
+    d = decision
+    lines = ["carbon intensity:"]
+    for c in d.candidates:
+        w = c.cluster.carbon
+        lines.append(f"  {c.name}: {w.source or 'static'}")
+        if not w.has_series:
+            continue
+        try:
+            e = d.context.estimate(c)
+        except Exception:  # stated in the footprint table
+            continue
+        end = e.start + e.runtime_s
+        if d.request.deferrable and d.request.deadline is not None:
+            end = max(end, d.request.deadline)
+        gap = w.coverage_note(min(d.now, e.start), end)
+        if gap:
+            lines.append(f"    WARNING: {gap}")
+    return lines
+
+
 def decision_text(decision, title: str = "") -> str:
     d = decision
     r = d.request
@@ -116,6 +139,8 @@ def decision_text(decision, title: str = "") -> str:
                          f"running, {len(st.pending)} pending, as of {age} ago")
         else:
             lines.append(f"  {c.name}: DOWN: {st.error}")
+
+    lines += carbon_lines(d)
 
     lines.append("")
     lines.append("filters:")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from greend import carbon_feed
 from greend import config as config_mod
 from greend.footprint import Factors
 
@@ -198,9 +199,10 @@ class ClusterSpec(Record):
             return self.factors
         ci = self.carbon.mean(start, end)
         src = dict(self.factors.sources)
+        gap = self.carbon.coverage_note(start, end)
         src["carbon_intensity_g_per_kwh"] = (
-            f"mean of series {self.carbon.source} over the job's run (static "
-            f"{self.factors.carbon_intensity_g_per_kwh:g} outside it)"
+            f"mean of {self.carbon.source} over the job's run"
+            + (f"; WARNING: {gap}" if gap else "")
         )
         return Factors(self.factors.pue, self.factors.wue_site_l_per_kwh, self.factors.ewif_l_per_kwh,
                        ci, src)
@@ -288,9 +290,35 @@ def _mb(v) -> float | None:
     return None if v is None else q.parse_memory_mb(v)
 
 
-def compile_site(cfg: config_mod.Config, config_path: str | Path | None = None) -> Site:
+def _carbon(cfg: config_mod.Config, name: str, fetch: bool) -> tuple[Factors, CarbonWindow]:
+    """A cluster's static factors and carbon window: its live signal (or the fallback it names,
+    greend.carbon_feed, cached in the state dir), else its series, else the static value."""
+    c = cfg.clusters[name]
+    cf = config_mod.cluster_factors(cfg, name)
+    static = cf.at(-math.inf)  # before any series point: the static factors
+    live = carbon_feed.resolve(name, c, static, cf.series,
+                               cfg.resolved_state_dir() if c.carbon_signal is not None else None, fetch=fetch)
+    window = CarbonWindow(static.carbon_intensity_g_per_kwh, live.times, live.values, live.max_gap_s,
+                          live.source)
+    if not live.times and live.note:
+        static = carbon_feed.with_source(static, live.source)
+    return static, window
+
+
+def refresh_carbon(site: Site, fetch: bool = True) -> None:
+    """Re-read the live carbon signals of a compiled site (a long-lived router: the daemon calls this
+    periodically, e.g. every carbon_signal.refresh_s). Clusters without a signal are left alone."""
+    for spec in site.clusters:
+        if spec.config.carbon_signal is not None:
+            spec.factors, spec.carbon = _carbon(site.config, spec.name, fetch)
+
+
+def compile_site(cfg: config_mod.Config, config_path: str | Path | None = None, *,
+                 carbon_fetch: bool = True) -> Site:
     """Plain, precomputed objects of the configuration. Relative paths (slurm.conf, bin_dir, the
-    ledger, the state cache) are relative to the configuration file."""
+    ledger, the state cache) are relative to the configuration file. A cluster's carbon_signal is
+    read from its cache, or fetched (bounded by its timeout_s) when the cache is stale and
+    carbon_fetch is true."""
     base = Path(config_path).resolve().parent if config_path else None
     pw = cfg.power
     clusters = []
@@ -323,13 +351,7 @@ def compile_site(cfg: config_mod.Config, config_path: str | Path | None = None) 
             gpu_tdp_w=dict(pm.gpu_tdp_w), default_gpu_w=pw.gpu_tdp_w, gpu_usage=pm.gpu_usage,
             sources=src,
         )
-        cf = config_mod.cluster_factors(cfg, name)
-        static = cf.at(-math.inf)  # before any series point: the static factors
-        if cf.series is not None:
-            window = CarbonWindow(static.carbon_intensity_g_per_kwh, cf.series.times, cf.series.values,
-                                  cf.series.max_gap_s, str(cf.series.path))
-        else:
-            window = CarbonWindow(static.carbon_intensity_g_per_kwh)
+        static, window = _carbon(cfg, name, carbon_fetch)
         s = c.slurm
         clusters.append(ClusterSpec(
             name=name, index=i, tier=c.tier, hds=c.hds, open=c.open,
