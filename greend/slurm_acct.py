@@ -408,7 +408,20 @@ def gpu_use(sj: SacctJob, fig: Figures | None, gpu_w: float) -> float | None:
 def build_report(sj: SacctJob, cfg, source=None) -> dict:
     """The report of one job: Slurm's view (sacct), greend's figures, advice. greend's figures
     come from `source` (a ledger or API) if it knows the job, else from the job's AdminComment
-    in accounting, else from the model (labelled)."""
+    in accounting, else from the model (labelled). `cfg` may be a function that loads the
+    configuration: it is then called only when needed (the model, GPUs), which spares
+    `greend report` the configuration's validation for most jobs."""
+    if callable(cfg):
+        load, cfg = cfg, None
+
+        def config():
+            nonlocal cfg
+            if cfg is None:
+                cfg = load()
+            return cfg
+    else:
+        def config():
+            return cfg
     fig = None
     origin = ""
     source_error = None
@@ -426,11 +439,11 @@ def build_report(sj: SacctJob, cfg, source=None) -> dict:
         kind = "measured"
         label = (f"greend's {'final' if fig.final else 'provisional'} figures, from {origin}")
     else:
-        fig, model = model_figures(sj, cfg)
+        fig, model = model_figures(sj, config())
         kind = "model"
         label = ("greend did not see this job: model estimate from Slurm's accounting "
                  "(Green Algorithms, docs/methodology.md §6)")
-    gpu_w = cfg.power.gpu_tdp_w
+    gpu_w = config().power.gpu_tdp_w if sj.alloc_gpus else 0.0
     peak, peak_from = sj.max_rss_bytes, "sacct MaxRSS"
     if not peak and kind == "measured" and fig.max_mem_bytes:
         peak, peak_from = int(fig.max_mem_bytes), "greend"

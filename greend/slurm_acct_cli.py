@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -51,7 +52,6 @@ def cmd_report(args) -> int:
     from . import slurm_acct as sa
     from .collectors.sacct import SacctError
 
-    cfg = _config(args)
     try:
         source = sa.source_from(args.api, args.ledger)
     except sa.SourceError as e:
@@ -63,7 +63,7 @@ def cmd_report(args) -> int:
     if sj is None:
         return _fail(f"report: Slurm's accounting has no job {args.job_id}"
                      + (f" on cluster {args.cluster}" if args.cluster else ""))
-    d = sa.build_report(sj, cfg, source)
+    d = sa.build_report(sj, lambda: _config(args), source)
     sys.stdout.write(json.dumps(d, indent=2) + "\n" if args.json else sa.text(d))
     return 0
 
@@ -127,8 +127,8 @@ def cmd_mail(args) -> int:
     if job_id and ended:
         try:
             source = sa.source_from(args.api, args.ledger)
-            d = sa.wait_report(_sacct(args), job_id, os.environ.get("SLURM_CLUSTER_NAME"), _config(args),
-                               source, wait_s=args.wait)
+            d = sa.wait_report(_sacct(args), job_id, os.environ.get("SLURM_CLUSTER_NAME"),
+                               functools.cache(lambda: _config(args)), source, wait_s=args.wait)
             if d is not None:
                 body += ("\n" if body else "") + "greend report\n-------------\n" + sa.text(d)
         except (SacctError, sa.SourceError) as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import pytest
 from daemonproc import GREEND, Greend, wait_for
@@ -322,3 +323,50 @@ def test_sacct_reader_reports_a_missing_sacct(tmp_path):
     s.commands.bin_dir = tmp_path
     with pytest.raises(SacctError, match="sacct: command not found in"):
         s.job("1")
+
+
+@pytest.mark.slurm
+def test_history_and_usage_read_the_whole_record_in_sacct(tb):
+    """The engine's history and the budgets see jobs through sacct: measured ones by their
+    AdminComment figures, others by their efficiency (history) and the model (usage)."""
+    import uuid
+
+    from greend.policies.history import LedgerView
+    from greend.policies.history_sacct import SacctHistory
+    from greend.policies.site import compile_site
+
+    name, account = f"hist-{uuid.uuid4().hex[:8]}", f"proj-{uuid.uuid4().hex[:6]}"
+    ids = [tb.submit("site", BURN.format(secs=2), extra_args=["-c", "1", "-J", name, f"--account={account}"])
+           for _ in range(3)]
+    for i in ids:
+        tb.wait_accounted("site", i)
+    sacct = Sacct(tb.conf("site"))
+    figs = [figures(t=1, it_j=100.0, gpu_j=0.0, carbon_g=0.5, facility_j=140.0),
+            figures(t=2, it_j=300.0, gpu_j=0.0, carbon_g=1.5, facility_j=420.0)]
+    for job_id, f in zip(ids[:2], figs, strict=True):
+        sacct.set_admin_comment(str(job_id), sa.encode(f), "site")
+    site = compile_site(config_mod.parse({
+        "cluster": "site", "clusters": {"site": {"tier": "site", "pue": 1.3, "wue_site_l_per_kwh": 0.4,
+                                                 "ewif_l_per_kwh": 1.6, "carbon_intensity_g_per_kwh": 56.0,
+                                                 "power_model": {"cpu_w_per_core": 10.0}}}}))
+    view = LedgerView(None, site)  # no ledger at all: everything comes from accounting
+    view.sacct = SacctHistory(sacct, site, "site")
+    h = view.similar("greendtest", name, time.time())
+    assert h is not None and sorted(j.job_id for j in h.jobs) == sorted(map(str, ids))
+    assert h.measured_j == pytest.approx(400.0)
+    power = site.by_name["site"].power
+    modelled = [j.modelled_j for j in h.jobs if j.job_id in (str(ids[0]), str(ids[1]))]
+    assert h.modelled_j == pytest.approx(sum(modelled))
+    assert h.power_ratio == pytest.approx(400 / sum(modelled))
+    assert all(j.modelled_j == pytest.approx(j.elapsed_s * (power.cpu_w_per_core * power.cpu_usage
+                                                            + 0.25 * power.memory_w_per_gb)) for j in h.jobs)
+    assert 0 < h.cpu_efficiency <= 1.05 and h.median_elapsed_s >= 2
+    u = view.usage(account, time.time() - 3600)
+    assert u.jobs == 3
+    third = next(j for j in sacct.jobs(time.time() - 3600, account=account) if j.job_id == str(ids[2]))
+    f = site.by_name["site"].factors
+    third_kwh = third.elapsed_s * (power.cpu_w_per_core * min(third.cpu_efficiency, 1.0)
+                                   + 0.25 * power.memory_w_per_gb) / 3.6e6
+    assert u.carbon_g == pytest.approx(2.0 + third_kwh * f.pue * f.carbon_intensity_g_per_kwh)
+    assert u.facility_energy_j == pytest.approx(560.0 + third_kwh * f.pue * 3.6e6)
+    assert view.similar("greendtest", "no-such-job-name", time.time()) is None
