@@ -370,3 +370,52 @@ def test_history_and_usage_read_the_whole_record_in_sacct(tb):
     assert u.carbon_g == pytest.approx(2.0 + third_kwh * f.pue * f.carbon_intensity_g_per_kwh)
     assert u.facility_energy_j == pytest.approx(560.0 + third_kwh * f.pue * 3.6e6)
     assert view.similar("greendtest", "no-such-job-name", time.time()) is None
+
+
+@pytest.mark.slurm
+def test_epilog_writes_provisional_then_completes_it_when_the_last_node_reports(tb, tmp_path):
+    """A two-node job whose second node's record comes late: a provisional figure first, then the
+    final one when the record arrives; never the other way round."""
+    import threading
+
+    from greend.ledger import JobRow, Ledger
+
+    job_id = tb.submit("site", BURN.format(secs=1), extra_args=["-N", "2", "-J", "two-nodes"])
+    rec = tb.wait_accounted("site", job_id)
+    assert rec["State"] == "COMPLETED"
+    sacct = Sacct(tb.conf("site"))
+    sj = sacct.job(str(job_id), "site")
+    assert sj.alloc_nodes == 2
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+
+    def record(node: str, state: str, cpu_j: float) -> None:
+        row = JobRow(cluster="site", job_id=str(job_id), node=node, kind="slurm", state=state,
+                     first_seen=sj.submit_time + 1, last_seen=sj.end_time + (1 if node == "site-n1" else 2),
+                     submit_time=sj.submit_time, cpu_uj=int(cpu_j * 1e6), carbon_g=cpu_j / 1000,
+                     facility_j=cpu_j * 1.5, provenance={"cpu": "measured: RAPL"})
+        with ledger.transaction() as db:
+            ledger.upsert_job(db, row)
+
+    record("site-n1", "ended", 10.0)
+    record("site-n2", "running", 4.0)
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(res=sa.write_final(
+        sacct, sa.LedgerSource([ledger.path]), str(job_id), "site", wait_s=30, final_wait_s=1,
+        complete_wait_s=60, poll_s=0.3)))
+    t.start()
+    try:
+        prov = wait_for(lambda: sa.decode(tb.sacct("site", job_id)["AdminComment"]), 30,
+                        what="the provisional figure")
+        assert prov.status == "provisional" and prov.it_j == pytest.approx(14.0) and prov.nodes == 2
+        record("site-n2", "ended", 6.0)  # site-n2's last sample arrives
+    finally:
+        t.join(90)
+        ledger.close()
+    res = out["res"]
+    assert res.note == "" and res.written.final
+    final = sa.decode(tb.sacct("site", job_id)["AdminComment"])
+    assert final.status == "final" and final.it_j == pytest.approx(16.0) and final.t == sj.end_time + 2
+    assert final.src == {"cpu": "measured"} and final.carbon_g == pytest.approx(0.016)
+    # A late provisional figure (a second epilog run, an older copy) does not undo it.
+    assert sa._write(sacct, sj, prov)
+    assert sa.decode(tb.sacct("site", job_id)["AdminComment"]) == final
