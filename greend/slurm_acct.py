@@ -297,8 +297,12 @@ def write_final(sacct: Sacct, source, job_id: str, cluster: str | None, *, wait_
     written: Figures | None = None
     note = ""
     t0 = clock()
+    error = ""
     while True:
-        fig = figures_of(source, sj)
+        try:
+            fig = figures_of(source, sj)
+        except SourceError as e:  # the controller restarting, say: try again until the deadline
+            fig, error = None, str(e)
         waited = clock() - t0
         due = fig is not None and (fig.final or (waited >= final_wait_s and written is None))
         if due and fig.newer_than(written):
@@ -311,6 +315,8 @@ def write_final(sacct: Sacct, source, job_id: str, cluster: str | None, *, wait_
         if waited >= (complete_wait_s if written is not None else final_wait_s):
             note = (f"greend's records still incomplete after {waited:.0f} s: provisional figure left"
                     if written is not None else f"greend has no record of job {job_id}")
+            if error:
+                note += f" (last error: {error})"
             break
         sleep(poll_s)
     cur = sacct.job(job_id, cluster)

@@ -419,3 +419,18 @@ def test_epilog_writes_provisional_then_completes_it_when_the_last_node_reports(
     # A late provisional figure (a second epilog run, an older copy) does not undo it.
     assert sa._write(sacct, sj, prov)
     assert sa.decode(tb.sacct("site", job_id)["AdminComment"]) == final
+
+
+@pytest.mark.slurm
+def test_epilog_with_greend_unreachable_writes_nothing_and_says_why(tb):
+    job_id = tb.submit("site", BURN.format(secs=1), extra_args=["-J", "no-greend"])
+    tb.wait_accounted("site", job_id)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GREEND_")}
+    env.update(SLURM_CONF=str(tb.conf("site")), SLURM_JOB_ID=str(job_id), SLURM_CLUSTER_NAME="site")
+    p = subprocess.run([GREEND, "slurm", "epilog", "--foreground", "--json", "--api", "http://127.0.0.1:1",
+                        "--final-wait", "1"], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["written"] is None and out["comment"] == ""
+    assert out["note"].startswith(f"greend has no record of job {job_id} (last error: http://127.0.0.1:1:")
+    assert tb.sacct("site", job_id)["AdminComment"] == ""
