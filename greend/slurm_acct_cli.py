@@ -148,7 +148,7 @@ def add_commands(sub) -> None:
         "source, facility energy, carbon, on-site and off-site water, the factors); and what to "
         "request next time.\n\n" + SOURCE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  greend report 1234\n  greend report --json --api http://ctl:9470 1234",
+        epilog="example:\n  greend report 1234\n  greend report --json --api http://ctl:9472 1234",
     )
     r.add_argument("job_id", metavar="JOBID")
     r.add_argument("--cluster", help="the job's cluster (default: the one of --slurm-conf)")
@@ -171,7 +171,7 @@ def add_commands(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example (slurm.conf: EpilogSlurmctld=/etc/slurm/greend-epilog):\n"
         "  #!/bin/sh\n  exec greend slurm epilog --slurm-conf /etc/slurm/slurm.conf "
-        "--api http://greend-ctl:9470",
+        "--api http://greend-ctl:9472",
     )
     _add_source_args(e)
     e.add_argument("--job-id", help="the job (default: $SLURM_JOB_ID)")
