@@ -190,8 +190,10 @@ class Sacct:
              name: str | None = None, account: str | None = None, cluster: str | None = None,
              ended_only: bool = True) -> list[SacctJob]:
         """Jobs that ran between since and until (epoch seconds), every user's unless `user`."""
-        # With --state, sacct needs --endtime too (without it, it matches nothing).
-        args = ["--starttime", _when(since), "--endtime", _when(until if until is not None else time.time())]
+        # With --state, sacct needs --endtime too (without it, it matches nothing); "now" to the
+        # second would miss a job that ended in the current second.
+        end = until if until is not None else time.time() + 60
+        args = ["--starttime", _when(since), "--endtime", _when(end)]
         args += ["--user", user] if user else ["--allusers"]
         if name:
             args += ["--name", name]

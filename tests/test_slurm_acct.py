@@ -258,7 +258,8 @@ def test_final_footprint_reaches_sacct_report_and_mail(tb, tmp_path):
     assert fig.status == "final" and fig.nodes == 1 and fig.t == int(row["last_seen"])
     assert it_j > 0 and fig.it_j == pytest.approx(it_j, rel=1e-5)
     assert fig.carbon_g == pytest.approx(row["carbon_g"], rel=1e-5)
-    assert fig.cpu_s == pytest.approx(row["cpu_time_ns"] / 1e9, rel=1e-5) and fig.cpu_s > 1
+    # A 4 s busy loop: well under 4 CPU seconds on a loaded host, but never nothing.
+    assert fig.cpu_s == pytest.approx(row["cpu_time_ns"] / 1e9, rel=1e-5) and fig.cpu_s > 0.1
     assert fig.src["cpu"] == "modelled"  # power.rapl = false in the harness
     # It round-trips through `greend report`, which needs nothing but sacct.
     p = greend_cli(tb, "site", "report", "--json", str(job_id))
@@ -270,7 +271,7 @@ def test_final_footprint_reaches_sacct_report_and_mail(tb, tmp_path):
     assert f["kind"] == "measured" and f["status"] == "final" and "AdminComment" in f["label"]
     assert f["it_j"] == pytest.approx(it_j, rel=1e-5)
     # One busy loop on two CPUs: at most about half (less on a busy host).
-    assert 0.02 < d["efficiency"]["cpu"] < 0.6
+    assert 0.005 < d["efficiency"]["cpu"] < 0.6
     # Peak memory: sacct's MaxRSS where Slurm recorded one, else greend's (from the cgroup).
     assert d["efficiency"]["peak_mem_from"] in ("sacct MaxRSS", "greend")
     assert 0 < d["efficiency"]["memory"] < 1
