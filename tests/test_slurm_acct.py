@@ -350,6 +350,10 @@ def test_history_and_usage_read_the_whole_record_in_sacct(tb):
         "cluster": "site", "clusters": {"site": {"tier": "site", "pue": 1.3, "wue_site_l_per_kwh": 0.4,
                                                  "ewif_l_per_kwh": 1.6, "carbon_intensity_g_per_kwh": 56.0,
                                                  "power_model": {"cpu_w_per_core": 10.0}}}}))
+    # Just after jobs end, sacct's time-window queries (no -j) can miss them for a few seconds
+    # (seen on 22.05 while `sacct -j` already shows them ended): wait until they are listed.
+    wait_for(lambda: len(sacct.jobs(time.time() - 3600, user="greendtest", name=name)) == 3, 30,
+             what="the jobs in sacct's time-window query")
     view = LedgerView(None, site)  # no ledger at all: everything comes from accounting
     view.sacct = SacctHistory(sacct, site, "site")
     h = view.similar("greendtest", name, time.time())
