@@ -312,9 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     from greend.policies import cli as policies_cli
     from greend.tui import cli as tui_cli
 
-    from . import clidoc, daemon_cli
+    from . import clidoc, daemon_cli, slurm_acct_cli
 
     daemon_cli.add_commands(sub)
+    slurm_acct_cli.add_commands(sub)
     policies_cli.add_commands(sub)
     tui_cli.add_commands(sub)
     clidoc.add_commands(sub)

@@ -100,7 +100,8 @@ class CarbonDeferral(AdjustRule):
             return [Action.skip("deferrable but no deadline: not deferred")]
         c = cand.cluster
         if not c.carbon.has_series:
-            return [Action.skip(f"{c.name} has a static carbon intensity ({c.carbon.source}): no better window")]
+            return [Action.skip(f"{c.name} has a static carbon intensity ({c.carbon.source}): "
+                                "no better window")]
         if plan.refused:
             return [Action.skip("job refused")]
         earliest = max(ctx.now, plan.not_before or 0.0, r.begin or 0.0)

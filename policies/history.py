@@ -174,6 +174,10 @@ class Usage(Record):
 class LedgerView:
     """Read-only queries on the ledger, cached for ttl_s seconds. A missing ledger is no history."""
 
+    sacct = None
+    """Optional policies.history_sacct.SacctHistory (Slurm's accounting, the site's whole record):
+    similar jobs come from it when the ledger has none, and usage always does."""
+
     def __init__(self, path: Path | None, site, ttl_s: float = 60.0, clock=time.time):
         self.path = path
         self.site = site
@@ -213,12 +217,14 @@ class LedgerView:
         return value
 
     def similar(self, user: str, name: str, now: float) -> History | None:
-        if self.db is None or not user or not name:
+        if (self.db is None and self.sacct is None) or not user or not name:
             return None
         days = self.site.settings.history_days
         limit = self.site.settings.history_max_jobs
         since = now - days * 86400
-        return self._cached(("similar", user, name), lambda: self._similar(user, name, since, limit))
+        return self._cached(("similar", user, name), lambda: (
+            (self._similar(user, name, since, limit) if self.db is not None else None)
+            or (self.sacct.similar(user, name, since, limit) if self.sacct is not None else None)))
 
     def _similar(self, user: str, name: str, since: float, limit: int) -> History | None:
         try:
@@ -262,6 +268,8 @@ class LedgerView:
         )
 
     def usage(self, account: str, since: float) -> Usage | None:
+        if self.sacct is not None:
+            return self._cached(("usage", account, since), lambda: self.sacct.usage(account, since))
         if self.db is None:
             return None
         return self._cached(("usage", account, since), lambda: self._usage(account, since))

@@ -10,6 +10,14 @@ Clusters (see `testbed/slurm-testbed --help`): local (local-n1, 2 CPUs), site (s
 4 CPUs each), national (national-n1, 8 CPUs); partitions debug (default) and batch. Jobs are
 submitted as the unprivileged user greendtest (uid 4242) and run in /tmp.
 
+Accounting: the clusters report to slurmdbd (local and site to one, national to another), so
+`tb.sacct(cluster, job_id)` reads a finished job's record. Hooks: slurmctld's EpilogSlurmctld and
+MailProg run <base>/<cluster>/etc/{epilog-slurmctld,mailprog}.hook when a test installs one
+(`with tb.hook("site", "mailprog", script): ...`), with SLURM_CONF set.
+
+Two testbeds on one host: set GREEND_TESTBED_DIR and GREEND_TESTBED_PORT_BASE (the script's
+own variables; job ids then start at (PORT_BASE - 16800) * 100 + 1, so their cgroups differ).
+
 Slurm 22.05 notes: `scontrol show job` has no --json (that came in 23.02); use `job()` instead,
 which reads `squeue --json`. In 22.05 `squeue --json` ignores its filters and returns every job
 the controller knows, including finished ones for MinJobAge (600 s). "job_state" is a string
@@ -20,6 +28,7 @@ job has no step that plain `sstat -j <id>` would pick.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -253,6 +262,46 @@ class Testbed:
                 if time.monotonic() >= deadline:
                     raise TestbedError(f"[{cluster}] jobs still listed {timeout}s after scancel")
                 time.sleep(0.2)
+
+
+    # -- accounting and hooks ------------------------------------------------------------------
+
+    def sacct(self, cluster: str, job_id: int | str, fields: str = "State,End,AdminComment") -> dict:
+        """The job's allocation line in accounting as {field: value} ({} if not recorded yet)."""
+        proc = self.run(cluster, "sacct", "-X", "-n", "-P", "--delimiter=\x1f", "-j", str(job_id),
+                        "-o", fields, check=False)
+        names = fields.split(",")
+        for line in proc.stdout.splitlines():
+            parts = line.split("\x1f")
+            if len(parts) == len(names):
+                return dict(zip(names, parts, strict=True))
+        return {}
+
+    def wait_accounted(self, cluster: str, job_id: int | str, timeout: float = 60.0) -> dict:
+        """Wait until accounting records the job in a final state; return its sacct line."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rec = self.sacct(cluster, job_id)
+            if rec and rec["State"].split()[0] in FINAL_STATES:
+                return rec
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"[{cluster}] job {job_id} not ended in sacct after {timeout}s: {rec}")
+            time.sleep(0.2)
+
+    @contextlib.contextmanager
+    def hook(self, cluster: str, name: str, script: str):
+        """Install etc/<name>.hook (name: "epilog-slurmctld" or "mailprog") for the block."""
+        if name not in ("epilog-slurmctld", "mailprog"):
+            raise ValueError(f"unknown hook {name!r}")
+        path = self.base / cluster / "etc" / f"{name}.hook"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(script)
+        tmp.chmod(0o755)
+        tmp.rename(path)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
 
 
 def _sets_output(script_text: str, extra_args: Sequence[str]) -> bool:
