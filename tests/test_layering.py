@@ -25,11 +25,6 @@ PACKAGES = {"greend": "greend", "collectors": "greend.collectors", "policies": "
 # one removes its entry too. Empty it once those changes are merged.
 KNOWN: set[tuple[str, str, str]] = {
     # (rule, importer, imported); for a cycle: ("cycle", its members joined by " -> ", "").
-    # greend/api.py: live load and budget status for the API come from policies.
-    ("core-import", "greend.api", "greend.policies.budgets"),
-    ("core-import", "greend.api", "greend.policies.state"),
-    # exporter.LedgerMetrics: greend_budget_used_ratio from policies.budgets.
-    ("core-import", "greend.exporter", "greend.policies.budgets"),
     # greend/config.py: the [policy] table's models (PolicyConfig, Partition...) live in policies.
     ("core-import", "greend.config", "greend.policies.config"),
 }
