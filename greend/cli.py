@@ -125,9 +125,15 @@ def cmd_measure(args) -> int:
 # -- config -----------------------------------------------------------------------------------
 def cmd_config_check(args) -> int:
     from . import config as config_mod
+    from .errors import SiteError
+    from .wire import check_files
 
     path = args.file or args.config or os.environ.get("GREEND_CONFIG") or None
     cfg = config_mod.load(path)
+    try:
+        check_files(cfg)  # what `greend run` and `greend controller` would refuse at start
+    except SiteError as e:
+        return _fail(f"config check: {path or 'embedded default'}: {e}")
     if args.json:
         data = cfg.model_dump(mode="json")
         data["resolved"] = _resolved(cfg)

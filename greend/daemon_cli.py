@@ -60,7 +60,8 @@ def cmd_run(args) -> int:
     import logging
 
     from .cli import _fail, _load_config
-    from .daemon import Daemon, DaemonError
+    from .daemon import Daemon
+    from .errors import DaemonError
 
     cfg = _load_config(args)
     if args.once:
@@ -87,8 +88,8 @@ def cmd_controller(args) -> int:
     import logging
 
     from .cli import _fail, _load_config
-    from .daemon import DaemonError
-    from .site import Controller
+    from .controller import Controller
+    from .errors import DaemonError
 
     cfg = _load_config(args)
     if not args.token_file and cfg.controller.token_file is None:
