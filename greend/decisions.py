@@ -15,6 +15,8 @@ import threading
 import time
 from collections import deque
 
+from .http import ApiError, bearer_ok, dumps, parse_json, unix_request
+
 DECISIONS_PATH = "/api/v1/decisions"
 OUTCOMES = ("pending", "submitted", "refused", "no_cluster", "failed", "unknown")
 TIERS = ("local", "site", "national")
@@ -222,8 +224,6 @@ def post(body: bytes, caller, headers, ledger, lock, *, token_only: bytes | None
     an admin; a TCP caller has none. Quotas: max_bytes per decision, `rate` per user, and a
     cluster among `clusters` (the configured ones). after(db, decision id) runs in the storing
     transaction (the node's outbox)."""
-    from .http import ApiError, bearer_ok, dumps, parse_json
-
     if token_only is not None:
         if not bearer_ok(headers, token_only):
             raise ApiError(401, "decisions are taken from agents presenting the site token")
@@ -270,8 +270,6 @@ def report(socket_path, row: dict, timeout: float = 5.0) -> tuple[bool, str]:
     """POST a decision row (as DecisionLog.get returns it) to a greend daemon's unix socket:
     (stored, why not). A refused or would-block connect is retried for up to `timeout`."""
     import http.client
-
-    from .http import unix_request
 
     body = dict(row)
     body.pop("id", None)
