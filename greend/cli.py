@@ -10,10 +10,9 @@ import sys
 import time
 
 from . import __version__
+from .cmdline import EXIT_USAGE, fail, load_config
 
 log = logging.getLogger("greend")
-
-EXIT_USAGE = 2  # bad command line, bad config, unusable state directory
 
 DESCRIPTION = """\
 greend measures the energy, carbon and water footprint of compute jobs and routes jobs to the most
@@ -38,20 +37,8 @@ class UsageError(Exception):
     pass
 
 
-def _fail(msg: str, status: int = EXIT_USAGE) -> int:
-    print(f"greend: {msg}", file=sys.stderr)
-    return status
-
-
-def _load_config(args):
-    from . import config as config_mod
-
-    path = args.config or os.environ.get("GREEND_CONFIG") or None
-    cfg = config_mod.load(path)
-    updates = {}
-    if getattr(args, "state_dir", None):
-        updates["state_dir"] = args.state_dir
-    return cfg.model_copy(update=updates) if updates else cfg
+_fail = fail  # the names the command modules used before greend.cmdline
+_load_config = load_config
 
 
 def _open_ledger(cfg, readonly: bool = False):

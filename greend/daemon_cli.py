@@ -9,6 +9,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from .cmdline import fail as _fail
+from .cmdline import load_config as _load_config
+
 
 def add_commands(sub) -> None:
     r = sub.add_parser(
@@ -59,7 +62,6 @@ def add_commands(sub) -> None:
 def cmd_run(args) -> int:
     import logging
 
-    from .cli import _fail, _load_config
     from .daemon import Daemon
     from .errors import DaemonError
 
@@ -87,7 +89,6 @@ def cmd_run(args) -> int:
 def cmd_controller(args) -> int:
     import logging
 
-    from .cli import _fail, _load_config
     from .controller import Controller
     from .errors import DaemonError
 
