@@ -217,7 +217,8 @@ class Limits:
     read_timeout_s: float = 10.0  # a request (head and body) must arrive whole within this
     idle_timeout_s: float = 30.0  # a kept-alive connection with no request is closed after this
     write_timeout_s: float = 30.0  # a client that does not read its answer is dropped after this
-    max_connections: int = 512  # open at once, TCP and unix together; more are refused (503)
+    max_connections: int = 4096  # open at once, TCP and unix together; more are refused (503)
+    max_per_uid: int = 256  # open at once on the unix socket by one uid (root: not limited)
     workers: int = 8  # threads handling complete requests
     backlog: int = 128  # the listen queue: connects beyond it fail (clients retry)
 
@@ -235,6 +236,8 @@ class Server:
         self.socket_path = socket_path
         self.pool = concurrent.futures.ThreadPoolExecutor(limits.workers, thread_name_prefix="http")
         self.connections = 0
+        self.per_uid: dict[int, int] = {}
+        self.max_connections = _fd_budget(limits.max_connections)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self._stop: asyncio.Event | None = None
@@ -354,27 +357,41 @@ class Server:
         task = asyncio.current_task()
         self._tasks.add(task)
         self.connections += 1
+        peer = None
         try:
-            if self.connections > self.limits.max_connections:
-                await self._refuse(writer)
-                return
             uid = None
             if unix:
                 sock = writer.get_extra_info("socket")
                 creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
                 _pid, uid, _gid = struct.unpack("3i", creds)
+                peer = uid
+                self.per_uid[uid] = self.per_uid.get(uid, 0) + 1
+            if self.connections > self.max_connections:
+                await self._refuse(writer, f"too many connections (over {self.max_connections})")
+                return
+            if uid and self.per_uid[uid] > self.limits.max_per_uid:
+                # One local user cannot take every connection from the others.
+                await self._refuse(writer, f"too many connections from uid {uid} "
+                                           f"(over {self.limits.max_per_uid})")
+                return
             await self._serve(reader, writer, uid)
-        except (ConnectionError, asyncio.CancelledError, ssl.SSLError, OSError):
+        except (ConnectionError, asyncio.CancelledError, ssl.SSLError, OSError, TimeoutError):
             pass
         except Exception:
             log.exception("http: connection handler failed")
         finally:
             self.connections -= 1
+            if peer is not None:
+                n = self.per_uid.get(peer, 1) - 1
+                if n > 0:
+                    self.per_uid[peer] = n
+                else:
+                    self.per_uid.pop(peer, None)
             self._tasks.discard(task)
             writer.close()
 
-    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
-        body = _error_body(f"too many connections (over {self.limits.max_connections}): retry later")
+    async def _refuse(self, writer: asyncio.StreamWriter, why: str) -> None:
+        body = _error_body(f"{why}: retry later")
         writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                      b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
                      + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -487,6 +504,24 @@ class Server:
             close = True
         writer.write(out)
         await asyncio.wait_for(writer.drain(), self.limits.write_timeout_s)
+
+
+def _fd_budget(wanted: int) -> int:
+    """How many connections this process can hold: raise the soft limit on open files to the hard
+    one (a shell's default 1024 would cap a daemon that runs as root) and keep 256 for the rest."""
+    import resource
+
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted + 256)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    except (ValueError, OSError):
+        pass
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(16, min(wanted, soft - 256))
 
 
 def serve(api, listen: tuple[str, int], socket_path: Path | None, *, what: str = "greend",

@@ -390,6 +390,51 @@ def test_idle_and_half_sent_connections_do_not_starve_metrics(tmp_path):
         assert_no_traceback(g)
 
 
+HOLDER = r'''
+import json, socket, sys
+held, refused = [], 0
+for i in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    held.append(s)
+for s in held:
+    s.settimeout(0.05)
+    try:
+        if s.recv(200).startswith(b"HTTP/1.1 503"):
+            refused += 1
+    except OSError:
+        pass
+print(json.dumps(refused), flush=True)
+sys.stdin.read()  # hold the connections until the test is done
+'''
+
+
+@pytest.mark.slow
+@needs_root
+def test_one_user_cannot_take_every_connection(node, users, public_dir):
+    (public_dir / "holder.py").write_text(HOLDER)
+    holder = subprocess.Popen(["runuser", "-u", "greendtest", "--", "/usr/bin/python3",
+                               str(public_dir / "holder.py"), str(node.sock), "300"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        refused = json.loads(holder.stdout.readline())
+        assert refused == 300 - 256, refused  # daemon.http max_per_uid
+        # Another user, and root, are still served, and quickly.
+        t = time.perf_counter()
+        (st, body), = as_user("greendtest2", node.sock, public_dir, [raw_request("GET", "/healthz")])
+        assert st == 200
+        (st, body), = as_user(None, node.sock, public_dir, [raw_request("GET", "/metrics")])
+        assert st == 200 and time.perf_counter() - t < 5
+        # greendtest's 301st is refused with a message.
+        (st, body), = as_user("greendtest", node.sock, public_dir, [raw_request("GET", "/healthz")])
+        assert st == 503 and f"uid {users['greendtest']}" in strict_json(body)["error"]
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    (st, _), = as_user("greendtest", node.sock, public_dir, [raw_request("GET", "/healthz")])
+    assert st == 200
+
+
 @pytest.mark.slow
 def test_fds_and_memory_stay_flat_under_a_burst(tmp_path):
     with Greend(tmp_path / "burst") as g:
