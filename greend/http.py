@@ -45,6 +45,7 @@ from .errors import ApiError, DaemonError, LedgerError
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
+MAX_ANONYMOUS_BODY = 64 << 10  # a request without the site token sends no more than this
 MAX_TARGET = 8192
 MAX_HEADER_BYTES = 16384
 RUN_DIR = Path("/run/greend")
@@ -405,12 +406,16 @@ class Server:
             deadline = None  # set at the first byte of a request
             idle_deadline = loop.time() + lim.idle_timeout_s
             request = None
+            max_body = 0
             body = bytearray()
             status = 0
             try:
                 while True:
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
+                        if conn.they_are_waiting_for_100_continue:  # curl, for bodies over 1 KiB
+                            writer.write(conn.send(h11.InformationalResponse(status_code=100,
+                                                                             headers=[])))
                         if deadline is None and conn.their_state is h11.IDLE \
                                 and not conn.trailing_data[0]:
                             wait = idle_deadline - loop.time()
@@ -435,11 +440,11 @@ class Server:
                         return
                     if isinstance(event, h11.Request):
                         request = event
-                        self._check_head(event)
+                        max_body = self._check_head(event)
                     elif isinstance(event, h11.Data):
                         body += event.data
-                        if len(body) > self.api.host.max_body:
-                            raise ApiError(413, f"request body over {self.api.host.max_body} bytes")
+                        if len(body) > max_body:
+                            raise ApiError(413, f"request body over {max_body} bytes")
                     elif isinstance(event, h11.EndOfMessage):
                         break
             except h11.RemoteProtocolError as e:
@@ -470,14 +475,23 @@ class Server:
             except h11.LocalProtocolError:
                 return
 
-    def _check_head(self, req: h11.Request) -> None:
+    def _check_head(self, req: h11.Request) -> int:
+        """Refuse what can be refused from the head alone; the largest body this request may
+        send: host.max_body with the site token, else at most MAX_ANONYMOUS_BODY (so that
+        anonymous clients cannot make the controller buffer max_body_bytes per connection)."""
         if len(req.target) > MAX_TARGET:
             raise ApiError(414, f"request target over {MAX_TARGET} bytes")
+        host = self.api.host
+        max_body = host.max_body
+        if max_body > MAX_ANONYMOUS_BODY and not bearer_ok(Headers(req.headers), host.token):
+            max_body = MAX_ANONYMOUS_BODY
         for k, v in req.headers:
             if k == b"transfer-encoding":
                 raise ApiError(411, "chunked requests are not accepted: send a Content-Length")
-            if k == b"content-length" and int(v) > self.api.host.max_body:
-                raise ApiError(413, f"request body over {self.api.host.max_body} bytes")
+            if k == b"content-length" and int(v) > max_body:
+                raise ApiError(413, f"request body over {max_body} bytes"
+                               + ("" if max_body == host.max_body else " without the site token"))
+        return max_body
 
     async def _reply(self, conn: h11.Connection, writer, request, reply, close: bool) -> None:
         status, ctype, payload = reply

@@ -263,6 +263,24 @@ def test_decision_quotas_size_and_rate(node, users, public_dir):
     assert_no_traceback(node)
 
 
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+def test_curl_posting_a_body_does_not_wait_for_100_continue(tmp_path):
+    """curl sends `Expect: 100-continue` for bodies over 1 KiB and waits 1 s for the answer."""
+    with Greend(tmp_path / "curl", args=["--socket", str(tmp_path / "api.sock")]) as g:
+        g.start()
+        body = tmp_path / "d.json"
+        body.write_text(json.dumps(decision("root", 0, decision={"pad": "x" * 5000})))
+        t = time.perf_counter()
+        sock = str(tmp_path / "api.sock")
+        out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", "--unix-socket", sock,
+                              "-H", "Content-Type: application/json", "--data-binary", f"@{body}",
+                              "http://greend/api/v1/decisions"], capture_output=True, text=True,
+                             timeout=30).stdout
+        assert out.rsplit("\n", 1)[1] == "200", out
+        assert time.perf_counter() - t < 0.9
+        assert g.stop() == 0
+
+
 def test_query_parameters_over_tcp_are_strict(tmp_path):
     with Greend(tmp_path / "tcp") as g:
         g.start()
@@ -325,6 +343,14 @@ def test_controller_answers_a_token_holders_bad_batch_with_a_400(tmp_path):
             st, _, out = request(ctl.port, "POST", "/api/v1/decisions",
                                  body=json.dumps(bad).encode(), headers=auth)
             assert st == 400 and strict_json(out)["error"]
+        # Without the token a body is at most 64 KiB, whatever controller.max_body_bytes says:
+        # anonymous clients cannot make the controller buffer megabytes per connection.
+        big = json.dumps(batch(records=[], pad="x" * (200 << 10))).encode()
+        st, _, out = request(ctl.port, "POST", "/api/v1/records", body=big,
+                             headers={"Content-Type": "application/json"})
+        assert st == 413 and "without the site token" in strict_json(out)["error"]
+        st, _, out = request(ctl.port, "POST", "/api/v1/records", body=big, headers=auth)
+        assert st == 200, out  # the token holder may send up to controller.max_body_bytes
         # The batch path still works after all that.
         st, _, out = request(ctl.port, "POST", "/api/v1/records",
                              body=json.dumps(batch(decisions=[good])).encode(), headers=auth)
