@@ -20,6 +20,7 @@ from . import agent, decisions
 from . import config as config_mod
 from .errors import DaemonError, LedgerError, SiteError
 from .exporter import LedgerMetrics, NodeCollector, Snapshot
+from .http import default_socket as socket_rule
 from .http import parse_listen
 from .ledger import Ledger, default_path
 from .monitor import SOURCES, Monitor
@@ -33,9 +34,7 @@ __all__ = ["Daemon", "DaemonError", "default_socket", "parse_listen"]
 
 def default_socket(cfg: config_mod.Config) -> Path | None:
     """The node daemon's API socket (greend.http.default_socket's rule)."""
-    from .http import default_socket as rule
-
-    return rule(cfg.daemon.socket, Path(cfg.resolved_state_dir()), "api.sock")
+    return socket_rule(cfg.daemon.socket, Path(cfg.resolved_state_dir()), "api.sock")
 
 
 class Daemon(Service):

@@ -40,7 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import h11
 
-from .errors import ApiError, DaemonError, LedgerError
+from .errors import ApiError, DaemonError, LedgerError, SiteError
 
 log = logging.getLogger(__name__)
 
@@ -546,8 +546,6 @@ def serve(api, listen: tuple[str, int], socket_path: Path | None, *, what: str =
 
 def server_tls(cert_file: Path, key_file: Path, key: str = "controller") -> ssl.SSLContext:
     """The TLS context of a listener from a PEM certificate (chain) and its key."""
-    from .errors import SiteError
-
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -563,8 +561,6 @@ def server_tls(cert_file: Path, key_file: Path, key: str = "controller") -> ssl.
 def client_tls(ca_file: Path | None, key: str = "controller.ca_file") -> ssl.SSLContext:
     """The context that verifies a controller's certificate: against ca_file, else the system's
     trusted CAs."""
-    from .errors import SiteError
-
     try:
         return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     except FileNotFoundError:

@@ -7,6 +7,9 @@ import logging
 import signal
 import threading
 
+from .api import Api
+from .http import serve
+
 log = logging.getLogger(__name__)
 
 
@@ -56,9 +59,6 @@ class Service:
     stop_event: threading.Event
 
     def serve(self, tls=None):
-        from .api import Api
-        from .http import serve
-
         self.api = Api(self)
         self.server = serve(self.api, self.listen, self.socket_path, what=self.what, tls=tls)
         return self.server

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import SiteError
+from .http import client_tls, server_tls
 from .ledger import JobRow
 
 __all__ = ["METRICS", "RECORDS_PATH", "BatchIn", "SiteError", "read_token", "validation_message"]
@@ -104,8 +105,6 @@ def check_files(cfg) -> None:
     """The files site mode needs, checked as `greend run` and `greend controller` check them at
     start (for `greend config check`): the token file when url or token_file is set, the TLS
     certificate and key, the CA file. SiteError naming the key otherwise."""
-    from .http import client_tls, server_tls
-
     c = cfg.controller
     if c.url or c.token_file is not None:
         read_token(c.token_file)
