@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import __version__, decisions
 from . import config as config_mod
+from .errors import GreendError
 from .http import RetryingHTTPConnection, RetryingHTTPSConnection, client_tls
 from .ledger import Ledger, LedgerError
 from .wire import FACTOR_COLS, JOB_COLS, METRICS, RECORDS_PATH, SERIES_COLS
@@ -70,7 +71,7 @@ class Outbox:
                    "ON CONFLICT (kind, ref) DO UPDATE SET seq = outbox.seq + 1", (ident, time.time()))
 
 
-class _SendFailed(Exception):
+class _SendFailed(GreendError):
     def __init__(self, reason: str, message: str, status: int = 0):
         super().__init__(message)
         self.reason = reason

@@ -11,6 +11,7 @@ import time
 
 from . import __version__
 from .cmdline import EXIT_USAGE, fail, load_config
+from .errors import GreendError
 
 log = logging.getLogger("greend")
 
@@ -33,7 +34,7 @@ command's own status (127 not found, 126 not executable, 128+N killed by signal 
 """
 
 
-class UsageError(Exception):
+class UsageError(GreendError):
     pass
 
 
@@ -276,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import ConfigError, LedgerError
+    from .errors import GreendError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -287,9 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.func(args)
-    except ConfigError as e:
-        return _fail(str(e))
-    except LedgerError as e:
+    except GreendError as e:  # ConfigError, LedgerError, ...: a message for the person, no traceback
         return _fail(str(e))
     except KeyboardInterrupt:
         return 130

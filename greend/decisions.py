@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 
+from .errors import GreendError
 from .http import ApiError, bearer_ok, dumps, parse_json, unix_request
 
 DECISIONS_PATH = "/api/v1/decisions"
@@ -44,8 +45,8 @@ FIELDS: dict[str, tuple[tuple, bool]] = {
 _COLS = list(FIELDS)
 
 
-class DecisionInvalid(ValueError):
-    pass
+class DecisionInvalid(GreendError, ValueError):
+    """A decision that cannot be stored; the message names the field."""
 
 
 def _utf8(name: str, v) -> None:

@@ -355,8 +355,13 @@ def test_controller_answers_a_token_holders_bad_batch_with_a_400(tmp_path):
         st, _, out = request(ctl.port, "POST", "/api/v1/records",
                              body=json.dumps(batch(decisions=[good])).encode(), headers=auth)
         assert st == 200, out
+        for path in ("/api/v1/jobs", "/api/v1/summary", "/metrics"):
+            assert request(ctl.port, "GET", path, headers=auth)[0] == 200
         assert ctl.stop() == 0
         assert_no_traceback(ctl)
+    # A clean exit closed every connection: no -wal or -shm left.
+    site = ctl.state  # --state-dir: the site ledger is there
+    assert sorted(p.name for p in site.iterdir() if p.name.startswith("ledger")) == ["ledger.sqlite"]
 
 
 # -- slow and idle clients -----------------------------------------------------------------------------
