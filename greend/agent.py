@@ -111,7 +111,8 @@ class Sender:
     # -- settings -------------------------------------------------------------------------------
     def update(self, settings: config_mod.Controller, token: bytes) -> None:
         """A reload: new URL, token or limits take effect from the next send."""
-        if (settings.url, settings.timeout_s) != (self.settings.url, self.settings.timeout_s):
+        if (settings.url, settings.timeout_s, settings.ca_file) != (
+                self.settings.url, self.settings.timeout_s, self.settings.ca_file):
             self._close_conn()
         self.settings, self.token = settings, token
         self.batch_limit = settings.batch_records

@@ -344,6 +344,13 @@ class Controller(Service):
             if controller_state_dir(new) != self.state_dir:
                 raise SiteError(f"controller.state_dir needs a restart (running: {self.state_dir})")
             token = self._read_token(new)
+            c = new.controller
+            if (c.tls_cert_file is None) != (self.tls is None):
+                raise SiteError("switching TLS on or off needs a restart")
+            if c.tls_cert_file is not None:
+                self._tls(new)  # loadable? (raises SiteError naming the file)
+                # Renewed certificates: new handshakes use them, open connections keep theirs.
+                self.tls.load_cert_chain(c.tls_cert_file, c.tls_key_file)
         except (config_mod.ConfigError, SiteError) as e:
             self.config_error = f"reload: {e}; kept the running config"
             log.error("%s", self.config_error)
@@ -351,7 +358,8 @@ class Controller(Service):
         self.cfg, self.token = new, token
         self.max_body = new.controller.max_body_bytes
         self.config_error = ""
-        log.warning("controller: config and token reloaded")
+        log.warning("controller: config, token%s reloaded",
+                    " and TLS certificate" if self.tls is not None else "")
 
     def run_forever(self) -> None:
         super().run_forever("exit")

@@ -13,6 +13,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -721,6 +722,24 @@ def test_agents_reach_a_tls_controller_and_verify_its_certificate(tmp_path):
                 assert good.stop() == 0 and bad.stop() == 0
         finally:
             stop(p)
+        # A renewed certificate: SIGHUP, and new connections get it.
+        subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "new.key",
+                        "-out", "new.csr", "-subj", "/CN=renewed"], check=True, capture_output=True,
+                       cwd=tmp_path)
+        subprocess.run(["openssl", "x509", "-req", "-in", "new.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                        "-CAcreateserial", "-out", "new.pem", "-days", "2", "-extfile", "ext"],
+                       check=True, capture_output=True, cwd=tmp_path)
+        ctl.cfg["controller"].update(tls_cert_file=str(tmp_path / "new.pem"),
+                                     tls_key_file=str(tmp_path / "new.key"))
+        ctl.write_config()
+        ctl.signal(signal.SIGHUP)
+
+        def subject_cn() -> str:
+            ctx = ssl_mod.create_default_context(cafile=str(certs["ca"]))
+            with socket.create_connection(("127.0.0.1", ctl.port), timeout=5) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                return dict(x[0] for x in tls.getpeercert()["subject"])["commonName"]
+        wait_for(lambda: subject_cn() == "renewed", 15, what="the renewed certificate")
         assert ctl.stop() == 0
         assert_no_traceback(ctl)
 
