@@ -319,10 +319,11 @@ class Server:
         servers = [await asyncio.start_server(
             lambda r, w: self._accept(r, w, False), sock=self.tcp, ssl=self.tls,
             ssl_handshake_timeout=self.limits.read_timeout_s if self.tls else None,
-            limit=MAX_HEADER_BYTES * 2)]
+            limit=MAX_HEADER_BYTES * 2, backlog=self.limits.backlog)]
         if self.unix is not None:
             servers.append(await asyncio.start_unix_server(
-                lambda r, w: self._accept(r, w, True), sock=self.unix, limit=MAX_HEADER_BYTES * 2))
+                lambda r, w: self._accept(r, w, True), sock=self.unix, limit=MAX_HEADER_BYTES * 2,
+                backlog=self.limits.backlog))
         self._ready.set()
         await self._stop.wait()
         for s in servers:

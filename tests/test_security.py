@@ -832,3 +832,30 @@ def test_fuzz_every_endpoint_answers_4xx_not_500(fuzz_target, path, query, metho
         _check(r.status, path, data)
     else:
         assert 200 <= r.status < 500
+
+
+@pytest.mark.skipif(not shutil.which("ss"), reason="needs ss (iproute2)")
+def test_listen_backlog_is_128_on_tcp_and_the_socket(tmp_path):
+    """A backlog of 5 made `greend submit` fail with EAGAIN under 8 concurrent callers."""
+    from greend import config
+    from greend.http import serve
+
+    class Host:
+        cfg = config.parse({})
+        max_body, token, routes = 1024, None, {}
+
+    class Api:
+        host = Host()
+
+        def handle(self, *args):
+            return 200, "application/json", b"{}\n"
+
+    srv = serve(Api(), ("127.0.0.1", 0), tmp_path / "s.sock")
+    try:
+        tcp = subprocess.run(["ss", "-ltnH", f"sport = :{srv.port}"], capture_output=True, text=True).stdout
+        unix = subprocess.run(["ss", "-lxH", "src", str(tmp_path / "s.sock")], capture_output=True,
+                              text=True).stdout
+        assert tcp.split()[2] == "128" and unix.split()[3] == "128", (tcp, unix)
+    finally:
+        srv.close()
+    assert not (tmp_path / "s.sock").exists()
