@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 from daemonproc import Greend, busy, free_port, job_id, request, stop, token_file, wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 ROOT = os.geteuid() == 0
 USERS = {"greendtest": 4242, "greendtest2": 4243}  # the testbed's user, and a second one
@@ -236,9 +238,7 @@ def test_bad_input_is_a_4xx_naming_the_field_never_a_500(node, users, public_dir
     answers = as_user("greendtest", node.sock, public_dir, raws)
     assert [a[0] for a in answers] == [c[1] for c in cases], answers
     assert_clean(answers, words=[c[2] for c in cases])
-    # Over TCP too (the query parameters), as nobody: private_jobs answers 403 first, so the
-    # same parameters go to /api/v1/clusters-free paths on a node without private_jobs below.
-    assert_no_traceback(node)
+    assert_no_traceback(node)  # the same query parameters over TCP: test_query_parameters_over_tcp
 
 
 @pytest.mark.slow
@@ -745,9 +745,6 @@ def test_agents_reach_a_tls_controller_and_verify_its_certificate(tmp_path):
 
 
 # -- property-based: every endpoint, any query, any body ---------------------------------------------------
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
 ENDPOINTS = ["/metrics", "/healthz", "/api/v1/jobs", "/api/v1/jobs/local/1", "/api/v1/jobs/x/%00",
              "/api/v1/clusters", "/api/v1/summary", "/api/v1/decisions", "/api/v1/records", "/nothing"]
 PARAMS = ["limit", "offset", "since", "until", "state", "user", "account", "cluster", "kind", "by"]
