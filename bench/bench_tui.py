@@ -139,7 +139,7 @@ def bench_api(path: Path, runs: int) -> None:
     and paged in the TUI: _jobs_in_memory, kept as the fallback for an older daemon)."""
     from greend.tui.data import JobQuery, SocketSource
 
-    from greend import api
+    from greend import api, http
 
     class Host:
         cfg = config_mod.Config()
@@ -157,7 +157,7 @@ def bench_api(path: Path, runs: int) -> None:
             return []
 
     host = Host()
-    servers = api.start_servers(host, ("127.0.0.1", 0), host.socket_path)
+    server = http.serve(api.Api(host), ("127.0.0.1", 0), host.socket_path)
     src = SocketSource(host.socket_path)
     cases = {
         "my jobs, 30 days, recent first": JobQuery(user=ME, since=NOW - 30 * 86400),
@@ -184,9 +184,7 @@ def bench_api(path: Path, runs: int) -> None:
             print(f"  jobs(): {label:<36} {page.total:>6} jobs  API sorts: {ms(now)}")
             print(f"  {'':<45}{'':>13}before: {ms(before)}")
     finally:
-        for srv in servers:
-            srv.shutdown()
-            srv.server_close()
+        server.close()
 
 
 async def bench_app(path: Path, runs: int, all_users: bool, size: tuple[int, int]) -> None:

@@ -1,4 +1,5 @@
-"""greend's HTTP API: /metrics, /healthz and /api/v1 (JSON), on TCP and on a unix socket.
+"""greend's API: /metrics, /healthz and /api/v1 (JSON), served by greend.http on TCP and on a
+unix socket.
 
 The read API works over any ledger: a node daemon's or the site controller's (`ApiHost`). On the
 unix socket the caller's identity comes from the socket itself (SO_PEERCRED), so with
@@ -9,24 +10,15 @@ they get /metrics and /healthz only. docs/api.md describes every endpoint.
 
 from __future__ import annotations
 
-import grp
-import hmac
-import json
 import logging
-import os
-import pwd
-import socket
-import socketserver
-import stat
-import struct
+import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -34,19 +26,15 @@ from prometheus_client.utils import floatToGoString
 
 from . import budgets, queries, report
 from . import config as config_mod
-from .ledger import Ledger, LedgerError
+from .errors import ApiError, LedgerError
+from .http import Caller, dumps
+from .ledger import Ledger
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 1 << 20
 MAX_LIMIT = 1000
-MAX_QUERY = 8192
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+MAX_OFFSET = 1 << 53  # SQLite takes 64-bit integers; no listing is this long
+_INT = re.compile(r"-?[0-9]{1,20}")
 
 
 # (method, path) -> handler(body, caller, headers) -> (status, content type, payload)
@@ -69,52 +57,30 @@ class ApiHost(Protocol):
     def metric_collectors(self) -> Iterable: ...
 
 
-class Caller:
-    def __init__(self, uid: int | None, admins: list[str], token_admin: bool = False):
-        self.uid = uid
-        self.user = None
-        self.admin = token_admin
-        if uid is None:
-            return
-        try:
-            pw = pwd.getpwuid(uid)
-            self.user = pw.pw_name
-        except KeyError:
-            self.user = str(uid)
-            pw = None
-        for a in admins:
-            if a.startswith("@"):
-                try:
-                    g = grp.getgrnam(a[1:])
-                except KeyError:
-                    continue
-                if self.user in g.gr_mem or (pw and pw.pw_gid == g.gr_gid):
-                    self.admin = True
-            elif a == self.user:
-                self.admin = True
-        if uid == 0:
-            self.admin = True
-
-
-def _int(q: dict, name: str, default: int | None = None, lo: int = 0, hi: int | None = None):
+def _int(q: dict, name: str, default: int | None = None, lo: int = 0, hi: int = MAX_OFFSET):
+    """An integer query parameter in lo..hi (ASCII digits only), or ApiError 400 naming it."""
     if name not in q:
         return default
-    try:
-        v = int(q[name][-1])
-    except ValueError:
-        raise ApiError(400, f"query parameter {name!r}: expected an integer") from None
-    if v < lo or (hi is not None and v > hi):
-        raise ApiError(400, f"query parameter {name!r}: expected {lo}..{hi if hi else ''}")
+    raw = q[name][-1].strip()
+    if not _INT.fullmatch(raw):
+        raise ApiError(400, f"query parameter {name!r}: expected an integer")
+    v = int(raw)
+    if not lo <= v <= hi:
+        raise ApiError(400, f"query parameter {name!r}: expected {lo}..{hi}")
     return v
 
 
 def _float(q: dict, name: str) -> float | None:
+    """A Unix time query parameter (finite: JSON has no NaN or Infinity), or ApiError 400."""
     if name not in q:
         return None
     try:
-        return float(q[name][-1])
+        v = float(q[name][-1])
     except ValueError:
-        raise ApiError(400, f"query parameter {name!r}: expected a Unix time in seconds") from None
+        v = math.nan
+    if not math.isfinite(v) or abs(v) > 1e11:
+        raise ApiError(400, f"query parameter {name!r}: expected a Unix time in seconds")
+    return v
 
 
 def _str(q: dict, name: str) -> str | None:
@@ -190,11 +156,14 @@ class _HostMetrics:
 
 
 class Api:
-    """Routes requests to the host's state and its ledger (read through per-thread connections)."""
+    """Routes requests to the host's state and its ledger (read through per-thread connections,
+    all closed by close())."""
 
     def __init__(self, host: ApiHost):
         self.host = host
         self.local = threading.local()
+        self._open: list[Ledger] = []
+        self._open_lock = threading.Lock()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_HostMetrics(host))
         self.registry.register(ProcessCollector(namespace="", registry=None))
@@ -204,7 +173,20 @@ class Api:
         if led is None:
             led = Ledger(self.host.ledger_path, readonly=True)
             self.local.ledger = led
+            with self._open_lock:
+                self._open.append(led)
         return led
+
+    def close(self) -> None:
+        """Close every read connection (at shutdown, after the server has stopped): SQLite
+        removes the -wal and -shm files only when the last connection closes."""
+        with self._open_lock:
+            leds, self._open = self._open, []
+        for led in leds:
+            try:
+                led.close()
+            except Exception:
+                pass
 
     def handle(self, method: str, path: str, query: dict, body: bytes, caller: Caller,
                headers) -> tuple[int, str, bytes]:
@@ -241,7 +223,7 @@ class Api:
 
     @staticmethod
     def _json(obj, status: int = 200) -> tuple[int, str, bytes]:
-        return status, "application/json", (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+        return status, "application/json", dumps(obj)
 
     def _restrict(self, caller: Caller) -> str | None:
         """The only user whose jobs this caller may see, or None for all."""
@@ -344,177 +326,3 @@ class Api:
             "node_energy_j": s.node_energy_j or 0.0, "unattributed_j": s.unattributed_j or 0.0,
             "note": s.note,
         }
-
-
-class Handler(BaseHTTPRequestHandler):
-    server_version = "greend"
-    protocol_version = "HTTP/1.1"
-    api: Api
-
-    def address_string(self) -> str:
-        return self.client_address[0] if isinstance(self.client_address, tuple) else "unix"
-
-    def log_message(self, fmt, *args):
-        log.debug("http %s: " + fmt, self.address_string(), *args)
-
-    def _caller(self) -> Caller:
-        uid = None
-        host = self.api.host
-        if self.request.family == socket.AF_UNIX:
-            creds = self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                            struct.calcsize("3i"))
-            _pid, uid, _gid = struct.unpack("3i", creds)
-        return Caller(uid, host.cfg.daemon.admins, token_admin=bearer_ok(self.headers, host.token))
-
-    def _serve(self, method: str) -> None:
-        try:
-            if len(self.path) > MAX_QUERY:
-                raise ApiError(414, f"request target over {MAX_QUERY} bytes")
-            parts = urlsplit(self.path)
-            try:
-                query = parse_qs(parts.query, keep_blank_values=False, strict_parsing=False,
-                                 errors="strict", max_num_fields=100)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ApiError(400, f"bad query string: {e}") from None
-            body = b""
-            if self.headers.get("Transfer-Encoding"):
-                self.close_connection = True
-                raise ApiError(411, "chunked requests are not accepted: send a Content-Length")
-            length = self.headers.get("Content-Length")
-            if length:
-                length = length.strip()
-                if not length.isdigit():
-                    self.close_connection = True
-                    raise ApiError(400, "bad Content-Length")
-                if int(length) > self.api.host.max_body:
-                    self.close_connection = True  # the body is not read: the connection is unusable
-                    count = getattr(self.api.host, "count_reject", None)
-                    if count and (method, parts.path) in self.api.host.routes:
-                        count("too_large")
-                    raise ApiError(413, f"request body over {self.api.host.max_body} bytes")
-                body = self.rfile.read(int(length))
-                if len(body) != int(length):
-                    self.close_connection = True
-                    raise ApiError(400, "request body shorter than its Content-Length")
-            status, ctype, payload = self.api.handle(method, parts.path, query, body,
-                                                     self._caller(), self.headers)
-        except ApiError as e:
-            status, ctype = e.status, "application/json"
-            payload = (json.dumps({"error": str(e)}) + "\n").encode()
-        except LedgerError as e:
-            status, ctype = 503, "application/json"
-            payload = (json.dumps({"error": f"ledger unavailable: {e}"}) + "\n").encode()
-        except Exception:
-            log.exception("API error on %s %s", method, self.path)
-            status, ctype = 500, "application/json"
-            payload = b'{"error": "internal error (see greend log)"}\n'
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(payload)))
-            if status == 401:
-                self.send_header("WWW-Authenticate", 'Bearer realm="greend"')
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if method != "HEAD":
-                self.wfile.write(payload)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client went away: nothing to tell it
-
-    def send_error(self, code, message=None, explain=None):
-        # Malformed requests (bad request line, header too long) get a JSON error, not HTML.
-        self.close_connection = True
-        try:
-            payload = (json.dumps({"error": f"{code}: {message or HTTPStatus(code).phrase}"})
-                       + "\n").encode()
-            self.send_response(code, message)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
-                self.wfile.write(payload)
-        except OSError:
-            pass
-
-    def do_GET(self):
-        self._serve("GET")
-
-    def do_HEAD(self):
-        self._serve("HEAD")
-
-    def do_POST(self):
-        self._serve("POST")
-
-    def do_PUT(self):
-        self._serve("PUT")
-
-    def do_DELETE(self):
-        self._serve("DELETE")
-
-
-class UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-
-    def get_request(self):
-        req, _ = super().get_request()
-        return req, ("unix", 0)
-
-
-class TcpHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-def bearer_ok(headers, token: bytes | None) -> bool:
-    """True if the request carries `Authorization: Bearer <token>` with the site token."""
-    if not token:
-        return False
-    auth = headers.get("Authorization") or ""
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(value.strip().encode("utf-8", "replace"), token)
-
-
-def start_servers(host: ApiHost, listen: tuple[str, int], socket_path: Path | None,
-                  what: str = "greend") -> list:
-    from .daemon import DaemonError
-
-    api = Api(host)
-    host.api = api
-    handler = type("BoundHandler", (Handler,), {"api": api})
-    servers = []
-    host, port = listen
-    try:
-        tcp = TcpHTTPServer((host, port), handler)
-    except OSError as e:
-        hint = (f" (another {what} running? choose another address with --listen)"
-                if e.errno == 98 else "")
-        raise DaemonError(f"cannot listen on {host}:{port}: {e.strerror}{hint}") from None
-    servers.append(tcp)
-    if socket_path:
-        try:
-            socket_path.parent.mkdir(parents=True, exist_ok=True)
-            if socket_path.exists() or socket_path.is_symlink():
-                if not stat.S_ISSOCK(socket_path.lstat().st_mode):
-                    raise DaemonError(f"{socket_path} exists and is not a socket: not touching it")
-                probe = socket.socket(socket.AF_UNIX)
-                try:
-                    probe.connect(str(socket_path))
-                    raise DaemonError(f"{socket_path} is in use by another {what}")
-                except (ConnectionRefusedError, FileNotFoundError):
-                    socket_path.unlink()  # stale socket of a crashed greend
-                finally:
-                    probe.close()
-            unix = UnixHTTPServer(str(socket_path), handler)
-            os.chmod(socket_path, 0o666)  # everyone may ask; identity comes from SO_PEERCRED
-            servers.append(unix)
-        except OSError as e:
-            tcp.server_close()
-            raise DaemonError(f"cannot create API socket {socket_path}: {e.strerror}") from None
-    for srv in servers:
-        threading.Thread(target=srv.serve_forever, name=f"http-{type(srv).__name__}",
-                         daemon=True).start()
-    return servers

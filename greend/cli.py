@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .cmdline import EXIT_USAGE, fail, load_config
+from .errors import GreendError
 
 log = logging.getLogger("greend")
-
-EXIT_USAGE = 2  # bad command line, bad config, unusable state directory
 
 DESCRIPTION = """\
 greend measures the energy, carbon and water footprint of compute jobs and routes jobs to the most
@@ -37,22 +37,8 @@ command's own status (127 not found, 126 not executable, 128+N killed by signal 
 """
 
 
-def _fail(msg: str, status: int = EXIT_USAGE) -> int:
-    print(f"greend: {msg}", file=sys.stderr)
-    return status
-
-
-def _load_config(args):
-    from . import config as config_mod
-
-    path, _ = config_mod.locate(args.config)
-    # Commands that re-read the file (a daemon's SIGHUP) find it in args.config.
-    args.config = str(path) if path else None
-    cfg = config_mod.load(path)
-    updates = {}
-    if getattr(args, "state_dir", None):
-        updates["state_dir"] = args.state_dir
-    return cfg.model_copy(update=updates) if updates else cfg
+_fail = fail  # the names the command modules used before greend.cmdline
+_load_config = load_config
 
 
 def _open_ledger(cfg, readonly: bool = False):
@@ -126,6 +112,8 @@ def cmd_measure(args) -> int:
 # -- config -----------------------------------------------------------------------------------
 def cmd_config_check(args) -> int:
     from . import config as config_mod
+    from .errors import SiteError
+    from .wire import check_files
 
     if args.file:
         path, why = Path(args.file), "named on the command line"
@@ -135,6 +123,10 @@ def cmd_config_check(args) -> int:
     warnings = _carbon_warnings(cfg, args.horizon_h, args.refresh_carbon)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
+    try:
+        check_files(cfg)  # what `greend run` and `greend controller` would refuse at start
+    except SiteError as e:
+        return _fail(f"config check: {path or 'embedded default'}: {e}")
     if args.json:
         data = cfg.model_dump(mode="json")
         data["resolved"] = _resolved(cfg)
@@ -323,7 +315,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import ConfigError, LedgerError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -344,9 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             getattr(args, "config", None) or os.environ.get("GREEND_CONFIG"))
     try:
         return args.func(args)
-    except ConfigError as e:
-        return _fail(str(e))
-    except LedgerError as e:
+    except GreendError as e:  # ConfigError, LedgerError, ...: a message for the person, no traceback
         return _fail(str(e))
     except KeyboardInterrupt:
         return 130

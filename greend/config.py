@@ -96,6 +96,17 @@ class Collectors(_Model):
         return self
 
 
+def _check_listen(v: str) -> str:
+    from .errors import DaemonError
+    from .http import parse_listen
+
+    try:
+        parse_listen(v, "")
+    except DaemonError as e:
+        raise ValueError(str(e).strip()) from None
+    return v
+
+
 class Daemon(_Model):
     listen: str = f"127.0.0.1:{DEFAULT_PORT}"
     """HOST:PORT of the HTTP exporter and API (/metrics, /healthz, /api/v1). Loopback by default."""
@@ -112,6 +123,15 @@ class Daemon(_Model):
     """How long a finished job stays on /metrics; its record stays in the ledger and the API."""
     factor_refresh_s: Annotated[float, Field(gt=0)] = 300.0
     """How often a changed carbon intensity series file is re-read."""
+    decision_max_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 64 << 10
+    """Largest routing decision accepted on POST /api/v1/decisions (larger: 413)."""
+    decisions_per_minute: Annotated[int, Field(ge=1, le=100000)] = 60
+    """Routing decisions one user may post in any minute (more: 429); admins are not limited."""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        return _check_listen(v)
 
 
 class Slurm(_Model):
@@ -174,6 +194,19 @@ class Controller(_Model):
     """Controller: most records accepted in one request (more: 400)."""
     agent_stale_s: Annotated[float, Field(gt=0)] = 300.0
     """Controller: an agent not heard from for this long no longer counts as reporting."""
+    tls_cert_file: Path | None = None
+    """Controller: PEM certificate (chain) of its HTTPS listener; with tls_key_file. Unset: plain
+    HTTP, meant for loopback (docs/security.md)."""
+    tls_key_file: Path | None = None
+    """Controller: PEM private key of tls_cert_file (readable by greend only)."""
+    ca_file: Path | None = None
+    """Agents: PEM CA certificate(s) that an https:// url's certificate must chain to (default:
+    the system's trusted CAs)."""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        return _check_listen(v)
 
     @field_validator("url")
     @classmethod
@@ -198,6 +231,9 @@ class Controller(_Model):
         if self.url and self.token_file is None:
             raise ValueError("controller.url is set but controller.token_file is not: agents "
                              "authenticate to the controller with the site's token")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("controller.tls_cert_file and controller.tls_key_file go together: "
+                             "set both (HTTPS) or neither (plain HTTP)")
         return self
 
 

@@ -3,14 +3,13 @@ from /metrics and refresh of time-varying factors; HTTP serves /metrics, /health
 
 SIGTERM/SIGINT: final checkpoint and clean exit. SIGHUP: reload and validate the config; on an
 error the running config stays and the reason is logged and shown in /healthz. With
-[controller] url set, job records also go to the site controller through the outbox (site.py).
+[controller] url set, job records also go to the site controller through the outbox (agent.py).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
 import threading
 import time
 from dataclasses import asdict
@@ -18,36 +17,28 @@ from pathlib import Path
 
 from greend.collectors.slurm import from_config as slurm_metadata
 
+from . import agent, decisions, sdnotify
 from . import config as config_mod
-from . import decisions, sdnotify, site
-from .api import MAX_BODY
+from .errors import DaemonError, LedgerError, SiteError
 from .exporter import LedgerMetrics, NodeCollector, Snapshot
-from .ledger import Ledger, LedgerError, default_path
+from .http import default_socket as socket_rule
+from .http import parse_listen
+from .ledger import Ledger, default_path
 from .monitor import SOURCES, Monitor
+from .service import Service
+from .wire import read_token
 
 log = logging.getLogger(__name__)
 
-
-class DaemonError(Exception):
-    """The daemon cannot start; the message is for the admin."""
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise DaemonError(f"--listen {value!r}: expected HOST:PORT, e.g. 127.0.0.1:9471")
-    return host.strip("[]") or "127.0.0.1", int(port)
+__all__ = ["Daemon", "DaemonError", "default_socket", "parse_listen"]
 
 
 def default_socket(cfg: config_mod.Config) -> Path | None:
-    if cfg.daemon.socket is not None:
-        return None if str(cfg.daemon.socket) in ("", ".") else cfg.daemon.socket
-    if os.geteuid() == 0:
-        return Path("/run/greend/api.sock")
-    return Path(cfg.resolved_state_dir()) / "api.sock"
+    """The node daemon's API socket (greend.http.default_socket's rule)."""
+    return socket_rule(cfg.daemon.socket, Path(cfg.resolved_state_dir()), "api.sock")
 
 
-class Daemon:
+class Daemon(Service):
     pings_watchdog = True  # from sample(), not from the service loop (greend/sdnotify.py)
     def __init__(self, cfg: config_mod.Config, config_path: str | None = None,
                  listen: str | None = None, socket_path: Path | None = None,
@@ -70,22 +61,21 @@ class Daemon:
         self.last_checkpoint_error = ""
         self.config_error = ""
         self.started = time.time()
-        self.listen = parse_listen(listen or cfg.daemon.listen)
+        self.listen = parse_listen(listen or cfg.daemon.listen, "--listen" if listen else "daemon.listen")
         self.socket_path = socket_path if socket_path is not None else default_socket(cfg)
-        self.servers: list = []
         self.scheduler = None
         self.exporter = NodeCollector(self.snapshot, user_label=cfg.daemon.user_label)
         self.factors_cache = config_mod.FactorsCache()  # other clusters' factors, for snapshot()
         self._series_mtime = self._series_mtimes()
         self.node = self.monitor.node
-        self.max_body = MAX_BODY
+        self.max_body = cfg.daemon.decision_max_bytes  # the one body a node takes: a decision
         # The only write a node takes over HTTP: routing decisions, from their own users.
         self.routes: dict = {("POST", decisions.DECISIONS_PATH): self.post_decision}
+        self.decision_rate = decisions.RateLimit(cfg.daemon.decisions_per_minute)
         self.ledger_metrics = LedgerMetrics(self.ledger_path, lambda: self.cfg.policy.budgets)
-        self.api = None
         self.token: bytes | None = None
-        self.outbox: site.Outbox | None = None
-        self.sender: site.Sender | None = None
+        self.outbox: agent.Outbox | None = None
+        self.sender: agent.Sender | None = None
         try:
             self._site(cfg)
         except DaemonError:
@@ -109,16 +99,17 @@ class Daemon:
             self.token = None
             return
         try:
-            token = site.read_token(c.token_file)
-        except site.SiteError as e:
+            token = read_token(c.token_file)
+            agent.check_tls(c)
+        except SiteError as e:
             raise DaemonError(str(e)) from None
         self.token = token
         if self.sender is not None:
             self.sender.update(c, token)
             return
-        self.outbox = site.Outbox(self.monitor)
+        self.outbox = agent.Outbox(self.monitor)
         self.monitor.on_checkpoint.append(self.outbox)
-        self.sender = site.Sender(c, token, self.ledger_path, self.monitor.cluster, self.monitor.node,
+        self.sender = agent.Sender(c, token, self.ledger_path, self.monitor.cluster, self.monitor.node,
                                   self.outbox)
         try:
             self.outbox.backlog = self.ledger.db.execute(
@@ -148,7 +139,11 @@ class Daemon:
             if self.outbox is not None:
                 self.outbox.queue_decision(db, ident)
 
-        out = decisions.post(body, caller, headers, self.ledger, self.lock, after=forward)
+        d = self.cfg.daemon
+        self.decision_rate.per_minute = d.decisions_per_minute
+        out = decisions.post(body, caller, headers, self.ledger, self.lock, after=forward,
+                             max_bytes=d.decision_max_bytes, rate=self.decision_rate,
+                             clusters=set(self.cfg.clusters) | {self.cfg.cluster})
         self.ledger_metrics.invalidate()
         return out
 
@@ -319,9 +314,7 @@ class Daemon:
     def start(self) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
 
-        from . import api
-
-        self.servers = api.start_servers(self, self.listen, self.socket_path)
+        self.serve()
         self.sample()  # baseline (or the catch-up interval after a restart) before serving data
         self.checkpoint()
         sch = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1,
@@ -340,17 +333,12 @@ class Daemon:
         self.scheduler = sch
         if self.sender is not None:
             self.sender.start()
-        where = [f"http://{self.listen[0]}:{self.servers[0].server_address[1]}"]
-        if self.socket_path and len(self.servers) > 1:
-            where.append(f"unix:{self.socket_path}")
         log.info("greend %s monitoring node %s (cluster %s): %s; ledger %s",
                     __import__("greend").__version__, self.monitor.node, self.monitor.cluster,
-                    ", ".join(where), self.ledger_path)
+                    ", ".join(self.server.urls()), self.ledger_path)
 
     def run_forever(self) -> None:
-        from .service import run_until_signalled
-
-        run_until_signalled(self, "final checkpoint and exit")
+        super().run_forever("final checkpoint and exit")
 
     def shutdown(self) -> None:
         if self.scheduler is not None:
@@ -363,13 +351,7 @@ class Daemon:
             self.sender.stop()
             self.sender.drain()  # the final records, if the controller answers quickly
             self.sender.close()
-        for srv in self.servers:
-            srv.shutdown()
-            srv.server_close()
-        if self.socket_path and len(self.servers) > 1:
-            try:
-                self.socket_path.unlink()
-            except OSError:
-                pass
+        self.stop_serving()
+        self._close_ledger_metrics()
         self.monitor.close()
         self.ledger.close()

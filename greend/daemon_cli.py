@@ -9,6 +9,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from .cmdline import fail as _fail
+from .cmdline import load_config as _load_config
+
 
 def add_commands(sub) -> None:
     r = sub.add_parser(
@@ -58,8 +61,8 @@ def add_commands(sub) -> None:
 
 def cmd_run(args) -> int:
 
-    from .cli import _fail, _load_config
-    from .daemon import Daemon, DaemonError
+    from .daemon import Daemon
+    from .errors import DaemonError
 
     cfg = _load_config(args)
     if args.once:
@@ -96,9 +99,8 @@ def live_load_provider(config_path: str | None):
 
 def cmd_controller(args) -> int:
 
-    from .cli import _fail, _load_config
-    from .daemon import DaemonError
-    from .site import Controller
+    from .controller import Controller
+    from .errors import DaemonError
 
     cfg = _load_config(args)
     if not args.token_file and cfg.controller.token_file is None:

@@ -11,9 +11,22 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import threading
+import time
+from collections import deque
+
+from .errors import GreendError
+from .http import ApiError, bearer_ok, dumps, parse_json, unix_request
 
 DECISIONS_PATH = "/api/v1/decisions"
 OUTCOMES = ("pending", "submitted", "refused", "no_cluster", "failed", "unknown")
+TIERS = ("local", "site", "national")
+FUTURE_SLACK_S = 300.0  # a decision's t may run ahead of the server's clock by this much, no more
+MAX_CLUSTER_LABELS = 64  # distinct cluster label values of greend_route_decisions_total
+_I64 = 2**63 - 1
+# Integer columns with a range narrower than SQLite's 64 bits.
+_RANGES = {"uid": (0, 2**32 - 1), "nice": (-2147483645, 2147483645)}
+_TEXT_MAX = 4096  # any text column but script (a path) and job_id
 
 # column -> (accepted JSON types, required)
 _TEXT = (str,)
@@ -32,12 +45,21 @@ FIELDS: dict[str, tuple[tuple, bool]] = {
 _COLS = list(FIELDS)
 
 
-class DecisionInvalid(ValueError):
-    pass
+class DecisionInvalid(GreendError, ValueError):
+    """A decision that cannot be stored; the message names the field."""
 
 
-def validate(obj) -> dict:
-    """The decision as a row to store; DecisionInvalid says what is wrong (for a 400)."""
+def _utf8(name: str, v) -> None:
+    """Strings SQLite can store: no lone UTF-16 surrogates (JSON allows "\\ud800")."""
+    try:
+        (v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DecisionInvalid(f"{name}: contains a lone UTF-16 surrogate (not valid Unicode)") from None
+
+
+def validate(obj, now: float | None = None) -> dict:
+    """The decision as a row to store; DecisionInvalid says what is wrong (for a 400). `t` may
+    not be later than now + FUTURE_SLACK_S (now: the server's clock)."""
     if not isinstance(obj, dict):
         raise DecisionInvalid("expected a JSON object (a decision)")
     unknown = sorted(set(obj) - set(FIELDS) - {"id"})
@@ -55,6 +77,16 @@ def validate(obj) -> dict:
             raise DecisionInvalid(f"{name}: expected {' or '.join(t.__name__ for t in types)}")
         if isinstance(v, float) and not math.isfinite(v):
             raise DecisionInvalid(f"{name}: expected a finite number")
+        if isinstance(v, int):
+            lo, hi = _RANGES.get(name, (-_I64, _I64))
+            if not lo <= v <= hi:
+                raise DecisionInvalid(f"{name}: expected an integer in {lo}..{hi}")
+        if isinstance(v, float) and abs(v) > 1e300:
+            raise DecisionInvalid(f"{name}: expected a number below 1e300")
+        if isinstance(v, str) and len(v) > _TEXT_MAX:
+            raise DecisionInvalid(f"{name}: over {_TEXT_MAX} characters")
+        if isinstance(v, str | dict | list):
+            _utf8(name, v)
         row[name] = v
     if not row["token"] or len(row["token"]) > 200:
         raise DecisionInvalid("token: expected 1 to 200 characters")
@@ -62,6 +94,12 @@ def validate(obj) -> dict:
         raise DecisionInvalid("user: empty")
     if row["outcome"] not in OUTCOMES:
         raise DecisionInvalid(f"outcome: expected one of {', '.join(OUTCOMES)}")
+    if row["tier"] is not None and row["tier"] not in TIERS:
+        raise DecisionInvalid(f"tier: expected one of {', '.join(TIERS)}")
+    now = time.time() if now is None else now
+    if not 0 < row["t"] <= now + FUTURE_SLACK_S:
+        raise DecisionInvalid(f"t: expected a Unix time in seconds no later than the server's clock "
+                              f"(now {now:.0f}) + {FUTURE_SLACK_S:g} s")
     row["decision"] = json.dumps(row["decision"], separators=(",", ":"))
     row["tried"] = json.dumps(row["tried"], separators=(",", ":"))
     return row
@@ -90,15 +128,29 @@ def decode(row) -> dict:
     return d
 
 
-def for_job(db: sqlite3.Connection, cluster: str, job_id: str) -> dict | None:
+def for_job(db: sqlite3.Connection, cluster: str, job_id: str,
+            users: set[str] | None = None) -> dict | None:
     """The latest decision that submitted cluster/job_id, decoded; None when the ledger has none
-    (or no decisions table)."""
+    (or no decisions table). With `users` (the job's owners, from its records), only a decision
+    one of them made: another user's decision naming this job id never attaches to it."""
+    sql = "SELECT * FROM decisions WHERE cluster = ? AND job_id = ?"
+    args: list = [cluster, job_id]
+    if users is not None:
+        sql += f" AND user IN ({','.join('?' * len(users))})"
+        args += sorted(users)
     try:
-        r = db.execute("SELECT * FROM decisions WHERE cluster = ? AND job_id = ? ORDER BY t DESC, id DESC "
-                       "LIMIT 1", (cluster, job_id)).fetchone()
+        r = db.execute(sql + " ORDER BY t DESC, id DESC LIMIT 1", args).fetchone()
     except sqlite3.OperationalError:  # a ledger older than migration 3, read-only
         return None
     return decode(r) if r else None
+
+
+def job_owners(db: sqlite3.Connection, cluster: str | None, job_id: str | None) -> set[str]:
+    """The users whose records in this ledger carry cluster/job_id (empty: none yet)."""
+    if not cluster or not job_id:
+        return set()
+    return {r[0] for r in db.execute("SELECT DISTINCT user FROM jobs WHERE cluster = ? AND job_id = ?",
+                                     (cluster, job_id))}
 
 
 # A decision "overflowed" when it was submitted to a cluster whose tier differs from that of a
@@ -121,23 +173,58 @@ GROUP BY 1, 2, 3
 
 
 def aggregates(db: sqlite3.Connection) -> tuple[list[tuple[str, str, str, int]], int]:
-    """([(cluster, tier, outcome, decisions)], overflowed decisions); empty without the table."""
+    """([(cluster, tier, outcome, decisions)], overflowed decisions); empty without the table.
+    Label values are bounded whatever was stored: tiers and outcomes outside the known ones, and
+    clusters beyond the MAX_CLUSTER_LABELS with most decisions, are counted as "other"."""
     try:
-        counts = [tuple(r) for r in db.execute(COUNTS_SQL)]
+        rows = [tuple(r) for r in db.execute(COUNTS_SQL)]
         overflow = db.execute(OVERFLOW_SQL).fetchone()[0]
     except sqlite3.OperationalError:
         return [], 0
-    return counts, overflow
+    per_cluster: dict[str, int] = {}
+    for cluster, _, _, n in rows:
+        per_cluster[cluster] = per_cluster.get(cluster, 0) + n
+    keep = set(sorted(per_cluster, key=lambda c: (-per_cluster[c], c))[:MAX_CLUSTER_LABELS])
+    folded: dict[tuple[str, str, str], int] = {}
+    for cluster, tier, outcome, n in rows:
+        key = (cluster if cluster in keep else "other", tier if tier in ("", *TIERS) else "other",
+               outcome if outcome in OUTCOMES else "other")
+        folded[key] = folded.get(key, 0) + n
+    return [(*k, n) for k, n in sorted(folded.items())], overflow
+
+
+class RateLimit:
+    """At most `per_minute` decisions per user in any 60 s (a sliding window, in memory)."""
+
+    def __init__(self, per_minute: int):
+        self.per_minute = per_minute
+        self.seen: dict[str, deque] = {}
+        self.lock = threading.Lock()
+
+    def allow(self, user: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            q = self.seen.setdefault(user, deque())
+            while q and now - q[0] >= 60:
+                q.popleft()
+            if len(q) >= self.per_minute:
+                return False
+            q.append(now)
+            if len(self.seen) > 10000:  # forget users with an empty window
+                for u in [u for u, d in self.seen.items() if not d]:
+                    del self.seen[u]
+            return True
 
 
 def post(body: bytes, caller, headers, ledger, lock, *, token_only: bytes | None = None,
-         after=None) -> tuple[int, str, bytes]:
+         after=None, max_bytes: int | None = None, rate: RateLimit | None = None,
+         clusters: set[str] | None = None) -> tuple[int, str, bytes]:
     """POST /api/v1/decisions, shared by the node daemon and the controller (token_only: the
     site token, which the controller requires). On a node the caller's identity (SO_PEERCRED)
-    must be the decision's user, unless the caller is an admin; a TCP caller has none. after(db,
-    decision id) runs in the storing transaction (the node's outbox)."""
-    from .api import ApiError, bearer_ok
-
+    must be the decision's user, and the job it names must be the caller's, unless the caller is
+    an admin; a TCP caller has none. Quotas: max_bytes per decision, `rate` per user, and a
+    cluster among `clusters` (the configured ones). after(db, decision id) runs in the storing
+    transaction (the node's outbox)."""
     if token_only is not None:
         if not bearer_ok(headers, token_only):
             raise ApiError(401, "decisions are taken from agents presenting the site token")
@@ -146,57 +233,61 @@ def post(body: bytes, caller, headers, ledger, lock, *, token_only: bytes | None
     ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
     if ctype and ctype != "application/json":
         raise ApiError(415, f"Content-Type {ctype!r}: expected application/json")
-    try:
-        obj = json.loads(body or b"null")
-    except ValueError as e:
-        raise ApiError(400, f"not JSON: {e}") from None
+    if max_bytes is not None and len(body) > max_bytes:
+        raise ApiError(413, f"a decision is at most {max_bytes} bytes (daemon.decision_max_bytes); "
+                            f"this one is {len(body)}")
+    obj = parse_json(body or b"null", "decision")
     try:
         row = validate(obj)
     except DecisionInvalid as e:
         raise ApiError(400, f"invalid decision: {e}") from None
-    if token_only is None and not caller.admin and (row["user"] != caller.user or row["uid"] != caller.uid):
-        raise ApiError(403, f"you ({caller.user}, uid {caller.uid}) may only record your own decisions, "
-                            f"not {row['user']}'s (uid {row['uid']})")
+    except RecursionError:
+        raise ApiError(400, "invalid decision: nested too deeply") from None
+    if clusters is not None and row["cluster"] is not None and row["cluster"] not in clusters:
+        raise ApiError(400, f"invalid decision: cluster: {row['cluster'][:100]!r} is not a configured "
+                            f"cluster ({', '.join(sorted(clusters))})")
+    if token_only is None and not caller.admin:
+        if row["user"] != caller.user or row["uid"] != caller.uid:
+            raise ApiError(403, f"you ({caller.user}, uid {caller.uid}) may only record your own "
+                                f"decisions, not {row['user']}'s (uid {row['uid']})")
+        if rate is not None and not rate.allow(caller.user):
+            raise ApiError(429, f"over {rate.per_minute} decisions a minute from {caller.user} "
+                                "(daemon.decisions_per_minute): retry later")
     with lock, ledger.transaction() as db:
+        if token_only is None and not caller.admin:
+            others = job_owners(db, row["cluster"], row["job_id"]) - {caller.user}
+            if others:
+                raise ApiError(403, f"job {row['cluster']}/{row['job_id']} is not yours: a decision "
+                                    "may only name a job of its own user")
         stored, ident = store(db, row)
         if stored and after is not None:
             after(db, ident)
     if not stored:
         raise ApiError(409, f"token {row['token']!r} is another user's decision")
-    return 200, "application/json", (json.dumps({"id": ident, "token": row["token"]}) + "\n").encode()
+    return 200, "application/json", dumps({"id": ident, "token": row["token"]})
 
 
 def report(socket_path, row: dict, timeout: float = 5.0) -> tuple[bool, str]:
     """POST a decision row (as DecisionLog.get returns it) to a greend daemon's unix socket:
-    (stored, why not)."""
+    (stored, why not). A refused or would-block connect is retried for up to `timeout`."""
     import http.client
-    import socket
 
     body = dict(row)
     body.pop("id", None)
     for k in ("decision", "tried"):
         if isinstance(body.get(k), str):
             body[k] = json.loads(body[k])
-    conn = http.client.HTTPConnection("localhost", timeout=timeout)
     try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.sock = sock
-        sock.settimeout(timeout)
-        sock.connect(str(socket_path))
-        conn.request("POST", DECISIONS_PATH, body=json.dumps(body).encode(),
-                     headers={"Content-Type": "application/json"})
-        r = conn.getresponse()
-        data = r.read()
+        status, data = unix_request(socket_path, "POST", DECISIONS_PATH, json.dumps(body).encode(),
+                                    {"Content-Type": "application/json"}, timeout=timeout)
     except OSError as e:
         return False, e.strerror or str(e)
     except http.client.HTTPException as e:
         return False, f"bad answer: {e}"
-    finally:
-        conn.close()
-    if r.status == 200:
+    if status == 200:
         return True, ""
     try:
         msg = json.loads(data).get("error") or ""
     except (ValueError, AttributeError):
         msg = data[:200].decode(errors="replace")
-    return False, f"HTTP {r.status}: {msg}"
+    return False, f"HTTP {status}: {msg}"

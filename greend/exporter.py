@@ -312,19 +312,19 @@ class LedgerMetrics:
 
 def metrics_markdown() -> str:
     """docs/metrics.md, generated from the metric tables so that it cannot drift from the code."""
-    from . import site
+    from . import wire
 
     lines = [
         "# greend metrics",
         "",
-        "Generated from `greend/exporter.py` and `greend/site.py` (`greend metrics-doc`); do not edit "
+        "Generated from `greend/exporter.py` and `greend/wire.py` (`greend metrics-doc`); do not edit "
         "by hand. Node daemons export the node and job metrics; agents in site mode add the "
         "`greend_outbox_*` metrics; `greend controller` exports the `greend_controller_*` metrics.",
         "",
         "| metric | type | labels | meaning |",
         "| --- | --- | --- | --- |",
     ]
-    for name, (kind, help_, labels) in sorted({**METRICS, **site.METRICS}.items()):
+    for name, (kind, help_, labels) in sorted({**METRICS, **wire.METRICS}.items()):
         shown = name + "_info" if kind == "info" else name
         lines.append(f"| `{shown}` | {kind} | {', '.join(labels) or '-'} | {help_} |")
     return "\n".join(lines) + "\n"

@@ -182,6 +182,40 @@ def default_path(state_dir: Path) -> Path:
     return Path(state_dir) / LEDGER_FILE
 
 
+STATE_DIR_MODE = 0o750  # the ledger holds every user's jobs: not for other users to read
+LEDGER_MODE = 0o640  # SQLite gives the -wal and -shm files the same mode as the ledger
+
+
+def _make_private_dir(path: Path) -> None:
+    """Create the state directory (and missing parents) 0750 whatever the umask; an existing
+    directory is left as the admin made it."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for p in missing:
+        os.chmod(p, STATE_DIR_MODE)
+
+
+def _create_private(path: Path) -> None:
+    """Create the ledger file 0640 whatever the umask, before SQLite creates it 0644."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     LEDGER_MODE)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, LEDGER_MODE)
+    finally:
+        os.close(fd)
+
+
+def _is_full(e: sqlite3.Error) -> bool:
+    return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(e)
+
+
 class Ledger:
     def __init__(self, path: str | os.PathLike, readonly: bool = False):
         self.path = Path(path)
@@ -194,7 +228,7 @@ class Ledger:
                                           check_same_thread=False)
             else:
                 try:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    _make_private_dir(self.path.parent)
                 except OSError as e:
                     raise LedgerError(
                         f"{self.path.parent}: cannot create the state directory ({e.strerror}); "
@@ -205,6 +239,7 @@ class Ledger:
                         f"{self.path.parent}: state directory is not writable by uid "
                         f"{os.geteuid()}; choose another with --state-dir or GREEND_STATE_DIR"
                     )
+                _create_private(self.path)
                 self.db = sqlite3.connect(self.path, timeout=10, check_same_thread=False,
                                           isolation_level=None)
             self.db.row_factory = sqlite3.Row
@@ -250,18 +285,47 @@ class Ledger:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise self._write_error("cannot begin a transaction", e) from None
         try:
             yield self.db
+        except sqlite3.OperationalError as e:
+            self._rollback()
+            if _is_full(e):
+                raise self._write_error("write failed", e) from None
+            raise
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
         else:
             try:
                 self.db.execute("COMMIT")
             except sqlite3.OperationalError as e:
+                self._rollback()
+                raise self._write_error("commit failed", e) from None
+
+    def _rollback(self) -> None:
+        # SQLite rolls a transaction back by itself on some errors (SQLITE_FULL, SQLITE_IOERR):
+        # a ROLLBACK then fails with "no transaction is active" and would hide the real cause.
+        if self.db.in_transaction:
+            try:
                 self.db.execute("ROLLBACK")
-                raise LedgerError(f"{self.path}: commit failed: {e}") from None
+            except sqlite3.OperationalError as e:
+                log.warning("ledger %s: rollback failed: %s", self.path, e)
+
+    def _write_error(self, what: str, e: sqlite3.Error) -> LedgerError:
+        """A LedgerError naming the real cause: for a full disk, the path and the bytes free."""
+        if _is_full(e):
+            try:
+                st = os.statvfs(self.path.parent)
+                free = f"{st.f_bavail * st.f_frsize} bytes free"
+            except OSError:
+                free = "free space unknown"
+            return LedgerError(f"{self.path}: {what}: no space left on device ({free} on "
+                               f"{self.path.parent}; SQLite: {e})")
+        return LedgerError(f"{self.path}: {what}: {e}")
 
     def close(self) -> None:
         self.db.close()

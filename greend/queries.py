@@ -430,20 +430,26 @@ def job_detail(db: sqlite3.Connection, cluster: str, job_id: str, *, user: str |
         merge_rows(shown), rows,
         merge_series(p for r in shown for p in per_pk[r.pk]),
         sorted(factors.values(), key=lambda f: (f["first_used"], f["id"])) if factors else [],
-        decision_for(db, cluster, job_id),
+        decision_for(db, cluster, job_id, users={r.user for r in rows}),
         node_series=[per_pk[pk] for pk in pks],
         node_factors=[factors_pk[pk] for pk in pks],
     )
 
 
-def decision_for(db: sqlite3.Connection, cluster: str, job_id: str) -> dict | None:
+def decision_for(db: sqlite3.Connection, cluster: str, job_id: str,
+                 users: set[str] | None = None) -> dict | None:
     """The latest routing decision that submitted cluster/job_id, decoded (greend.decisions); None
-    when the ledger has none, or no decisions table (a ledger older than migration 3, read-only)."""
+    when the ledger has none, or no decisions table (a ledger older than migration 3, read-only).
+    With `users` (the job's owners, from its records) only a decision one of them made: another
+    user's decision naming this job id never attaches to it (docs/security.md)."""
     from . import decisions
 
+    sql, args = "SELECT * FROM decisions WHERE cluster = ? AND job_id = ?", [cluster, job_id]
+    if users is not None:
+        sql += f" AND user IN ({', '.join('?' * len(users))})"
+        args += sorted(users)
     try:
-        found = _dicts(db.execute("SELECT * FROM decisions WHERE cluster = ? AND job_id = ? "
-                                  "ORDER BY t DESC, id DESC LIMIT 1", (cluster, job_id)))
+        found = _dicts(db.execute(sql + " ORDER BY t DESC, id DESC LIMIT 1", args))
     except sqlite3.OperationalError:
         return None
     return decisions.decode(found[0]) if found else None

@@ -8,6 +8,8 @@ import signal
 import threading
 
 from . import sdnotify
+from .api import Api
+from .http import serve
 
 log = logging.getLogger(__name__)
 
@@ -49,3 +51,36 @@ def run_until_signalled(service, stop_message: str) -> None:
     finally:
         sdnotify.stopping()
         service.shutdown()
+
+
+class Service:
+    """The lifecycle the node daemon and the controller share: build the API over the service
+    (an ApiHost), serve it with greend.http, run until signalled, stop serving and close every
+    read connection. Subclasses set cfg, listen, socket_path and `what`, and implement start(),
+    reload() and shutdown() around serve() and stop_serving()."""
+
+    what = "greend"
+    api = None
+    server = None
+    stop_event: threading.Event
+
+    def serve(self, tls=None):
+        self.api = Api(self)
+        self.server = serve(self.api, self.listen, self.socket_path, what=self.what, tls=tls)
+        return self.server
+
+    def stop_serving(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.api is not None:
+            self.api.close()
+
+    def _close_ledger_metrics(self) -> None:
+        lm = getattr(self, "ledger_metrics", None)
+        if lm is not None and getattr(lm, "db", None) is not None:
+            lm.db.close()
+            lm.db = None
+
+    def run_forever(self, stop_message: str = "exit") -> None:
+        run_until_signalled(self, stop_message)

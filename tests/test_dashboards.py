@@ -41,9 +41,9 @@ UIDS = {"greend-site-overview.json": "greend-site-overview",
 # will export but do not yet. Each entry says why; the test fails once a metric here has data (remove
 # it then) and when a metric here is no longer used by any panel.
 NOT_YET_EXPORTED = {
-    "greend_outbox_records": "site mode (greend/site.py, being built): agents with [controller] url "
+    "greend_outbox_records": "site mode: agents with [controller] url "
                              "export it; this test runs no controller",
-    "greend_controller_agents_reporting": "site mode (greend/site.py, being built): `greend controller` "
+    "greend_controller_agents_reporting": "site mode: `greend controller` "
                                           "exports it; this test runs no controller",
 }
 

@@ -399,7 +399,7 @@ class Jobs:
 
 
 def make_monitor(tmp_path, clock, n_jobs: int, step_s: int = 60):
-    from greend import config, site
+    from greend import agent, config
     from greend.ledger import Ledger
     from greend.monitor import Monitor
 
@@ -407,7 +407,7 @@ def make_monitor(tmp_path, clock, n_jobs: int, step_s: int = 60):
                         "sampling": {"series_step_s": step_s}})
     led = Ledger(tmp_path / "ledger.sqlite")
     m = Monitor(cfg, led, jobs_source=Jobs(n_jobs), energy_sources=[], clock=clock, resume=False)
-    box = site.Outbox(m)
+    box = agent.Outbox(m)
     m.on_checkpoint.append(box)
     return cfg, led, m, box
 
@@ -443,16 +443,18 @@ def test_outbox_commits_or_rolls_back_with_the_checkpoint(tmp_path, clock):
 
 
 def test_sender_drains_in_bounded_batches_and_splits_long_series(tmp_path, clock, monkeypatch):
-    from greend import config, site
+    from greend import agent, config
 
     tok = token_file(tmp_path / "token", TOKEN)
     ctl_cfg = config.parse({"controller": {"state_dir": str(tmp_path / "ctl"),
                                            "token_file": str(tok), "listen": "127.0.0.1:0",
                                            "socket": ""}})
-    c = site.Controller(ctl_cfg)
+    from greend.controller import Controller
+
+    c = Controller(ctl_cfg)
     c.start()
     try:
-        port = c.servers[0].server_address[1]
+        port = c.server.port
         _, led, m, box = make_monitor(tmp_path / "agent", clock, 7, step_s=1)
         m.tick()
         for _ in range(6):  # 6 series buckets of 1 s per job
@@ -460,8 +462,8 @@ def test_sender_drains_in_bounded_batches_and_splits_long_series(tmp_path, clock
             m.tick()
         m.checkpoint()
         settings = config.Controller(url=f"http://127.0.0.1:{port}", token_file=tok, batch_records=3)
-        s = site.Sender(settings, TOKEN.encode(), led.path, "local", "n1", box)
-        monkeypatch.setattr(site, "MAX_SERIES_PER_BATCH", 4)
+        s = agent.Sender(settings, TOKEN.encode(), led.path, "local", "n1", box)
+        monkeypatch.setattr(agent, "MAX_SERIES_PER_BATCH", 4)
         batches = 0
         while s.send_once():
             batches += 1
@@ -489,7 +491,7 @@ def test_sender_drains_in_bounded_batches_and_splits_long_series(tmp_path, clock
 
 
 def test_sender_reports_an_unreachable_controller(tmp_path, clock):
-    from greend import config, site
+    from greend import agent, config
 
     tok = token_file(tmp_path / "token", TOKEN)
     _, led, m, box = make_monitor(tmp_path, clock, 2)
@@ -499,8 +501,8 @@ def test_sender_reports_an_unreachable_controller(tmp_path, clock):
     m.checkpoint()
     settings = config.Controller(url="http://127.0.0.1:9", token_file=tok, unreachable_after_s=0,
                                  timeout_s=2)
-    s = site.Sender(settings, TOKEN.encode(), led.path, "local", "n1", box)
-    with pytest.raises(site._SendFailed):
+    s = agent.Sender(settings, TOKEN.encode(), led.path, "local", "n1", box)
+    with pytest.raises(agent._SendFailed):
         s.send_once()
     assert s.errors == {"unreachable": 1}
     (reason,) = s.health_reasons()

@@ -270,8 +270,9 @@ def test_url_source(ledger_path):
 
 
 def test_against_greends_own_api(ledger_path, tmp_path):
-    """The client against the API server the daemon and the controller run (greend.api)."""
-    api = pytest.importorskip("greend.api")
+    """The client against the API server the daemon and the controller run (greend.http)."""
+    from greend.api import Api
+    from greend.http import serve
 
     class Host:
         cfg = config()
@@ -290,9 +291,9 @@ def test_against_greends_own_api(ledger_path, tmp_path):
 
     host = Host()
     host.ledger_path, host.socket_path = ledger_path, tmp_path / "api.sock"
-    servers = api.start_servers(host, ("127.0.0.1", 0), host.socket_path)
+    server = serve(Api(host), ("127.0.0.1", 0), host.socket_path)
     try:
-        port = servers[0].server_address[1]
+        port = server.port
         led = source(ledger_path)
         for src in (SocketSource(host.socket_path), UrlSource(f"http://127.0.0.1:{port}")):
             for q in (JobQuery(user="alice", since=NOW - D30), JobQuery(sort="water", limit=5)):
@@ -307,9 +308,7 @@ def test_against_greends_own_api(ledger_path, tmp_path):
             s = src.summary(NOW - D30, None, "account")
             assert s.rows[0].key == "imaging" and s.unattributed_share == pytest.approx(0.124, abs=1e-3)
     finally:
-        for srv in servers:
-            srv.shutdown()
-            srv.server_close()
+        server.close()
 
 
 def test_socket_errors_are_phrased(tmp_path):

@@ -1,0 +1,27 @@
+"""What every `greend` command module shares: the usage exit status, failing with a message, and
+loading the configuration the command line names. greend.cli and the *_cli.py command modules
+import it, so that no command module has to import greend.cli (which imports them)."""
+
+from __future__ import annotations
+
+import sys
+
+EXIT_USAGE = 2  # bad command line, bad config, unusable state directory
+
+
+def fail(msg: str, status: int = EXIT_USAGE) -> int:
+    print(f"greend: {msg}", file=sys.stderr)
+    return status
+
+
+def load_config(args):
+    from . import config as config_mod
+
+    path, _ = config_mod.locate(args.config)
+    # Commands that re-read the file (a daemon's SIGHUP) find it in args.config.
+    args.config = str(path) if path else None
+    cfg = config_mod.load(path)
+    updates = {}
+    if getattr(args, "state_dir", None):
+        updates["state_dir"] = args.state_dir
+    return cfg.model_copy(update=updates) if updates else cfg

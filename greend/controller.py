@@ -1,0 +1,371 @@
+"""`greend controller`, site mode's receiving end (docs/site-mode.md): validates agents' batches
+(greend.wire), de-duplicates and stores them in the site's ledger, and serves the same read API
+as a node."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from pydantic import ValidationError
+
+from . import __version__, decisions
+from . import config as config_mod
+from .errors import ApiError, DaemonError, LedgerError, SiteError
+from .exporter import LedgerMetrics
+from .http import bearer_ok, default_socket, dumps, is_loopback, parse_listen, server_tls
+from .ledger import Ledger, default_path
+from .service import Service
+from .wire import JOB_COLS, METRICS, RECORDS_PATH, SERIES_COLS, BatchIn, read_token, validation_message
+
+log = logging.getLogger(__name__)
+
+
+def _upsert_sql() -> str:
+    cols = ", ".join(JOB_COLS)
+    marks = ", ".join(f":{c}" for c in JOB_COLS)
+    keep = ("cluster", "job_id", "submit_time", "node", "first_seen")
+    updates = ", ".join(f"{c} = excluded.{c}" for c in JOB_COLS if c not in keep)
+    # A final record wins over any partial; among records of the same kind, the latest wins. An
+    # equal one is a resend: rewriting it changes nothing.
+    return (f"INSERT INTO jobs ({cols}) VALUES ({marks}) "
+            f"ON CONFLICT (cluster, job_id, submit_time, node) DO UPDATE SET {updates} "
+            "WHERE (excluded.state = 'ended', excluded.last_seen) >= (jobs.state = 'ended', jobs.last_seen) "
+            "RETURNING pk")
+
+
+_UPSERT_JOB = _upsert_sql()
+_ADOPT_PROVISIONAL = (
+    "UPDATE jobs SET submit_time = ?1 WHERE cluster = ?2 AND job_id = ?3 AND node = ?4 "
+    "AND submit_time = 0 AND first_seen = ?5 AND NOT EXISTS (SELECT 1 FROM jobs WHERE "
+    "cluster = ?2 AND job_id = ?3 AND node = ?4 AND submit_time = ?6)")
+_UPSERT_SERIES = (
+    f"INSERT INTO job_series (job_pk, {', '.join(SERIES_COLS)}) "
+    f"VALUES (?, {', '.join('?' * len(SERIES_COLS))}) "
+    "ON CONFLICT (job_pk, t_start, factor_set) DO UPDATE SET t_end = excluded.t_end, "
+    "cpu_uj = excluded.cpu_uj, dram_uj = excluded.dram_uj, gpu_uj = excluded.gpu_uj, "
+    "memory_uj = excluded.memory_uj, cpu_time_ns = excluded.cpu_time_ns, "
+    "carbon_g = excluded.carbon_g, water_site_l = excluded.water_site_l, "
+    "water_offsite_l = excluded.water_offsite_l WHERE excluded.t_end >= job_series.t_end")
+_UPSERT_NODE_TOTAL = (
+    "INSERT INTO node_totals VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node, domain) DO UPDATE SET "
+    "source = excluded.source, provenance = excluded.provenance, energy_uj = excluded.energy_uj, "
+    "unattributed_uj = excluded.unattributed_uj, idle_uj = excluded.idle_uj "
+    "WHERE excluded.energy_uj >= node_totals.energy_uj")
+_UPSERT_NODE_SERIES = (
+    "INSERT INTO node_series VALUES (?, ?, ?, ?, ?) ON CONFLICT (node, t_start) DO UPDATE SET "
+    "t_end = excluded.t_end, energy_uj = excluded.energy_uj, "
+    "unattributed_uj = excluded.unattributed_uj WHERE excluded.t_end >= node_series.t_end")
+
+
+def default_controller_socket(cfg: config_mod.Config, state_dir: Path) -> Path | None:
+    return default_socket(cfg.controller.socket, state_dir, "controller.sock")
+
+
+def controller_state_dir(cfg: config_mod.Config) -> Path:
+    return Path(cfg.controller.state_dir or Path(cfg.resolved_state_dir()) / "controller")
+
+
+class Controller(Service):
+    """`greend controller`: receives agents' records and serves the site's ledger (an ApiHost)."""
+
+    node = None
+    what = "greend controller"
+
+    def __init__(self, cfg: config_mod.Config, config_path: str | None = None,
+                 listen: str | None = None, token_file: str | None = None,
+                 socket_path: Path | None = None, state_dir: Path | None = None):
+        self.config_path = config_path
+        # Command-line choices, which a reload of the file keeps.
+        self.token_file_arg = Path(token_file) if token_file else None
+        self.state_dir_arg = Path(state_dir) if state_dir else None
+        self.cfg = cfg = self._with_args(cfg)
+        try:
+            self.token = self._read_token(cfg)
+        except SiteError as e:
+            raise DaemonError(str(e)) from None
+        self.listen = parse_listen(listen or cfg.controller.listen,
+                                   "--listen" if listen else "controller.listen")
+        try:
+            self.tls = self._tls(cfg)
+        except SiteError as e:
+            raise DaemonError(str(e)) from None
+        self.state_dir = controller_state_dir(cfg)
+        self.ledger_path = default_path(self.state_dir)
+        self.ledger = Ledger(self.ledger_path)
+        self.socket_path = socket_path if socket_path is not None else default_controller_socket(
+            cfg, self.state_dir)
+        self.max_body = cfg.controller.max_body_bytes
+        self.ledger_metrics = LedgerMetrics(self.ledger_path, lambda: self.cfg.policy.budgets)
+        self.routes = {("POST", RECORDS_PATH): self.ingest,
+                       ("POST", decisions.DECISIONS_PATH): self.post_decision}
+        self.write_lock = threading.Lock()
+        self.stats_lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.started = time.time()
+        self.agents: dict[tuple[str, str], dict] = {}
+        self.received = self.stale = self.batches = 0
+        self.rejects: dict[str, int] = {}
+        self.last_ingest_s = 0.0
+        self.ledger_error = ""
+        self.config_error = ""
+
+    # -- ingest ---------------------------------------------------------------------------------
+    def count_reject(self, reason: str) -> None:
+        with self.stats_lock:
+            self.rejects[reason] = self.rejects.get(reason, 0) + 1
+
+    def _reject(self, reason: str, status: int, message: str, errors: list | None = None):
+        self.count_reject(reason)
+        if errors is not None:
+            return status, "application/json", dumps({"error": message, "errors": errors})
+        raise ApiError(status, message)
+
+    def ingest(self, body: bytes, caller, headers) -> tuple[int, str, bytes]:
+        if not bearer_ok(headers, self.token):
+            how = "no" if not headers.get("Authorization") else "a wrong"
+            return self._reject("auth", 401, f"{how} bearer token: agents send the site token "
+                                             "from controller.token_file")
+        ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype and ctype != "application/json":
+            return self._reject("invalid", 415, f"Content-Type {ctype!r}: expected application/json")
+        if not body:
+            return self._reject("invalid", 400, "empty body: expected a JSON batch of records")
+        t0 = time.perf_counter()
+        try:
+            batch = BatchIn.model_validate_json(body)
+        except ValidationError as e:
+            msg, errors = validation_message(e)
+            return self._reject("invalid", 400, msg, errors)
+        problem = self._check(batch)
+        if problem:
+            return self._reject("invalid", 400, problem, [{"field": problem.split(":", 1)[0],
+                                                          "message": problem.split(": ", 1)[1]}])
+        try:
+            accepted, stale = self._store(batch)
+        except (LedgerError, sqlite3.Error) as e:
+            self.count_reject("ledger")
+            if not self.ledger_error:
+                log.error("controller: cannot store records (agents will resend): %s", e)
+            self.ledger_error = str(e)
+            return 503, "application/json", dumps({"error": f"ledger unavailable, retry later: {e}"})
+        if self.ledger_error:
+            log.info("controller: ledger writable again")
+            self.ledger_error = ""
+        now = time.time()
+        with self.stats_lock:
+            self.received += len(batch.records)
+            self.stale += stale
+            self.batches += 1
+            self.last_ingest_s = time.perf_counter() - t0
+            a = self.agents.setdefault((batch.agent.cluster, batch.agent.node),
+                                       {"records": 0, "first_seen": now})
+            a["last_seen"] = now
+            a["version"] = batch.agent.version
+            a["records"] += len(batch.records)
+        out = {"accepted": accepted, "stale": stale, "records": len(batch.records)}
+        return 200, "application/json", dumps(out)
+
+    def _check(self, batch: BatchIn) -> str:
+        limit = self.cfg.controller.max_batch_records
+        if len(batch.records) > limit:
+            return f"records: {len(batch.records)} records in one batch; at most {limit}"
+        node = batch.agent.node
+        known = {f.id for f in batch.factor_sets}
+        for i, r in enumerate(batch.records):
+            if r.node != node:
+                return f"records[{i}].node: {r.node!r} is not the sending agent's node ({node!r})"
+            for j, s in enumerate(r.series):
+                if s.factor_set not in known:
+                    return (f"records[{i}].series[{j}].factor_set: {s.factor_set!r} is not in "
+                            "the batch's factor_sets")
+        for i, n in enumerate(batch.nodes):
+            if n.node != node:
+                return f"nodes[{i}].node: {n.node!r} is not the sending agent's node ({node!r})"
+        for i, d in enumerate(batch.decisions):
+            try:
+                decisions.validate(d)
+            except decisions.DecisionInvalid as e:
+                return f"decisions[{i}]: {e}"
+        return ""
+
+    def _store(self, batch: BatchIn) -> tuple[int, int]:
+        accepted = stale = 0
+        with self.write_lock, self.ledger.transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO factor_sets VALUES (?, ?, ?, ?, ?, ?, ?)", [
+                (f.id, f.pue, f.wue_site_l_per_kwh, f.ewif_l_per_kwh, f.carbon_intensity_g_per_kwh,
+                 json.dumps(f.sources, sort_keys=True), f.first_used) for f in batch.factor_sets])
+            for r in batch.records:
+                if r.submit_time and r.kind == "slurm":
+                    # The agent learnt the job's submit time after sending it with none (0): its
+                    # record moves to the full identity, as it did in the agent's ledger.
+                    db.execute(_ADOPT_PROVISIONAL, (r.submit_time, r.cluster, r.job_id, r.node,
+                                                    r.first_seen, r.submit_time))
+                vals = {c: getattr(r, c) for c in JOB_COLS}
+                vals["provenance"] = json.dumps(r.provenance, sort_keys=True)
+                vals["meta"] = json.dumps(r.meta, sort_keys=True)
+                row = db.execute(_UPSERT_JOB, vals).fetchone()
+                if row is None:
+                    stale += 1  # the controller holds a newer or final record
+                    continue
+                accepted += 1
+                if r.series:
+                    pk = row[0]
+                    db.executemany(_UPSERT_SERIES, [
+                        (pk, s.t_start, s.t_end, s.factor_set, s.cpu_uj, s.dram_uj, s.gpu_uj,
+                         s.memory_uj, s.cpu_time_ns, s.carbon_g, s.water_site_l, s.water_offsite_l)
+                        for s in r.series])
+            for n in batch.nodes:
+                db.executemany(_UPSERT_NODE_TOTAL, [
+                    (n.node, t.domain, t.source, t.provenance, t.energy_uj, t.unattributed_uj,
+                     t.idle_uj) for t in n.totals])
+                db.executemany(_UPSERT_NODE_SERIES, [
+                    (n.node, s.t_start, s.t_end, s.energy_uj, s.unattributed_uj) for s in n.series])
+            for d in batch.decisions:
+                decisions.store(db, decisions.validate(d))
+        if batch.decisions:
+            self.ledger_metrics.invalidate()
+        return accepted, stale
+
+    def post_decision(self, body: bytes, caller, headers) -> tuple[int, str, bytes]:
+        """POST /api/v1/decisions from an agent (site token), into the site's ledger."""
+        if not bearer_ok(headers, self.token):
+            self.count_reject("auth")
+        out = decisions.post(body, caller, headers, self.ledger, self.write_lock,
+                             token_only=self.token or b"", max_bytes=self.cfg.daemon.decision_max_bytes)
+        self.ledger_metrics.invalidate()
+        return out
+
+    # -- views ----------------------------------------------------------------------------------
+    def metric_collectors(self):
+        return [self, self.ledger_metrics]
+
+    def collect(self):
+        now = time.time()
+        stale_s = self.cfg.controller.agent_stale_s
+        with self.stats_lock:
+            agents = {k: v["last_seen"] for k, v in self.agents.items()}
+            rejects = dict(self.rejects)
+            received, stale, batches, dur = self.received, self.stale, self.batches, self.last_ingest_s
+        info = InfoMetricFamily("greend_build", "greend version and Python version.")
+        info.add_metric([], {"version": __version__, "python": platform.python_version()})
+        yield info
+        c = CounterMetricFamily
+        yield c("greend_controller_records_received",
+                METRICS["greend_controller_records_received_total"][1], value=received)
+        yield c("greend_controller_records_stale",
+                METRICS["greend_controller_records_stale_total"][1], value=stale)
+        yield c("greend_controller_batches", METRICS["greend_controller_batches_total"][1],
+                value=batches)
+        rej = c("greend_controller_rejects", METRICS["greend_controller_rejects_total"][1],
+                labels=["reason"])
+        for reason in ("auth", "invalid", "too_large", "ledger"):
+            rej.add_metric([reason], rejects.get(reason, 0))
+        yield rej
+        yield GaugeMetricFamily("greend_controller_agents_reporting",
+                                METRICS["greend_controller_agents_reporting"][1],
+                                value=sum(1 for t in agents.values() if now - t <= stale_s))
+        seen = GaugeMetricFamily("greend_controller_agent_last_seen_timestamp_seconds",
+                                 METRICS["greend_controller_agent_last_seen_timestamp_seconds"][1],
+                                 labels=["cluster", "node"])
+        for (cluster, node), t in sorted(agents.items()):
+            seen.add_metric([cluster, node], t)
+        yield seen
+        yield GaugeMetricFamily("greend_controller_ingest_duration_seconds",
+                                METRICS["greend_controller_ingest_duration_seconds"][1], value=dur)
+
+    def describe(self):
+        return []
+
+    def health(self) -> dict:
+        now = time.time()
+        stale_s = self.cfg.controller.agent_stale_s
+        reasons = []
+        if self.ledger_error:
+            reasons.append(f"ledger: cannot store records: {self.ledger_error}")
+        if self.config_error:
+            reasons.append(self.config_error)
+        with self.stats_lock:
+            agents = [{"cluster": c, "node": n, "last_seen": a["last_seen"],
+                       "age_s": round(now - a["last_seen"], 3),
+                       "reporting": now - a["last_seen"] <= stale_s, "version": a["version"],
+                       "records": a["records"]}
+                      for (c, n), a in sorted(self.agents.items())]
+            counts = {"records_received": self.received, "records_stale": self.stale,
+                      "batches": self.batches, "rejects": dict(self.rejects)}
+        return {
+            "status": "degraded" if reasons else "ok",
+            "reasons": reasons,
+            "role": "controller",
+            "uptime_s": now - self.started,
+            "agents_reporting": sum(1 for a in agents if a["reporting"]),
+            "agents": agents,
+            **counts,
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.serve(tls=self.tls)
+        if self.tls is None and not is_loopback(self.listen[0]):
+            log.warning("controller: listening on %s without TLS: the site token and the records "
+                        "cross the network in clear; set controller.tls_cert_file and "
+                        "controller.tls_key_file (docs/security.md)", self.listen[0])
+        log.info("greend %s controller: %s; site ledger %s", __version__,
+                    ", ".join(self.server.urls()), self.ledger_path)
+
+    @staticmethod
+    def _tls(cfg: config_mod.Config):
+        c = cfg.controller
+        if c.tls_cert_file is None:
+            return None
+        return server_tls(c.tls_cert_file, c.tls_key_file)
+
+    def _with_args(self, cfg: config_mod.Config) -> config_mod.Config:
+        if self.state_dir_arg is None:
+            return cfg
+        return cfg.model_copy(update={"controller": cfg.controller.model_copy(
+            update={"state_dir": self.state_dir_arg})})
+
+    def _read_token(self, cfg: config_mod.Config) -> bytes:
+        if self.token_file_arg is not None:
+            return read_token(self.token_file_arg, "--token-file")
+        return read_token(cfg.controller.token_file)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config and the token (rotation); keep the running ones on error."""
+        try:
+            new = self._with_args(config_mod.load(self.config_path))
+            if controller_state_dir(new) != self.state_dir:
+                raise SiteError(f"controller.state_dir needs a restart (running: {self.state_dir})")
+            token = self._read_token(new)
+            c = new.controller
+            if (c.tls_cert_file is None) != (self.tls is None):
+                raise SiteError("switching TLS on or off needs a restart")
+            if c.tls_cert_file is not None:
+                self._tls(new)  # loadable? (raises SiteError naming the file)
+                # Renewed certificates: new handshakes use them, open connections keep theirs.
+                self.tls.load_cert_chain(c.tls_cert_file, c.tls_key_file)
+        except (config_mod.ConfigError, SiteError) as e:
+            self.config_error = f"reload: {e}; kept the running config"
+            log.error("%s", self.config_error)
+            return
+        self.cfg, self.token = new, token
+        self.max_body = new.controller.max_body_bytes
+        self.config_error = ""
+        log.info("controller: config, token%s reloaded",
+                    " and TLS certificate" if self.tls is not None else "")
+
+    def run_forever(self) -> None:
+        super().run_forever("exit")
+
+    def shutdown(self) -> None:
+        self.stop_serving()
+        self._close_ledger_metrics()
+        with self.write_lock:
+            self.ledger.close()
