@@ -311,7 +311,7 @@ class Api:
         s = queries.summary(db, by, since, until, user=only, order="energy", limit=100)
         if only is None:
             # Where each project stands in its own budget period (not the period asked for).
-            queries.add_budgets(db, s, self.host.cfg.policy.budgets)
+            budgets.add_budgets(db, s, self.host.cfg.policy.budgets)
             if "budgets unavailable" in s.note:
                 log.warning("%s", s.note)
         rows = []

@@ -9,7 +9,7 @@ import math
 import sqlite3
 import time
 
-from .queries import account_usage
+from .queries import Summary, account_usage
 
 RESOURCES = (("energy", "energy_kwh", "kWh"), ("carbon", "carbon_kg", "kgCO2e"), ("water", "water_l", "L"))
 
@@ -81,3 +81,21 @@ def to_json(st: dict) -> dict:
     return {**st, "ratio": finite, "label": label(st),
             "max_ratio": st["max_ratio"] if math.isfinite(st["max_ratio"]) else None,
             "exceeded": st["max_ratio"] >= 1}
+
+
+def add_budgets(db: sqlite3.Connection, s: Summary, budgets, now: float | None = None) -> None:
+    """Where each account of an account summary stands in its own budget period (not the summary's
+    window). A failure leaves the rows without budgets and says why in the note."""
+    budgets = list(budgets or [])
+    if s.by != "account" or not budgets:
+        return
+    try:
+        status = budget_status(db, budgets, now)
+    except Exception as e:  # the table still shows; the note says why budgets are missing
+        s.note = (s.note + "; " if s.note else "") + f"budgets unavailable: {e}"
+        return
+    for row in s.rows:
+        st = status.get(row.key)
+        if st:
+            row.budget = st
+            row.budget_used, row.budget_label = st["max_ratio"], label(st)

@@ -311,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     policies_cli.add_commands(sub)
     tui_cli.add_commands(sub)
     clidoc.add_commands(sub)
+    p.set_defaults(root_parser=p)  # `greend completion` and `greend man` describe this parser
     return p
 
 

@@ -191,19 +191,14 @@ def add_commands(sub) -> None:
     s.set_defaults(func=cmd_share)
 
 
-def _root_parser():
-    from .cli import build_parser
-
-    return build_parser()
-
-
 def cmd_completion(args) -> int:
-    print(bash(_root_parser()) if args.shell == "bash" else zsh(_root_parser()), end="")
+    # greend.cli hands its parser down (set_defaults): no import back into the module that imports this.
+    print(bash(args.root_parser) if args.shell == "bash" else zsh(args.root_parser), end="")
     return 0
 
 
 def cmd_man(args) -> int:
-    print(man(_root_parser()), end="")
+    print(man(args.root_parser), end="")
     return 0
 
 
@@ -211,7 +206,7 @@ def cmd_share(args) -> int:
     from pathlib import Path
 
     from . import share
-    from .cli import _fail
+    from .cmdline import fail as _fail
 
     try:
         if args.copy:

@@ -511,7 +511,7 @@ def summary(db: sqlite3.Connection, by: str, since: float | None = None, until: 
     """Energy, carbon and water of the jobs seen in [since, until] by account, user, cluster or
     node (a job overlapping the window counts in full; a job on several nodes counts once), and the
     nodes' unattributed share over the window (since the ledger began when it has no node series
-    there). `user` restricts the rows to that user's jobs. Budgets: add_budgets()."""
+    there). `user` restricts the rows to that user's jobs. Budgets: budgets.add_budgets()."""
     if by not in SUMMARY_BY:
         raise QueryError(f"by: expected {', '.join(SUMMARY_BY)}, not {by!r}")
     if order not in _SUMMARY_ORDER:
@@ -547,26 +547,6 @@ def summary(db: sqlite3.Connection, by: str, since: float | None = None, until: 
             if since is not None or until is not None:
                 note = "unattributed share: since the ledger began (no node series in the period)"
     return Summary(by, rows, unattr, node_e, note)
-
-
-def add_budgets(db: sqlite3.Connection, s: Summary, budgets, now: float | None = None) -> None:
-    """Where each account of an account summary stands in its own budget period (not the summary's
-    window). A failure leaves the rows without budgets and says why in the note."""
-    from . import budgets as budgets_mod
-
-    budgets = list(budgets or [])
-    if s.by != "account" or not budgets:
-        return
-    try:
-        status = budgets_mod.budget_status(db, budgets, now)
-    except Exception as e:  # the table still shows; the note says why budgets are missing
-        s.note = (s.note + "; " if s.note else "") + f"budgets unavailable: {e}"
-        return
-    for row in s.rows:
-        st = status.get(row.key)
-        if st:
-            row.budget = st
-            row.budget_used, row.budget_label = st["max_ratio"], budgets_mod.label(st)
 
 
 # -- what the policy engine reads ----------------------------------------------------------------

@@ -43,7 +43,7 @@ def _fail(msg: str, status: int = 1) -> int:
 
 
 def _config(args):
-    from .cli import _load_config
+    from .cmdline import load_config as _load_config
 
     return _load_config(args)
 

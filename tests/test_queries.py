@@ -297,15 +297,15 @@ def test_budget_status_counts_the_period_and_each_job_once(tmp_path):
 
 def test_add_budgets_says_why_they_are_missing(db):
     s = queries.summary(db, "account")
-    queries.add_budgets(db, s, [Budget(account="imaging", period="year", carbon_kg=1e9)], NOW)
+    budgets.add_budgets(db, s, [Budget(account="imaging", period="year", carbon_kg=1e9)], NOW)
     (imaging,) = [r for r in s.rows if r.key == "imaging"]
     assert imaging.budget["period"] == "year" and imaging.budget_label == "1e+09 kgCO2e per year"
     users = queries.summary(db, "user")
-    queries.add_budgets(db, users, [Budget(account="imaging", period="year", carbon_kg=1.0)], NOW)
+    budgets.add_budgets(db, users, [Budget(account="imaging", period="year", carbon_kg=1.0)], NOW)
     assert all(r.budget is None for r in users.rows)  # budgets are per account
     broken = sqlite3.connect(":memory:")
     s = queries.summary(db, "account")
-    queries.add_budgets(broken, s, [Budget(account="imaging", period="year", carbon_kg=1.0)], NOW)
+    budgets.add_budgets(broken, s, [Budget(account="imaging", period="year", carbon_kg=1.0)], NOW)
     assert s.note.startswith("budgets unavailable: no such table: jobs")
     assert all(r.budget is None for r in s.rows)
 

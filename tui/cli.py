@@ -71,11 +71,11 @@ def make_source(args, cfg=None):
     if args.ledger:
         if cfg is not None:
             return LedgerSource(args.ledger, cfg)
-        from greend.cli import _load_config
+        from greend.cmdline import load_config as _load_config
 
         return LedgerSource(args.ledger, config_loader=lambda: _load_config(args))
     if cfg is None:
-        from greend.cli import _load_config
+        from greend.cmdline import load_config as _load_config
 
         cfg = _load_config(args)
     sock = default_socket(cfg)

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
-from greend import queries
+from greend import budgets, queries
 from greend.ledger import JobRow, Ledger, LedgerError
 from greend.queries import (  # noqa: F401 - the screens import the read model's types from here
     RUNNING,
@@ -273,7 +273,7 @@ class LedgerSource(DataSource):
             except Exception:  # no usable configuration: no budgets to show
                 cfg = None
             if cfg is not None and cfg.policy.budgets:
-                self._run(lambda db: queries.add_budgets(db, s, cfg.policy.budgets))
+                self._run(lambda db: budgets.add_budgets(db, s, cfg.policy.budgets))
         for row in s.rows:
             row.key = row.key or "(none)"
         return s
