@@ -568,7 +568,7 @@ def test_cli_registers_tui_and_picks_a_source(tmp_path, monkeypatch):
     monkeypatch.setenv("GREEND_STATE_DIR", str(tmp_path))
     monkeypatch.setattr(tui_cli, "DEFAULT_SOCKET", tmp_path / "nothing-here.sock")
     args = build_parser().parse_args(["tui"])
-    assert args.func is tui_cli.cmd_tui and args.refresh == 5.0
+    assert args.func is tui_cli.cmd_tui and args.refresh is None  # 2 s, 5 s with --url (cmd_tui)
     cfg = _load_config(args)
     src = tui_cli.make_source(args, cfg)
     assert isinstance(src, LedgerSource) and src.path == tmp_path / "ledger.sqlite"

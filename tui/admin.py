@@ -15,6 +15,7 @@ from greend import units
 from .data import Summary
 from .formatting import DEFAULT_PERIOD, PERIODS, clock, percent, since
 from .screen import SourceScreen
+from .words import plural
 
 COLUMNS = ["#", "Key", "Jobs", "Energy", "Carbon", "Water", "Share", "Budget"]
 
@@ -115,7 +116,7 @@ class AdminScreen(SourceScreen):
         status = self.query_one("#status", Static)
         status.remove_class("error")
         jobs = sum(r.jobs for r in s.rows)
-        status.update(f"{len(s.rows)} {s.by}s, {jobs:,} jobs · updated "
+        status.update(f"{plural(len(s.rows), s.by)}, {plural(jobs, 'job')} · updated "
                       f"{clock(self.app.now())}")  # type: ignore[attr-defined]
 
     def action_by(self) -> None:

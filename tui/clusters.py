@@ -15,6 +15,7 @@ from textual.widgets import DataTable, Footer, Header, Static
 from .data import ClusterInfo
 from .formatting import clock, percent
 from .screen import SourceScreen
+from .words import plural
 
 TIER_ORDER = {"local": 0, "site": 1, "national": 2}
 
@@ -125,7 +126,7 @@ class ClustersScreen(SourceScreen):
         status = self.query_one("#status", Static)
         status.remove_class("error")
         n_open = sum(c.open for c in self.info)
-        status.update(f"{len(self.info)} clusters, {n_open} open · updated "
+        status.update(f"{plural(len(self.info), 'cluster')}, {n_open} open · updated "
                       f"{clock(self.app.now())}")  # type: ignore[attr-defined]
 
     def _show_sources(self, i: int) -> None:

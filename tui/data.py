@@ -27,6 +27,13 @@ RUNNING = "running"
 # Sort keys the jobs screen offers, in the order `s` cycles through them.
 SORT_KEYS = ("recent", "energy", "carbon", "water", "elapsed", "job", "name")
 
+# How a job ended: its exit code (0 ok, anything else failed) or, for a Slurm job whose exit code
+# greend did not record, Slurm's final state (meta.slurm_state). None: running, or not known.
+OUTCOMES = ("ok", "failed")
+SLURM_OK = "COMPLETED"
+SLURM_FAILED = ("BOOT_FAIL", "CANCELLED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+                "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT")
+
 
 class SourceError(Exception):
     """The data cannot be read; the message says from where and why, phrased for a person."""
@@ -44,6 +51,8 @@ class JobQuery:
     since: float | None = None
     until: float | None = None
     search: str = ""
+    outcome: str | None = None
+    """"ok" or "failed" (see outcome_of); None: any, running and unknown included."""
     sort: str = "recent"
     descending: bool = True
     limit: int = 100
@@ -304,6 +313,24 @@ def power_w(series: list[SeriesPoint], first_seen: float | None = None) -> list[
     return out
 
 
+def slurm_state(row: JobRow) -> str:
+    """Slurm's base state for the job ("FAILED", "CANCELLED"...), "" when greend has none."""
+    return str((row.meta or {}).get("slurm_state") or "").split(" ", 1)[0].upper()
+
+
+def outcome_of(row: JobRow) -> str | None:
+    """"ok", "failed" or None (running, or the end is not known): the exit code first, then
+    Slurm's final state."""
+    if row.state == RUNNING:
+        return None
+    st = slurm_state(row)
+    if (row.exit_code is not None and row.exit_code != 0) or st in SLURM_FAILED:
+        return "failed"
+    if row.exit_code == 0 or st == SLURM_OK:
+        return "ok"
+    return None
+
+
 def _sort_value(key: str, now: float) -> Callable[[JobRow], object]:
     return {
         "recent": lambda r: r.last_seen,
@@ -326,6 +353,8 @@ def select_page(jobs: list[JobRow], q: JobQuery, now: float) -> JobPage:
     """Search, sort and page merged jobs in memory (for sources that cannot do it themselves)."""
     if q.search:
         jobs = [r for r in jobs if matches(r, q.search)]
+    if q.outcome is not None:
+        jobs = [r for r in jobs if outcome_of(r) == q.outcome]
     jobs = sorted(jobs, key=lambda r: (r.last_seen, r.cluster, r.job_id), reverse=True)
     if q.sort != "recent" or not q.descending:
         jobs.sort(key=_sort_value(q.sort, now), reverse=q.descending)
@@ -343,6 +372,17 @@ _SQL_SORT = {
                "ELSE coalesce(max(end_time), max(last_seen)) END) - min(first_seen)",
     "job": "cluster {dir}, length(job_id) {dir}, job_id",
     "name": "lower(min(name))",
+}
+
+
+_SQL_STATE = "upper(substr(coalesce(json_extract(meta, '$.slurm_state'), '') || ' ', 1, " \
+    "instr(coalesce(json_extract(meta, '$.slurm_state'), '') || ' ', ' ') - 1))"
+_SQL_FAILED = (f"(exit_code IS NOT NULL AND exit_code != 0 OR {_SQL_STATE} IN "
+               f"({', '.join(repr(x) for x in SLURM_FAILED)}))")
+# (outcome_of in SQL, on the per-node rows: a job is kept when its last row qualifies)
+_SQL_OUTCOME = {
+    "failed": f"state != 'running' AND {_SQL_FAILED}",
+    "ok": f"state != 'running' AND NOT {_SQL_FAILED} AND (exit_code = 0 OR {_SQL_STATE} = '{SLURM_OK}')",
 }
 
 
@@ -399,6 +439,8 @@ class LedgerSource(DataSource):
         if q.until is not None:
             where.append("first_seen <= :until")
             args["until"] = q.until
+        if q.outcome is not None:
+            where.append(_SQL_OUTCOME[q.outcome])
         if q.search:
             pat = "%" + q.search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             args["pat"] = pat
