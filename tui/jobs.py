@@ -352,7 +352,7 @@ class JobsScreen(SourceScreen):
             text = f"Totals unavailable: {self.app.describe_error(e)}"  # type: ignore[attr-defined]
         else:
             rows = [r for r in s.rows if user is None or r.key == user]
-            text = totals_line(label, rows, user)
+            text = totals_line(label, rows, user, self.app.me)  # type: ignore[attr-defined]
         self.app.call_from_thread(self.query_one("#totals", Static).update, text)
 
     # -- the table --------------------------------------------------------------------------------
@@ -535,11 +535,10 @@ class JobsScreen(SourceScreen):
     def _show_filters(self) -> None:
         app = self.app
         who = "Everyone's jobs" if self.all_users else f"Jobs of {app.user}"  # type: ignore[attr-defined]
-        bits = [who, PERIODS[self.period][0],
-                {None: "all states", RUNNING: "running only", "ended": "ended only"}[self.state_filter]]
-        if self.outcome_filter:
-            bits.append(f"{self.outcome_filter} only")
-        bits += [self.cluster or "all clusters",
+        # (an outcome filter implies ended jobs: it takes the place of the state)
+        state = ({None: "all states", RUNNING: "running only", "ended": "ended only"}[self.state_filter]
+                 if not self.outcome_filter else f"{self.outcome_filter} only")
+        bits = [who, PERIODS[self.period][0], state, self.cluster or "all clusters",
                  f"by {SORT_LABELS[self.sort]} {'↓' if self.descending else '↑'}"]
         if self.search:
             bits.append(f"search “{self.search}”")
@@ -551,12 +550,13 @@ def default_descending(key: str) -> bool:
     return key not in ("job", "name")
 
 
-def totals_line(period: str, rows: list, user: str | None) -> str:
-    """'Totals, last 30 days: 21 jobs · 45.2 kWh · 2.31 kgCO2e · 14.1 L' (all clusters and states)."""
+def totals_line(period: str, rows: list, user: str | None, me: str) -> str:
+    """'Totals of your last 30 days: 21 jobs · 45.2 kWh · 2.31 kgCO2e · 14.1 L': whose jobs and the
+    period only (all clusters, states, outcomes), whatever else the table is filtered on."""
     jobs = sum(r.jobs for r in rows)
-    who = "" if user else ", everyone"
+    who = "everyone's" if user is None else "your" if user == me else f"{user}'s"
     if not jobs:
-        return f"Totals, {period}{who}: no jobs"
+        return f"Totals of {who} {period}: no jobs"
     e, c, w = (sum(getattr(r, f) for r in rows) for f in ("it_energy_j", "carbon_g", "water_l"))
-    return (f"Totals, {period}{who}: {plural(jobs, 'job')} · {units.energy(e)} · {units.carbon(c)} · "
+    return (f"Totals of {who} {period}: {plural(jobs, 'job')} · {units.energy(e)} · {units.carbon(c)} · "
             f"{units.water(w)}")
