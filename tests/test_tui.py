@@ -608,6 +608,28 @@ async def test_one_cluster_is_not_clusters(tmp_path, utc):
 
 
 @pilot_test
+async def test_title_and_key_lines_follow_the_screen(ledger_path, utc):
+    from greend.tui.keybar import KeyBar, TitleBar
+
+    app = make_app(source(ledger_path))
+    async with app.run_test(size=(120, 30)) as pilot:
+        await settle(app, pilot)
+
+        def bars() -> tuple[str, str]:
+            return (text_of(app.screen.query_one(TitleBar)).strip(),
+                    text_of(app.screen.query_one(KeyBar)).strip())
+
+        title, keys = bars()
+        assert title == "greend — My jobs · ledger fixture.sqlite"
+        assert keys.startswith("/ Search  s Sort  f State  o Outcome") and "q Quit" in keys
+        await press(app, pilot, "2")
+        assert bars() == ("greend — Clusters · ledger fixture.sqlite",
+                          "r Refresh  1 Jobs  3 Accounts  q Quit  ? Help")
+        await press(app, pilot, "question_mark")  # q and ? close the help: they are not "Quit"
+        assert text_of(app.screen.query_one(KeyBar)).strip() == "esc Close"
+
+
+@pilot_test
 async def test_paging_keys(ledger_path, utc):
     app = make_app(source(ledger_path), page_size=10)
     async with app.run_test(size=(80, 24)) as pilot:

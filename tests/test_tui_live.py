@@ -5,6 +5,7 @@ running record nobody updates any more says when it was last seen."""
 from __future__ import annotations
 
 import getpass
+import sqlite3
 import subprocess
 import sys
 import time
@@ -41,8 +42,9 @@ job_id = time.strftime("%Y%m%d-%H%M%S", time.localtime(t0)) + f"-{os.getpid()}"
 row = JobRow(cluster=cfg.cluster, job_id=job_id, node="n1", kind="command", state="running",
              first_seen=t0, last_seen=t0, submit_time=int(t0), name="sleep", user=sys.argv[4],
              command=f"sleep {seconds:g}", provenance={"cpu": "modelled: TDP"})
-with ledger.transaction() as db:
+with ledger.transaction() as db:  # the running row, at once
     ledger.put_factor_set(db, f.key(), f, t0)
+    ledger.upsert_job(db, row)
 last = t0
 while True:
     time.sleep(0.5)
@@ -65,6 +67,14 @@ ledger.close()
 
 def _writer(path: Path, seconds: float, how: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(seconds), how, getpass.getuser()])
+
+
+def _rows(path: Path) -> int:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT count(*) FROM jobs").fetchone()[0]
+    finally:
+        db.close()
 
 
 def _empty_ledger(path: Path) -> Path:
@@ -93,6 +103,8 @@ async def test_a_running_run_shows_within_3_s_and_ends_with_its_outcome(tmp_path
         assert table_lines(app) == []
         proc = _writer(path, 5, "end")
         try:
+            # From the moment the row is in the ledger (the writer's own start is not the TUI's)
+            assert await _wait_for(app, pilot, lambda: _rows(path) > 0, 30.0) is not None
             seen = await _wait_for(
                 app, pilot, lambda: any("sleep" in x and "running" in x for x in table_lines(app)), 3.0)
             assert seen is not None, f"not shown within 3 s: {table_lines(app)}"

@@ -8,12 +8,13 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.reactive import reactive
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Static
 
 from greend import units
 
 from .data import Summary
 from .formatting import DEFAULT_PERIOD, PERIODS, clock, percent, since
+from .keybar import KeyBar, TitleBar
 from .screen import SourceScreen
 from .words import plural
 
@@ -45,12 +46,12 @@ class AdminScreen(SourceScreen):
         self.error: str | None = None
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield TitleBar()
         yield Static(id="filters")
         yield DataTable(id="top", cursor_type="row", zebra_stripes=True)
         yield Static(id="unattributed")
         yield Static(id="status")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self._columns()

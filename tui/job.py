@@ -12,7 +12,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Static
 
 from greend import units
 
@@ -21,6 +21,7 @@ from .advice import right_sizing
 from .data import RUNNING, JobDetail, measured_share, power_w, provenance_kind
 from .equivalents import equivalents
 from .formatting import clock, mib, percent, stamp
+from .keybar import KeyBar, TitleBar
 from .outcome import elapsed_shown
 from .plot import PowerPlot, power_spans
 from .screen import SourceScreen
@@ -322,7 +323,7 @@ class JobScreen(SourceScreen):
         self.error: str | None = None
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield TitleBar()
         with VerticalScroll(id="detail"):
             yield Static(f"Loading {self.cluster}/{self.job_id}…", id="title")
             yield Static(id="energy")
@@ -334,7 +335,7 @@ class JobScreen(SourceScreen):
             yield Static(id="decision")
             yield Static(id="advice")
         yield Static(id="status")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.query_one("#detail").focus()

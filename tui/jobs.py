@@ -14,7 +14,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.reactive import reactive
-from textual.widgets import DataTable, Footer, Header, Input, Static
+from textual.widgets import DataTable, Input, Static
 
 from greend import units
 from greend.ledger import JobRow
@@ -22,6 +22,7 @@ from greend.ledger import JobRow
 from . import outcome
 from .data import RUNNING, SORT_KEYS, JobPage, JobQuery, how_obtained, water_l
 from .formatting import DEFAULT_PERIOD, PERIODS, SORT_LABELS, carbon_short, clock, since, stamp
+from .keybar import KeyBar, TitleBar
 from .outcome import elapsed_shown
 from .plot import POWER_W, PowerHistory
 from .screen import SourceScreen
@@ -206,7 +207,7 @@ class JobsScreen(SourceScreen):
         self._totals_for: tuple | None = None
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield TitleBar()
         yield Static(id="filters")
         with Horizontal(id="search-bar"):
             yield Static("Search:", id="search-label")
@@ -219,7 +220,7 @@ class JobsScreen(SourceScreen):
                         show_header=False)
         yield Static(id="totals")
         yield Static(id="status")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         app = self.app
@@ -297,7 +298,7 @@ class JobsScreen(SourceScreen):
     def _show(self, q: JobQuery, page: JobPage) -> None:
         with self.app.batch_update():  # one repaint for the table and both lines
             self._show_page(q, page)
-        self._load_totals(q)
+        self.call_after_refresh(self._load_totals, q)  # once the page is painted
 
     def _show_page(self, q: JobQuery, page: JobPage) -> None:
         app = self.app
@@ -329,8 +330,24 @@ class JobsScreen(SourceScreen):
         status.update(text)
 
     def _tick_running(self) -> None:
-        if self.is_current and self.page is not None and self.page.running and not self.error:
-            self._fill(self.page, self.app.now())  # type: ignore[attr-defined]
+        """Rewrite the running rows' lines (their elapsed time moves), nothing else."""
+        page = self.page
+        if not (self.is_current and page is not None and page.running and not self.error):
+            return
+        now = self.app.now()  # type: ignore[attr-defined]
+        widths = self._widths_now
+        table = self.query_one(DataTable)
+        for i, r in enumerate(page.jobs):
+            if r.state != RUNNING or i >= len(self._shown):
+                continue
+            vals = [c.value(r, now) for c in self._cols]
+            if any(c.width is None and len(v) > w for c, v, w in zip(self._cols, vals, widths, strict=True)):
+                self._fill(page, now)  # a column must grow: lay the page out again
+                return
+            line = self._line(vals, widths)
+            if line != self._shown[i]:
+                self._shown[i] = line
+                table.update_cell(str(i), "line", Text(line, no_wrap=True))
 
     # -- the totals line ----------------------------------------------------------------------------
     def _load_totals(self, q: JobQuery, force: bool = False) -> None:
