@@ -120,6 +120,10 @@ async def test_a_running_run_shows_within_3_s_and_ends_with_its_outcome(tmp_path
         line = table_lines(app)[0]
         assert "sleep" in line and "running" not in line
         assert "0 running" in text_of(app.screen.query_one("#status", Static))
+        # The totals line follows new figures too (at most every 5 s), not only a change of period.
+        totals = app.screen.query_one("#totals", Static)
+        assert await _wait_for(app, pilot, lambda: text_of(totals).startswith(
+            "Totals of your last 30 days: 1 job ·"), 7.0) is not None, text_of(totals)
 
 
 @pilot_test

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 WIDE = 120  # columns from which the table shows full units and more columns
 # ... and a sparkline of each running job's power (everyone's jobs have two more columns)
 WIDE_POWER, WIDE_POWER_ALL = 150, 175
+TOTALS_S, TOTALS_CHANGED_S = 30.0, 5.0  # how often the totals line is read again
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +206,7 @@ class JobsScreen(SourceScreen):
         self.power = PowerHistory()
         self._totals_at = float("-inf")
         self._totals_for: tuple | None = None
+        self._totals_page: JobPage | None = None
 
     def compose(self) -> ComposeResult:
         yield TitleBar()
@@ -298,7 +300,9 @@ class JobsScreen(SourceScreen):
     def _show(self, q: JobQuery, page: JobPage) -> None:
         with self.app.batch_update():  # one repaint for the table and both lines
             self._show_page(q, page)
-        self.call_after_refresh(self._load_totals, q)  # once the page is painted
+        # once the page is painted; new figures (a new page from the source) are read again soon
+        self.call_after_refresh(self._load_totals, q, False, page is not self._totals_page)
+        self._totals_page = page
 
     def _show_page(self, q: JobQuery, page: JobPage) -> None:
         app = self.app
@@ -350,12 +354,14 @@ class JobsScreen(SourceScreen):
                 table.update_cell(str(i), "line", Text(line, no_wrap=True))
 
     # -- the totals line ----------------------------------------------------------------------------
-    def _load_totals(self, q: JobQuery, force: bool = False) -> None:
-        """The period's totals (whose jobs and period only), again after 30 s or when asked."""
+    def _load_totals(self, q: JobQuery, force: bool = False, changed: bool = False) -> None:
+        """The period's totals (whose jobs and period only): when the period or whose jobs change,
+        when asked (r), every 30 s, and at most every 5 s while the jobs' figures change."""
         app = self.app
         key = (q.user, self.period)
         now = app.now()  # type: ignore[attr-defined]
-        if not force and key == self._totals_for and time.monotonic() - self._totals_at < 30:
+        age = time.monotonic() - self._totals_at
+        if not force and key == self._totals_for and age < (TOTALS_CHANGED_S if changed else TOTALS_S):
             return
         self._totals_for, self._totals_at = key, time.monotonic()
         label = PERIODS[self.period][0]
