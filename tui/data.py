@@ -29,7 +29,6 @@ SORT_KEYS = ("recent", "energy", "carbon", "water", "elapsed", "job", "name")
 
 # How a job ended: its exit code (0 ok, anything else failed) or, for a Slurm job whose exit code
 # greend did not record, Slurm's final state (meta.slurm_state). None: running, or not known.
-OUTCOMES = ("ok", "failed")
 SLURM_OK = "COMPLETED"
 SLURM_FAILED = ("BOOT_FAIL", "CANCELLED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
                 "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT")
@@ -375,11 +374,11 @@ _SQL_SORT = {
 }
 
 
-_SQL_STATE = "upper(substr(coalesce(json_extract(meta, '$.slurm_state'), '') || ' ', 1, " \
-    "instr(coalesce(json_extract(meta, '$.slurm_state'), '') || ' ', ' ') - 1))"
+_SQL_META_STATE = "coalesce(CASE WHEN json_valid(meta) THEN json_extract(meta, '$.slurm_state') END, '')"
+_SQL_STATE = f"upper(substr({_SQL_META_STATE} || ' ', 1, instr({_SQL_META_STATE} || ' ', ' ') - 1))"
 _SQL_FAILED = (f"(exit_code IS NOT NULL AND exit_code != 0 OR {_SQL_STATE} IN "
                f"({', '.join(repr(x) for x in SLURM_FAILED)}))")
-# (outcome_of in SQL, on the per-node rows: a job is kept when its last row qualifies)
+# (outcome_of in SQL, on the per-node rows: a job is listed when one of its rows qualifies)
 _SQL_OUTCOME = {
     "failed": f"state != 'running' AND {_SQL_FAILED}",
     "ok": f"state != 'running' AND NOT {_SQL_FAILED} AND (exit_code = 0 OR {_SQL_STATE} = '{SLURM_OK}')",

@@ -55,7 +55,6 @@ def _cut_left(s: str, n: int) -> str:
     return s if len(s) <= n else "…" + s[-(n - 1):]
 
 
-TIER_SHORT = {"local": "loc.", "site": "site", "national": "nat."}
 HOW_SHORT = {"measured": "meas", "modelled": "model", "mixed": "mix"}
 
 # Sort keys: one key per column, as in htop/k9s (the same key again reverses the order).
