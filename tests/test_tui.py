@@ -549,6 +549,9 @@ async def test_outcome_column_and_filter(ledger_path, utc):
         assert "failed only" in text_of(app.screen.query_one("#filters"))
         lines = table_lines(app)
         assert len(lines) == 2 and all("exit 1" in x for x in lines)
+        cell = app.screen.query_one(DataTable).get_row_at(0)[0]  # said in words, and in red
+        assert [(str(sp.style), cell.plain[sp.start:sp.end].strip()) for sp in cell.spans] == [
+            ("bold red", "exit 1")]
         await press(app, pilot, "o")  # ok only
         lines = table_lines(app)
         assert len(lines) == 18 and all(" ok " in x for x in lines)

@@ -350,7 +350,7 @@ class JobsScreen(SourceScreen):
             line = self._line(vals, widths)
             if line != self._shown[i]:
                 self._shown[i] = line
-                table.update_cell(str(i), "line", Text(line, no_wrap=True))
+                table.update_cell(str(i), "line", self._text(line, r, now))
 
     # -- the totals line ----------------------------------------------------------------------------
     def _load_totals(self, q: JobQuery, force: bool = False, changed: bool = False) -> None:
@@ -446,11 +446,11 @@ class JobsScreen(SourceScreen):
         at = table.cursor_row
         current = self._keys[at] if self._keys and 0 <= at < len(self._keys) else None
         shown = self._shown
-        for i, line in enumerate(lines):
+        for i, (line, r) in enumerate(zip(lines, page.jobs, strict=True)):
             if i >= len(shown):
-                table.add_row(Text(line, no_wrap=True), key=str(i))
+                table.add_row(self._text(line, r, now), key=str(i))
             elif line != shown[i]:
-                table.update_cell(str(i), "line", Text(line, no_wrap=True))
+                table.update_cell(str(i), "line", self._text(line, r, now))
         for i in range(len(shown) - 1, len(lines) - 1, -1):
             table.remove_row(str(i))
         same_jobs = keys == self._keys
@@ -459,6 +459,19 @@ class JobsScreen(SourceScreen):
         if not same_jobs:
             # follow the job under the cursor; another page or filter starts at the top
             table.move_cursor(row=keys.index(current) if current in keys else 0, animate=False)
+
+    def _text(self, line: str, r: JobRow, now: float) -> Text:
+        """A row's line, its state in colour too (failed red, running green, stale yellow)."""
+        text = Text(line, no_wrap=True)
+        at = 0
+        for c, w in zip(self._cols, self._widths_now, strict=True):
+            if c.key == "state":
+                style = outcome.shown(r, now).style
+                if style:
+                    text.stylize(style, at + 1, at + 1 + w)
+                break
+            at += w + 1
+        return text
 
     def on_resize(self) -> None:
         self._set_columns()
