@@ -21,6 +21,11 @@ RUNNING = "running"
 # Sort keys of a job page, in the order the TUI's jobs screen cycles through them.
 SORT_KEYS = ("recent", "energy", "carbon", "water", "elapsed", "job", "name")
 OUTCOMES = ("ok", "failed")
+# How a job ended: its exit code (0 ok, anything else failed) or, for a Slurm job whose exit code
+# greend did not record, Slurm's final state (meta.slurm_state). None: running, or not known.
+SLURM_OK = "COMPLETED"
+SLURM_FAILED = ("BOOT_FAIL", "CANCELLED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+                "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT")
 STATES = ("running", "ended")
 SUMMARY_BY = ("account", "user", "cluster", "node")
 # The columns free-text search looks in.
@@ -42,8 +47,9 @@ class JobQuery:
     """Which jobs to list, in which order, which page. None means no filter.
 
     `per="job"` merges a job's records on its nodes into one row; `per="record"` lists one row per
-    job and node, as the ledger holds them. `outcome` is "ok" (exit code 0) or "failed" (any other
-    exit code); a job whose exit code is unknown is neither.
+    job and node, as the ledger holds them. `outcome` is "ok" (exit code 0, or Slurm's COMPLETED)
+    or "failed" (any other exit code, or a failed Slurm state: outcome_of); a job whose end is not
+    known is neither.
     """
 
     user: str | None = None
@@ -309,6 +315,35 @@ _SORT_RECORD = {
 }
 
 
+_SQL_META_STATE = "coalesce(CASE WHEN json_valid(meta) THEN json_extract(meta, '$.slurm_state') END, '')"
+_SQL_STATE = f"upper(substr({_SQL_META_STATE} || ' ', 1, instr({_SQL_META_STATE} || ' ', ' ') - 1))"
+_SQL_FAILED = (f"(exit_code IS NOT NULL AND exit_code != 0 OR {_SQL_STATE} IN "
+               f"({', '.join(repr(x) for x in SLURM_FAILED)}))")
+# outcome_of in SQL, on the per-node rows: a job is listed when one of its rows qualifies.
+_SQL_OUTCOME = {
+    "failed": f"state != 'running' AND {_SQL_FAILED}",
+    "ok": f"state != 'running' AND NOT {_SQL_FAILED} AND (exit_code = 0 OR {_SQL_STATE} = '{SLURM_OK}')",
+}
+
+
+def slurm_state(row: JobRow) -> str:
+    """Slurm's base state for the job ("FAILED", "CANCELLED"...), "" when greend has none."""
+    return str((row.meta or {}).get("slurm_state") or "").split(" ", 1)[0].upper()
+
+
+def outcome_of(row: JobRow) -> str | None:
+    """"ok", "failed" or None (running, or the end is not known): the exit code first, then
+    Slurm's final state."""
+    if row.state == RUNNING:
+        return None
+    st = slurm_state(row)
+    if (row.exit_code is not None and row.exit_code != 0) or st in SLURM_FAILED:
+        return "failed"
+    if row.exit_code == 0 or st == SLURM_OK:
+        return "ok"
+    return None
+
+
 def like_pattern(text: str) -> str:
     """A LIKE pattern (ESCAPE '\\') that finds `text` anywhere, its wildcards taken literally."""
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
@@ -322,10 +357,8 @@ def job_where(q: JobQuery) -> tuple[str, dict]:
         if val is not None:
             where.append(f"{col} = :{col}")
             args[col] = val
-    if q.outcome == "ok":
-        where.append("exit_code = 0")
-    elif q.outcome == "failed":
-        where.append("exit_code != 0")  # NULL (unknown) is neither
+    if q.outcome is not None:
+        where.append(_SQL_OUTCOME[q.outcome])  # unknown (running, no exit code, no state) is neither
     if q.since is not None:
         where.append("last_seen >= :since")
         args["since"] = q.since

@@ -20,6 +20,7 @@ from greend.tui.advice import right_sizing
 from greend.tui.app import GreendApp, HelpScreen
 from greend.tui.clusters import ClustersScreen
 from greend.tui.data import (
+    JobDetail,
     JobQuery,
     LedgerSource,
     SeriesPoint,
@@ -28,6 +29,7 @@ from greend.tui.data import (
     UrlSource,
     how_obtained,
     merge_rows,
+    outcome_of,
     power_w,
 )
 from greend.tui.equivalents import equivalents
@@ -199,6 +201,18 @@ def test_equivalents_and_advice():
     assert eq["water"].text == "0.5 bottles of 0.5 L"
     assert eq["energy"].text == "boiling 3 L of water in a kettle"
     assert "showers" in {e.quantity: e for e in equivalents(0, 120.0, 0)}["water"].text
+    # A short run: every figure in a unit where its number means something, never "< 0.01".
+    small = {e.quantity: e.text for e in equivalents(0.001, 0.000928, 1380.0)}
+    assert small == {"carbon": "driving 9.3 mm in an average new car", "water": "928 µL: 19 drops",
+                     "energy": "boiling 4.12 mL of water in a kettle"}
+    tiny = {e.quantity: e.text for e in equivalents(1e-7, 1e-8, 0.5)}
+    assert tiny["carbon"] == "driving 0.93 µm in an average new car"
+    assert tiny["water"] == "0.01 µL: less than a drop"
+    assert tiny["energy"] == "boiling 1.49 µL of water in a kettle"
+    assert {e.quantity: e.text for e in equivalents(5, 0.02, 0)}["water"] == "20 mL: 4 teaspoons"
+    assert {e.quantity: e.text for e in equivalents(0, 0.5, 0)}["water"] == "1 bottle of 0.5 L"
+    assert all("< 0.01" not in e.text for x in (1e-9, 1e-5, 0.003)
+               for e in equivalents(x, x, x * 1000))
     row = JobRow(cluster="c", job_id="1", node="n", kind="slurm", state="ended", first_seen=0.0,
                  last_seen=3600.0, end_time=3600.0, alloc_cpus=16, cpu_time_ns=int(2 * 3600e9),
                  alloc_mem_bytes=64 * GIB, max_mem_bytes=4 * GIB,
@@ -211,6 +225,75 @@ def test_equivalents_and_advice():
     row.kind = "command"  # a `greend measure` run asked for nothing
     row.alloc_cpus = 16
     assert right_sizing(row, 3600.0) == []
+
+
+def test_outcome_of_a_job():
+    from greend.tui.outcome import STALE_S, shown
+
+    base = dict(cluster="c", job_id="1", node="n", kind="command", first_seen=0.0, last_seen=10.0)
+
+    def ended(**kw) -> JobRow:
+        return JobRow(state="ended", end_time=10.0, **base, **kw)
+
+    assert (outcome_of(ended(exit_code=0)), shown(ended(exit_code=0), 20).short) == ("ok", "ok")
+    assert (outcome_of(ended(exit_code=3)), shown(ended(exit_code=3), 20).short) == ("failed", "exit 3")
+    assert shown(ended(exit_code=130), 20).long == "failed: exit 130 (killed by SIGINT)"
+    assert shown(ended(exit_code=137), 20).long == "failed: exit 137 (killed by SIGKILL)"
+    assert outcome_of(ended()) is None and shown(ended(), 20).short == "ended ?"
+    for st, out in (("FAILED", "failed"), ("TIMEOUT", "failed"), ("CANCELLED by 1000", "failed"),
+                    ("OUT_OF_MEMORY", "failed"), ("COMPLETED", "ok"), ("RUNNING", None)):
+        assert outcome_of(ended(meta={"slurm_state": st})) == out, st
+    assert shown(ended(meta={"slurm_state": "TIMEOUT"}), 20).short == "TIMEOUT"
+    running = JobRow(state="running", exit_code=None, **base)
+    assert outcome_of(running) is None and shown(running, 20).short == "running"
+    assert shown(running, 10 + STALE_S + 1).short.startswith("seen ")
+
+
+def test_outcome_filter_in_sql_and_in_memory(api, ledger_path):
+    led, http = source(ledger_path), SocketSource(api.socket_path)
+    for src in (led, http):
+        failed = src.jobs(JobQuery(outcome="failed"), NOW)
+        assert sorted(j.job_id for j in failed.jobs) == ["811021", "811070", "811119", "812401"]
+        assert all(outcome_of(j) == "failed" for j in failed.jobs)
+        ok = src.jobs(JobQuery(outcome="ok", limit=1000), NOW)
+        assert ok.total == 21 and all(outcome_of(j) == "ok" for j in ok.jobs)
+        assert "812402" in {j.job_id for j in ok.jobs}  # Slurm said COMPLETED
+        assert src.jobs(JobQuery(), NOW).total == 28 == failed.total + ok.total + 3  # 2 running, 1 unknown
+        assert src.jobs(JobQuery(user="alice", outcome="failed", since=NOW - D30), NOW).total == 2
+
+
+def test_plural():
+    from greend.tui.words import plural
+
+    assert (plural(1, "cluster"), plural(0, "cluster"), plural(1204, "job")) == (
+        "1 cluster", "0 clusters", "1,204 jobs")
+
+
+def test_power_chart_of_short_and_uneven_series(utc):
+    from greend.tui.job import power_caption
+    from greend.tui.plot import by_time, power_spans
+
+    # A 1.6 s run stored at a 0.5 s step: four points, the last one short.
+    pts = [SeriesPoint(100.0 + 0.5 * i, min(101.6, 100.5 + 0.5 * i), cpu_uj=5_000_000) for i in range(4)]
+    d = JobDetail(JobRow(cluster="c", job_id="1", node="n", kind="command", state="ended",
+                         first_seen=100.0, last_seen=101.6, end_time=101.6), [], pts, [])
+    watts, spans = power_w(pts, 100.0), power_spans(pts, 100.0)
+    assert spans[-1] == (pytest.approx(101.5), pytest.approx(101.6)) and watts[-1] == pytest.approx(50.0)
+    cap = power_caption(d, watts, spans).plain
+    assert "4 points, step 0.5 s, over 1.6 s" in cap and "peak 50 W" in cap
+    assert "mean 12.5 W" in cap  # 20 J over 1.6 s, not the mean of the four points
+    lines = PowerPlot(watts, spans[0][0], spans[-1][1], height=2, spans=spans).lines(26)
+    assert lines[-1].strip().endswith("+1.6 s")  # a span of seconds is labelled in seconds
+    # The short last point keeps its width: 1/16 of the chart, not a quarter.
+    top = lines[0].split("┤")[1]
+    assert len(top) == 20 and top.strip() == "█" and top.endswith("█") and top[-3] == " "
+    # One point: said in words, no chart.
+    one = JobDetail(d.job, [], pts[:1], [])
+    assert "one point, too few for a chart" in power_caption(one, watts[:1], spans[:1]).plain
+    # Uneven steps: a 1 s point at 100 W then a 60 s one at 10 W, placed by time; a gap stays empty.
+    cols = by_time([(0.0, 1.0, 100.0), (1.0, 61.0, 10.0)], 0.0, 61.0, 61)
+    assert cols[0] == pytest.approx(100.0) and cols[1:] == [pytest.approx(10.0)] * 60
+    assert by_time([(0.0, 1.0, 5.0), (3.0, 4.0, 5.0)], 0.0, 4.0, 4) == [5.0, None, None, 5.0]
 
 
 def test_power_plot_starts_at_zero():
@@ -415,6 +498,139 @@ async def test_sort_filter_search_period_keys(ledger_path, utc):
         assert any("bob" in line for line in table_lines(app))
 
 
+def header(app) -> str:
+    return text_of(app.screen.query_one("#header", Static))
+
+
+@pilot_test
+async def test_a_key_per_sort_column_and_the_arrow_in_the_header(ledger_path, utc):
+    app = make_app(source(ledger_path))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        assert "↓" not in header(app) and "↑" not in header(app)  # most recent: no column at 80
+        await press(app, pilot, "E")
+        assert "Energy↓" in header(app) and "4410021" in table_lines(app)[0]
+        await press(app, pilot, "E")  # the same key again: smallest first
+        assert "Energy↑" in header(app) and "4410021" in table_lines(app)[-1]
+        assert "by energy ↑" in text_of(app.screen.query_one("#filters"))
+        await press(app, pilot, "N")
+        assert "Name↑" in header(app) and "Energy" in header(app) and "Energy↑" not in header(app)
+        names = [app.screen.page.jobs[i].name for i in range(len(table_lines(app)))]
+        assert names == sorted(names, key=str.lower)
+        await press(app, pilot, "N")
+        assert "Name↓" in header(app)
+        await press(app, pilot, "D")
+        assert "Elapsed↓" in header(app) and "4410021" in table_lines(app)[0]
+        for key, label in (("C", "CO2e↓"), ("W", "Water↓"), ("J", "Job↑")):
+            await press(app, pilot, key)
+            assert label in header(app), (key, header(app))
+        await press(app, pilot, "R")
+        assert "↓" not in header(app) and "by most recent ↓" in text_of(app.screen.query_one("#filters"))
+        # The header's columns sit over the rows' columns.
+        assert "3.26 kWh" in table_lines(app)[0]  # right-aligned under its label
+        assert header(app).index("Energy") + 6 == table_lines(app)[0].index("3.26 kWh") + 8
+    async with make_app(source(ledger_path)).run_test(size=(160, 48)) as pilot:
+        app = pilot.app
+        await settle(app, pilot)
+        assert "Last seen↓" in header(app)  # wide: most recent has its column
+        await press(app, pilot, "C")
+        assert "Carbon↓" in header(app)
+
+
+@pilot_test
+async def test_outcome_column_and_filter(ledger_path, utc):
+    app = make_app(source(ledger_path))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        lines = table_lines(app)
+        assert "running" in lines[0] and sum("exit 1" in x for x in lines) == 2
+        await press(app, pilot, "o")  # failed only
+        assert "failed only" in text_of(app.screen.query_one("#filters"))
+        lines = table_lines(app)
+        assert len(lines) == 2 and all("exit 1" in x for x in lines)
+        cell = app.screen.query_one(DataTable).get_row_at(0)[0]  # said in words, and in red
+        assert [(str(sp.style), cell.plain[sp.start:sp.end].strip()) for sp in cell.spans] == [
+            ("bold red", "exit 1")]
+        await press(app, pilot, "o")  # ok only
+        lines = table_lines(app)
+        assert len(lines) == 18 and all(" ok " in x for x in lines)
+        await press(app, pilot, "o", "u")  # any outcome, everyone's jobs
+        lines = table_lines(app)
+        assert any("TIMEOUT" in x for x in lines) and any("ended ?" in x for x in lines)
+        await press(app, pilot, "o")
+        assert {x.split()[1] for x in table_lines(app)} == {"alice", "carol"}
+    async with make_app(source(ledger_path)).run_test(size=(120, 40)) as pilot:
+        app = pilot.app
+        await settle(app, pilot)
+        for _ in range(3):
+            await press(app, pilot, "down")
+        await press(app, pilot, "enter")  # an ended job: its outcome in its title
+        assert "ok: exit 0" in text_of(app.screen.query_one("#title", Static))
+
+
+@pilot_test
+async def test_totals_line_of_the_period(ledger_path, utc):
+    from greend import units
+
+    app = make_app(source(ledger_path))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        mine = source(ledger_path).jobs(JobQuery(user="alice", since=NOW - D30, limit=1000), NOW).jobs
+        energy = units.energy(sum(j.it_energy_uj for j in mine) / 1e6)
+        carbon = units.carbon(sum(j.carbon_g for j in mine))
+        totals = text_of(app.screen.query_one("#totals", Static))
+        water = units.water(sum(j.water_site_l + j.water_offsite_l for j in mine))
+        assert totals.strip() == f"Totals of your last 30 days: 21 jobs · {energy} · {carbon} · {water}"
+        await press(app, pilot, "o")  # the table filtered: the totals stay those of the period
+        assert text_of(app.screen.query_one("#totals", Static)) == totals
+        await press(app, pilot, "t", "t", "t")  # 24 h
+        totals = text_of(app.screen.query_one("#totals", Static))
+        assert totals.startswith("Totals of your last 24 h: 2 jobs")
+        await press(app, pilot, "u")
+        totals = text_of(app.screen.query_one("#totals", Static))
+        assert totals.startswith("Totals of everyone's last 24 h: 4 jobs")
+    app = make_app(source(ledger_path), user="bob")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        totals = text_of(app.screen.query_one("#totals", Static))
+        assert totals.startswith("Totals of bob's last 30 days: 2 jobs")
+
+
+@pilot_test
+async def test_one_cluster_is_not_clusters(tmp_path, utc):
+    from greend import config as config_mod
+
+    data = {"cluster": "site", "clusters": {"site": fx.CONFIG["clusters"]["site"]}}
+    src = LedgerSource(tmp_path / "none.sqlite", config_mod.parse(data), label="ledger")
+    app = make_app(src)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await press(app, pilot, "2")
+        assert status(app).startswith("1 cluster, 1 open")
+
+
+@pilot_test
+async def test_title_and_key_lines_follow_the_screen(ledger_path, utc):
+    from greend.tui.keybar import KeyBar, TitleBar
+
+    app = make_app(source(ledger_path))
+    async with app.run_test(size=(120, 30)) as pilot:
+        await settle(app, pilot)
+
+        def bars() -> tuple[str, str]:
+            return (text_of(app.screen.query_one(TitleBar)).strip(),
+                    text_of(app.screen.query_one(KeyBar)).strip())
+
+        title, keys = bars()
+        assert title == "greend — My jobs · ledger fixture.sqlite"
+        assert keys.startswith("/ Search  s Sort  f State  o Outcome") and "q Quit" in keys
+        await press(app, pilot, "2")
+        assert bars() == ("greend — Clusters · ledger fixture.sqlite",
+                          "r Refresh  1 Jobs  3 Accounts  q Quit  ? Help")
+        await press(app, pilot, "question_mark")  # q and ? close the help: they are not "Quit"
+        assert text_of(app.screen.query_one(KeyBar)).strip() == "esc Close"
+
+
 @pilot_test
 async def test_paging_keys(ledger_path, utc):
     app = make_app(source(ledger_path), page_size=10)
@@ -567,7 +783,7 @@ def test_cli_registers_tui_and_picks_a_source(tmp_path, monkeypatch):
     monkeypatch.setenv("GREEND_STATE_DIR", str(tmp_path))
     monkeypatch.setattr(tui_cli, "DEFAULT_SOCKET", tmp_path / "nothing-here.sock")
     args = build_parser().parse_args(["tui"])
-    assert args.func is tui_cli.cmd_tui and args.refresh == 5.0
+    assert args.func is tui_cli.cmd_tui and args.refresh is None  # 2 s, 5 s with --url (cmd_tui)
     cfg = _load_config(args)
     src = tui_cli.make_source(args, cfg)
     assert isinstance(src, LedgerSource) and src.path == tmp_path / "ledger.sqlite"

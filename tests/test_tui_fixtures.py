@@ -46,6 +46,7 @@ RAPL = "measured: RAPL package (powercap)"
 RAPL_DRAM = "measured: RAPL dram (powercap)"
 NVML = "measured: NVML total energy counter"
 TDP = "modelled: TDP 24 W x (0.1 + 0.9 x load^3) (CodeCarbon)"
+SLURM_STATES = ("RUNNING", "TIMEOUT", "COMPLETED", "")  # of bob's and carol's jobs
 MEM = "modelled: 0.3725 W/GB of memory (Green Algorithms), allocated or resident"
 
 
@@ -170,7 +171,9 @@ def build_ledger(path: Path) -> Path:
                 end_time=None if i == 0 else start + 2 * H, submit_time=int(start - 30),
                 name=f"job-{user}-{i}", user=user, account=account, partition="batch", tier="site",
                 alloc_cpus=8, alloc_mem_bytes=32 * GIB, max_mem_bytes=20 * GIB,
-                provenance={"cpu": RAPL, "dram": RAPL_DRAM}, meta={"busy": 0.85}),
+                provenance={"cpu": RAPL, "dram": RAPL_DRAM},
+                # no exit code recorded: Slurm's final state says how they ended, when known
+                meta={"busy": 0.85, **({"slurm_state": SLURM_STATES[i]} if SLURM_STATES[i] else {})}),
                 fs["site"], {"cpu": 60.0 + 20 * i, "dram": 8.0})
         # the nodes' books: what was measured and what no job was charged
         for node, e_kwh, un in (("site-n1", 30.0, 0.06), ("site-n2", 26.0, 0.08),

@@ -49,7 +49,15 @@ def test_my_jobs(snap_compare, app, size):
 
 
 def test_everyones_jobs_by_carbon(snap_compare, app):
-    assert snap_compare(app, terminal_size=NARROW, run_before=keys("u", "s", "s"))
+    assert snap_compare(app, terminal_size=NARROW, run_before=keys("u", "C"))
+
+
+def test_failed_jobs_only(snap_compare, app):
+    assert snap_compare(app, terminal_size=NARROW, run_before=keys("o"))
+
+
+def test_my_jobs_by_energy_ascending_wide(snap_compare, app):
+    assert snap_compare(app, terminal_size=WIDE, run_before=keys("E", "E"))
 
 
 @pytest.mark.parametrize("size", [NARROW, WIDE], ids=["80x24", "160x48"])

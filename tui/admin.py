@@ -8,13 +8,15 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.reactive import reactive
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Static
 
 from greend import units
 
 from .data import Summary
 from .formatting import DEFAULT_PERIOD, PERIODS, clock, percent, since
+from .keybar import KeyBar, TitleBar
 from .screen import SourceScreen
+from .words import plural
 
 COLUMNS = ["#", "Key", "Jobs", "Energy", "Carbon", "Water", "Share", "Budget"]
 
@@ -44,12 +46,12 @@ class AdminScreen(SourceScreen):
         self.error: str | None = None
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield TitleBar()
         yield Static(id="filters")
         yield DataTable(id="top", cursor_type="row", zebra_stripes=True)
         yield Static(id="unattributed")
         yield Static(id="status")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self._columns()
@@ -115,7 +117,7 @@ class AdminScreen(SourceScreen):
         status = self.query_one("#status", Static)
         status.remove_class("error")
         jobs = sum(r.jobs for r in s.rows)
-        status.update(f"{len(s.rows)} {s.by}s, {jobs:,} jobs · updated "
+        status.update(f"{plural(len(s.rows), s.by)}, {plural(jobs, 'job')} · updated "
                       f"{clock(self.app.now())}")  # type: ignore[attr-defined]
 
     def action_by(self) -> None:

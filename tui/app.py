@@ -7,20 +7,20 @@ import time
 from collections.abc import Callable
 from typing import ClassVar
 
-from rich.table import Table
 from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
-from textual.screen import ModalScreen
-from textual.widgets import Footer, Static
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Static
 
-from .admin import AdminScreen
-from .clusters import ClustersScreen
 from .data import DataSource, SourceError
 from .jobs import JobsScreen
+from .keybar import KeyBar
 
 log = logging.getLogger(__name__)
+
+NAMES_AFTER_S = 0.5
 
 SCREENS_HELP = [
     ("1", "My jobs: your jobs and their footprints"),
@@ -48,6 +48,8 @@ class HelpScreen(ModalScreen[None]):
         self.keys = keys
 
     def compose(self) -> ComposeResult:
+        from rich.table import Table
+
         def table(title: str, rows: list[tuple[str, str]]) -> Table:
             t = Table.grid(padding=(0, 2))
             t.add_column(style="bold", min_width=14)
@@ -64,7 +66,20 @@ class HelpScreen(ModalScreen[None]):
             yield Static(table("Screens", SCREENS_HELP))
             yield Static(table("Columns", COLUMNS_HELP))
             yield Static(Text("Esc or ? closes this help. Guide: docs/tui.md", style="dim"))
-        yield Footer()
+        yield KeyBar()
+
+
+# The screens not shown first are imported when first opened: `greend tui` paints sooner.
+def _clusters_screen() -> Screen:
+    from .clusters import ClustersScreen
+
+    return ClustersScreen()
+
+
+def _admin_screen() -> Screen:
+    from .admin import AdminScreen
+
+    return AdminScreen()
 
 
 class GreendApp(App[None]):
@@ -73,7 +88,7 @@ class GreendApp(App[None]):
     CSS_PATH = "greend.tcss"
     TITLE = "greend"
     ENABLE_COMMAND_PALETTE = False
-    MODES: ClassVar[dict] = {"jobs": JobsScreen, "clusters": ClustersScreen, "admin": AdminScreen}
+    MODES: ClassVar[dict] = {"jobs": JobsScreen, "clusters": _clusters_screen, "admin": _admin_screen}
     DEFAULT_MODE = "jobs"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("q", "quit", "Quit"),
@@ -107,10 +122,12 @@ class GreendApp(App[None]):
         self._subtitle()
 
     def load_cluster_names(self) -> None:
-        """Learn every cluster's name for the jobs screen's cluster filter (once, after first paint)."""
+        """Learn every cluster's name for the jobs screen's cluster filter (once, a moment after the
+        first page: it may load the configuration, which would hold the first paint back)."""
         if not self._names_asked:
             self._names_asked = True
-            self.run_worker(self._load_cluster_names, thread=True, group="names")
+            self.set_timer(NAMES_AFTER_S, lambda: self.run_worker(self._load_cluster_names, thread=True,
+                                                                  group="names"))
 
     def _load_cluster_names(self) -> None:
         try:

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 DEFAULT_SOCKET = Path("/run/greend/api.sock")
+REFRESH_S = 2.0  # running jobs' rows change every few seconds (the daemon's checkpoints)
+URL_REFRESH_S = 5.0
 
 
 def add_commands(sub) -> None:
@@ -31,8 +33,9 @@ def add_commands(sub) -> None:
     who = p.add_mutually_exclusive_group()
     who.add_argument("--user", metavar="USER", help="show USER's jobs (default: yours)")
     who.add_argument("--all-users", action="store_true", help="show every user's jobs")
-    p.add_argument("--refresh", type=float, default=5.0, metavar="S",
-                   help="refresh every S seconds while the screen is open (0: only on r; default 5)")
+    p.add_argument("--refresh", type=float, default=None, metavar="S",
+                   help="refresh every S seconds while the screen is open (0: only on r; default 2, "
+                   f"{URL_REFRESH_S:g} with --url: a controller serves every user)")
     p.set_defaults(func=cmd_tui)
 
 
@@ -87,6 +90,8 @@ def make_source(args, cfg=None):
 def cmd_tui(args) -> int:
     from .data import SourceError
 
+    if args.refresh is None:
+        args.refresh = URL_REFRESH_S if args.url else REFRESH_S
     if args.refresh < 0:
         print("greend: tui: --refresh must be 0 or more seconds", file=sys.stderr)
         return 2

@@ -10,11 +10,13 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Static
 
 from .data import ClusterInfo
 from .formatting import clock, percent
+from .keybar import KeyBar, TitleBar
 from .screen import SourceScreen
+from .words import plural
 
 TIER_ORDER = {"local": 0, "site": 1, "national": 2}
 
@@ -89,13 +91,13 @@ class ClustersScreen(SourceScreen):
         self.error: str | None = None
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield TitleBar()
         yield Static("HDS: health-data certified · Jobs: running now · WUE, EWIF in L/kWh",
                      id="filters")
         yield DataTable(id="clusters", cursor_type="row", zebra_stripes=True, cell_padding=0)
         yield Static(id="sources")
         yield Static(id="status")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
@@ -125,7 +127,7 @@ class ClustersScreen(SourceScreen):
         status = self.query_one("#status", Static)
         status.remove_class("error")
         n_open = sum(c.open for c in self.info)
-        status.update(f"{len(self.info)} clusters, {n_open} open · updated "
+        status.update(f"{plural(len(self.info), 'cluster')}, {n_open} open · updated "
                       f"{clock(self.app.now())}")  # type: ignore[attr-defined]
 
     def _show_sources(self, i: int) -> None:

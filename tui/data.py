@@ -24,6 +24,8 @@ from greend import budgets, queries
 from greend.ledger import JobRow, Ledger, LedgerError
 from greend.queries import (  # noqa: F401 - the screens import the read model's types from here
     RUNNING,
+    SLURM_FAILED,
+    SLURM_OK,
     SORT_KEYS,
     ClusterInfo,
     JobDetail,
@@ -38,6 +40,8 @@ from greend.queries import (  # noqa: F401 - the screens import the read model's
     job_key,
     merge_rows,
     merge_series,
+    outcome_of,
+    slurm_state,
     water_l,
 )
 
@@ -46,7 +50,6 @@ SOURCES = ("cpu", "gpu", "dram", "memory")
 # Load and queue of the clusters for the ledger source, when none is given to it: set by the
 # composition root (greend.cli) so that the TUI does not import the policy engine.
 live_load_provider: LiveLoad | None = None
-
 
 class SourceError(Exception):
     """The data cannot be read; the message says from where and why, phrased for a person."""
@@ -151,17 +154,10 @@ def matches(row: JobRow, text: str) -> bool:
                                                    row.cluster, row.partition, row.command, row.node))
 
 
-def _outcome_ok(row: JobRow, outcome: str | None) -> bool:
-    if outcome is None:
-        return True
-    if row.exit_code is None:
-        return False
-    return (row.exit_code == 0) == (outcome == "ok")
-
-
 def select_page(jobs: list[JobRow], q: JobQuery, now: float) -> JobPage:
     """Search, sort and page merged jobs in memory, as greend.queries.job_page does in SQL."""
-    jobs = [r for r in jobs if (not q.search or matches(r, q.search)) and _outcome_ok(r, q.outcome)]
+    jobs = [r for r in jobs if (not q.search or matches(r, q.search))
+            and (q.outcome is None or outcome_of(r) == q.outcome)]
     # Ties broken as the SQL does: most recent first, then by cluster and job id.
     jobs = sorted(jobs, key=lambda r: (-r.last_seen, r.cluster, r.job_id))
     if q.sort != "recent" or not q.descending:

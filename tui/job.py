@@ -12,16 +12,20 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Static
 
 from greend import units
 
+from . import outcome
 from .advice import right_sizing
-from .data import RUNNING, JobDetail, elapsed_s, measured_share, power_w, provenance_kind
+from .data import RUNNING, JobDetail, measured_share, power_w, provenance_kind
 from .equivalents import equivalents
 from .formatting import clock, mib, percent, stamp
-from .plot import PowerPlot
+from .keybar import KeyBar, TitleBar
+from .outcome import elapsed_shown
+from .plot import PowerPlot, power_spans
 from .screen import SourceScreen
+from .words import plural
 
 J_PER_KWH = 3.6e6
 
@@ -44,9 +48,10 @@ def heading(text: str) -> Text:
 
 def title(d: JobDetail, now: float) -> RenderableType:
     j = d.job
-    state = Text(j.state, style="bold green" if j.state == RUNNING else "")
+    how = outcome.shown(j, now)
+    state = Text(how.long, style=how.style)
     line1 = Text.assemble((f"{j.cluster}/{j.job_id}", "bold"), "  ", j.name or "(no name)", "  ",
-                          state, "  ", units.duration(elapsed_s(j, now)))
+                          state, "  ", units.duration(elapsed_shown(j, now)))
     bits = [j.user or "?"]
     if j.account:
         bits.append(f"account {j.account}")
@@ -57,6 +62,8 @@ def title(d: JobDetail, now: float) -> RenderableType:
     nodes = [n for n in j.node.split(",") if n]
     bits.append(("node " if len(nodes) == 1 else "nodes ") + ", ".join(nodes))
     bits.append(f"from {stamp(j.first_seen)}" + (f" to {stamp(j.end_time)}" if j.end_time else ""))
+    if j.state == RUNNING and not outcome.is_stale(j, now):
+        bits.append(f"updated {clock(j.last_seen)}")
     lines = [line1, Text(" · ".join(bits), style="dim")]
     if j.command:
         lines.append(Text(f"$ {j.command}", style="dim", overflow="ellipsis", no_wrap=True))
@@ -105,12 +112,14 @@ def _share_note(j) -> Text:
 
 def resources(d: JobDetail, now: float) -> RenderableType:
     j = d.job
-    el = elapsed_s(j, now)
+    el = elapsed_shown(j, now)
     bits = []
     cpu_s = j.cpu_time_ns / 1e9
     busy = f", {cpu_s / el:.1f} busy on average" if el > 0 and cpu_s else ""
     if j.alloc_cpus:
-        bits.append(f"{j.alloc_cpus:g} CPUs allocated, CPU time {units.duration(cpu_s)}{busy}")
+        cpus = (plural(int(j.alloc_cpus), "CPU") if j.alloc_cpus == int(j.alloc_cpus)
+                else f"{j.alloc_cpus:g} CPUs")
+        bits.append(f"{cpus} allocated, CPU time {units.duration(cpu_s)}{busy}")
     else:
         bits.append(f"CPU time {units.duration(cpu_s)}{busy}")
     if j.max_mem_bytes or j.alloc_mem_bytes:
@@ -123,17 +132,28 @@ def resources(d: JobDetail, now: float) -> RenderableType:
     return Text("Resources: " + "; ".join(bits), style="dim")
 
 
-def power_caption(d: JobDetail, watts: list[float]) -> Text:
+def power_caption(d: JobDetail, watts: list[float], spans: list[tuple[float, float]]) -> Text:
+    """Mean and peak power, and what the chart is made of: how many points, of which step, over
+    how long (steps differ when the run was short, or at its last point)."""
     if not watts:
         return Text("No power series recorded yet (the first point comes after one series step).",
                     style="dim")
-    step = d.series[0].t_end - d.series[0].t_start if len(d.series) == 1 else (
-        d.series[1].t_start - d.series[0].t_start)
-    mean_w = sum(watts) / len(watts)
+    covered = sum(b - a for a, b in spans)
+    mean_w = sum(w * (b - a) for w, (a, b) in zip(watts, spans, strict=True)) / covered if covered else 0.0
+    span = spans[-1][1] - spans[0][0]
+    if len(watts) == 1:
+        return Text.assemble(("Power", "bold"), f"  {units.power(mean_w)} on average over "
+                             f"{units.duration(span)}: one point, too few for a chart")
+    steps = sorted(p.t_end - p.t_start for p in d.series)
+    # The first and last points may be cut short by the job's start and end: the step is the rest.
+    inner = steps if len(steps) < 3 else sorted(p.t_end - p.t_start for p in d.series[1:-1])
+    lo, hi = inner[0], inner[-1]
+    step = (f"step {units.duration(hi)}" if hi - lo <= 0.05 * hi
+            else f"steps {units.duration(lo)} to {units.duration(hi)}")
     return Text.assemble(
         ("Power", "bold"),
-        f"  mean {units.power(mean_w)}, peak {units.power(max(watts))}, "
-        f"{len(watts)} point{'s' if len(watts) != 1 else ''} of {units.duration(step)}",
+        f"  mean {units.power(mean_w)}, peak {units.power(max(watts))} · "
+        f"{plural(len(watts), 'point')}, {step}, over {units.duration(span)}",
     )
 
 
@@ -269,7 +289,7 @@ def decision(d: JobDetail) -> RenderableType | None:
 
 
 def advice(d: JobDetail, now: float) -> RenderableType | None:
-    lines = right_sizing(d.job, elapsed_s(d.job, now))
+    lines = right_sizing(d.job, elapsed_shown(d.job, now))
     if not lines:
         return None
     t = _grid()
@@ -303,7 +323,7 @@ class JobScreen(SourceScreen):
         self.error: str | None = None
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield TitleBar()
         with VerticalScroll(id="detail"):
             yield Static(f"Loading {self.cluster}/{self.job_id}…", id="title")
             yield Static(id="energy")
@@ -315,7 +335,7 @@ class JobScreen(SourceScreen):
             yield Static(id="decision")
             yield Static(id="advice")
         yield Static(id="status")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.query_one("#detail").focus()
@@ -324,7 +344,8 @@ class JobScreen(SourceScreen):
         self.refresh_every()
 
     def _tick(self) -> None:
-        if self.is_current and self.detail is not None and self.detail.job.state == RUNNING:
+        if self.is_current and self.detail is not None and self.detail.job.state == RUNNING \
+                and not self.error:
             self.reload()
 
     def reload(self) -> None:
@@ -351,12 +372,13 @@ class JobScreen(SourceScreen):
         self.query_one("#energy", Static).update(energy(d))
         self.query_one("#resources", Static).update(resources(d, now))
         watts = power_w(d.series, d.job.first_seen)
-        self.query_one("#power-caption", Static).update(power_caption(d, watts))
+        spans = power_spans(d.series, d.job.first_seen)
+        self.query_one("#power-caption", Static).update(power_caption(d, watts, spans))
         plot = self.query_one("#power", Static)
-        plot.display = len(watts) > 0
-        if watts:
-            t0 = max(d.series[0].t_start, d.job.first_seen)
-            plot.update(PowerPlot(watts, t0, d.series[-1].t_end))
+        plot.display = len(watts) > 1
+        self.query_one("#power-caption").set_class(not plot.display, "alone")
+        if len(watts) > 1:
+            plot.update(PowerPlot(watts, spans[0][0], spans[-1][1], spans=spans))
         self.query_one("#footprint", Static).update(footprint(d))
         self.query_one("#everyday", Static).update(everyday(d))
         for wid, r in (("#decision", decision(d)), ("#advice", advice(d, now))):
