@@ -18,7 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from . import __version__, decisions
 from . import config as config_mod
 from .errors import GreendError
-from .http import RetryingHTTPConnection, RetryingHTTPSConnection, client_tls
+from .http import client_tls
+from .httpclient import RetryingHTTPConnection, RetryingHTTPSConnection
 from .ledger import Ledger, LedgerError
 from .wire import FACTOR_COLS, JOB_COLS, METRICS, RECORDS_PATH, SERIES_COLS
 

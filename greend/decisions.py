@@ -16,7 +16,8 @@ import time
 from collections import deque
 
 from .errors import GreendError
-from .http import ApiError, bearer_ok, dumps, parse_json, unix_request
+from .http import ApiError, bearer_ok, dumps, parse_json
+from .httpclient import unix_request
 
 DECISIONS_PATH = "/api/v1/decisions"
 OUTCOMES = ("pending", "submitted", "refused", "no_cluster", "failed", "unknown")

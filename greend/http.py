@@ -18,21 +18,18 @@ import concurrent.futures
 import errno
 import grp
 import hmac
-import http.client
 import ipaddress
 import json
 import logging
 import math
 import os
 import pwd
-import random
 import re
 import socket
 import ssl
 import stat
 import struct
 import threading
-import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -41,6 +38,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 
 from .errors import ApiError, DaemonError, LedgerError, SiteError
+from .httpclient import RUN_DIR
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +46,9 @@ MAX_BODY = 1 << 20
 MAX_ANONYMOUS_BODY = 64 << 10  # a request without the site token sends no more than this
 MAX_TARGET = 8192
 MAX_HEADER_BYTES = 16384
-RUN_DIR = Path("/run/greend")
 
 __all__ = ["ApiError", "Caller", "Limits", "Server", "bearer_ok", "default_socket", "dumps",
-           "parse_json", "parse_listen", "serve", "unix_request"]
+           "parse_json", "parse_listen", "serve"]
 
 
 # -- listen addresses and socket paths ------------------------------------------------------------
@@ -570,69 +567,3 @@ def client_tls(ca_file: Path | None, key: str = "controller.ca_file") -> ssl.SSL
         raise SiteError(f"{key} {ca_file}: not a PEM certificate file: {e}") from None
 
 
-# -- clients ----------------------------------------------------------------------------------------
-_RETRY_CONNECT = (errno.EAGAIN, errno.ECONNREFUSED, errno.EINTR)
-
-
-def connect_retrying(connect, timeout: float) -> None:
-    """Call connect() until it succeeds, retrying a refused or would-block connect (a listen
-    queue momentarily full, a daemon restarting) with jittered backoff for up to `timeout`."""
-    deadline = time.monotonic() + timeout
-    delay = 0.02
-    while True:
-        try:
-            connect()
-            return
-        except OSError as e:
-            if e.errno not in _RETRY_CONNECT or time.monotonic() + delay > deadline:
-                raise
-        time.sleep(delay * random.uniform(0.5, 1.5))
-        delay = min(delay * 2, 0.5)
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over a unix socket, with the connect retry."""
-
-    def __init__(self, path: Path | str, timeout: float = 5.0):
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = str(path)
-
-    def connect(self) -> None:
-        def once():
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(self.timeout)
-            try:
-                sock.connect(self.socket_path)
-            except BaseException:
-                sock.close()
-                raise
-            self.sock = sock
-
-        connect_retrying(once, self.timeout)
-
-
-class RetryingHTTPConnection(http.client.HTTPConnection):
-    """http.client over TCP, with the connect retry."""
-
-    def connect(self) -> None:
-        connect_retrying(super().connect, self.timeout)
-
-
-class RetryingHTTPSConnection(http.client.HTTPSConnection):
-    """http.client over TLS, with the connect retry."""
-
-    def connect(self) -> None:
-        connect_retrying(super().connect, self.timeout)
-
-
-def unix_request(path: Path | str, method: str, target: str, body: bytes | None = None,
-                 headers: dict | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
-    """One request on a unix socket: (status, body). OSError or http.client.HTTPException when
-    there is no answer."""
-    conn = UnixHTTPConnection(path, timeout)
-    try:
-        conn.request(method, target, body=body, headers=headers or {})
-        r = conn.getresponse()
-        return r.status, r.read()
-    finally:
-        conn.close()

@@ -400,19 +400,11 @@ def cmd_submit(args) -> int:
 
 
 def _daemon_sockets(cfg) -> list:
-    """Where this node's greend daemon may listen: daemon.socket, else default_socket's path and,
-    for a user other than root, the system daemon's /run/greend/api.sock."""
-    from pathlib import Path
+    """Where this node's greend daemon may listen (greend.httpclient.daemon_sockets: daemon.socket,
+    else the system daemon's socket, then the one a daemon run by this user makes)."""
+    from greend.httpclient import daemon_sockets
 
-    from greend.daemon import default_socket
-
-    first = default_socket(cfg)
-    if first is None:
-        return []
-    out = [first]
-    if cfg.daemon.socket is None and Path("/run/greend/api.sock") != first:
-        out.append(Path("/run/greend/api.sock"))
-    return out
+    return daemon_sockets(cfg.daemon.socket, cfg.resolved_state_dir())
 
 
 def _report_decision(engine, log, token: str, ledger_path) -> dict:

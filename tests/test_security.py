@@ -523,7 +523,7 @@ def test_decisions_reported_by_many_concurrent_callers_are_all_stored(node, user
 def test_unix_client_retries_a_refused_connect(tmp_path):
     """A socket whose listen queue is full (EAGAIN) or not yet listening (ECONNREFUSED): the
     client retries until the server takes it."""
-    from greend.http import unix_request
+    from greend.httpclient import unix_request
 
     path = tmp_path / "s.sock"
     srv = socket.socket(socket.AF_UNIX)
@@ -807,7 +807,7 @@ def test_fuzz_every_endpoint_answers_4xx_not_500(fuzz_target, path, query, metho
     import http.client
     from urllib.parse import urlencode
 
-    from greend.http import UnixHTTPConnection
+    from greend.httpclient import UnixHTTPConnection
 
     node, ctl = fuzz_target
     target = path + ("?" + urlencode(query) if query else "")

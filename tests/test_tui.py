@@ -781,7 +781,9 @@ def test_cli_registers_tui_and_picks_a_source(tmp_path, monkeypatch):
     from greend.cli import _load_config, build_parser
 
     monkeypatch.setenv("GREEND_STATE_DIR", str(tmp_path))
-    monkeypatch.setattr(tui_cli, "DEFAULT_SOCKET", tmp_path / "nothing-here.sock")
+    from greend import httpclient
+
+    monkeypatch.setattr(httpclient, "RUN_DIR", tmp_path / "nothing-here")
     args = build_parser().parse_args(["tui"])
     assert args.func is tui_cli.cmd_tui and args.refresh is None  # 2 s, 5 s with --url (cmd_tui)
     cfg = _load_config(args)

@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_SOCKET = Path("/run/greend/api.sock")
 REFRESH_S = 2.0  # running jobs' rows change every few seconds (the daemon's checkpoints)
 URL_REFRESH_S = 5.0
 
@@ -27,7 +26,8 @@ def add_commands(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ledger", metavar="FILE", help="read this ledger file (read-only)")
     src.add_argument("--socket", metavar="PATH",
-                     help=f"the local daemon's API socket (default: {DEFAULT_SOCKET} if present)")
+                     help="the local daemon's API socket (default: daemon.socket, else /run/greend/api.sock, "
+                     "else <state_dir>/api.sock, the first that exists)")
     src.add_argument("--url", metavar="URL",
                      help="a site controller's API, e.g. http://host:9472 (a node's: port 9471)")
     who = p.add_mutually_exclusive_group()
@@ -49,14 +49,14 @@ def _me() -> str:
 
 
 def default_socket(cfg) -> Path | None:
-    """The daemon's socket if one exists: configured, system-wide, or in the state directory."""
+    """The daemon's socket if one exists: configured, system-wide, or in the state directory
+    (greend.httpclient.daemon_sockets: the rule every client follows)."""
+    from greend.httpclient import daemon_sockets
+
     daemon = getattr(cfg, "daemon", None)
-    configured = getattr(daemon, "socket", None)
-    if configured is not None and str(configured) in ("", "."):
-        return None  # configured off
-    for p in (configured, DEFAULT_SOCKET, cfg.resolved_state_dir() / "api.sock"):
-        if p is not None and Path(p).is_socket():
-            return Path(p)
+    for p in daemon_sockets(getattr(daemon, "socket", None), cfg.resolved_state_dir()):
+        if p.is_socket():
+            return p
     return None
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
-import socket
 import sqlite3
 import threading
 import urllib.parse
@@ -276,22 +275,6 @@ class LedgerSource(DataSource):
 
 
 # -- 2 and 3. greend's HTTP API (the daemon's unix socket, a site controller's URL) ------------
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self.socket_path)
-        except OSError:
-            s.close()
-            raise
-        self.sock = s
-
-
 class _ApiSource(DataSource):
     """greend's /api/v1: filters, search, sorting and paging server-side (greend.queries)."""
 
@@ -487,7 +470,9 @@ class SocketSource(_ApiSource):
         self.label = label or f"greend at {self.path}"
 
     def _connect(self) -> http.client.HTTPConnection:
-        return _UnixHTTPConnection(self.path, self.timeout)
+        from greend.httpclient import UnixHTTPConnection
+
+        return UnixHTTPConnection(self.path, self.timeout)
 
     def _where(self) -> str:
         return self.path
