@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from greend.collectors.base import JobUsage
 from greend.collectors.procscan import NS_PER_TICK, ProcScan
 
 from . import config as config_mod
@@ -47,6 +48,25 @@ class Result:
     row: JobRow
     monitor: Monitor
     orphans_left: int
+    node_busy: float | None = None
+    """The node's busy share (all CPUs, /proc/stat) over the run."""
+
+
+# The running row is written at the start and then this often: `greend jobs` and the TUI show a
+# run within seconds, named, with figures at most this old. One small transaction each time.
+WRITE_EVERY_S = 2.0
+# A run's series keeps at most about this many points: its sampling interval while that fits,
+# then the next coarser step of STEPS (the stored series is merged when the step changes).
+MAX_POINTS = 120
+STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400)
+
+
+def series_step(interval_s: float, elapsed_s: float) -> float:
+    """The series step for a run of elapsed_s sampled every interval_s."""
+    if elapsed_s <= interval_s * MAX_POINTS:
+        return interval_s
+    need = elapsed_s / MAX_POINTS
+    return float(next((s for s in STEPS if s >= need and s >= interval_s), STEPS[-1]))
 
 
 def _set_subreaper() -> bool:
@@ -61,13 +81,21 @@ def _rusage_ns(ru) -> int:
     return int((ru.ru_utime + ru.ru_stime) * 1e9)
 
 
+def _busy(a: tuple[int, int], b: tuple[int, int]) -> float | None:
+    total = b[0] - a[0]
+    return max(0.0, min(1.0, ((b[0] - b[1]) - (a[0] - a[1])) / total)) if total > 0 else None
+
+
 def run(cfg: config_mod.Config, argv: list[str], ledger: Ledger | None, *,
         live: bool = False, out=sys.stderr) -> Result:
     scan = ProcScan(cfg.paths.procfs, cfg.cluster)
     monitor = Monitor(cfg, ledger, jobs_source=scan, record_kinds={"command"}, resume=False)
     subreaper = _set_subreaper()
-    monitor.tick()  # baseline just before the command starts
-    t_start = time.time()
+    interval = cfg.sampling.measure_interval_s
+    step = monitor.job_series_step_s = series_step(interval, 0)
+    monitor.tick()  # the process table, then the counters again right before exec
+    t_start = monitor.rebaseline()
+    cpu0 = (monitor.prev.cpu_total, monitor.prev.cpu_idle)
     job_id = time.strftime("%Y%m%d-%H%M%S", time.localtime(t_start)) + f"-{os.getpid()}"
     try:
         child = subprocess.Popen(argv, close_fds=False)
@@ -82,6 +110,15 @@ def run(cfg: config_mod.Config, argv: list[str], ledger: Ledger | None, *,
     except OSError:
         cpus = float(os.cpu_count() or 1)
     scan.command_pid, scan.command_job_id, scan.command_cpus = child.pid, job_id, cpus
+    key = f"cmd/{job_id}"
+    # The run's record exists from exec on, named: written now, then every WRITE_EVERY_S.
+    acc = monitor._account_for(JobUsage(key, "command", job_id, os.getuid(), 0, alloc_cpus=cpus,
+                                        cluster=cfg.cluster), t_start)
+    row = acc.row
+    row.command, row.name, row.submit_time = shlex.join(argv), os.path.basename(argv[0]), int(t_start)
+    row.meta = {**(row.meta or {}), "idle_rule": cfg.attribution.idle_power}
+    if ledger is not None:
+        monitor.checkpoint()
 
     def forward(signum, _frame):
         try:
@@ -92,9 +129,10 @@ def run(cfg: config_mod.Config, argv: list[str], ledger: Ledger | None, *,
     old = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     reaped_ns = 0
     status = None
-    interval = cfg.sampling.measure_interval_s
+    t_exit = t_start
     next_tick = time.monotonic() + interval
-    last_checkpoint = time.monotonic()
+    last_write = time.monotonic()
+    line = LiveLine(out) if live else None
     try:
         pidfd = os.pidfd_open(child.pid)
     except (AttributeError, OSError):
@@ -115,55 +153,105 @@ def run(cfg: config_mod.Config, argv: list[str], ledger: Ledger | None, *,
                     break
                 reaped_ns += _rusage_ns(ru)
                 if pid == child.pid:
-                    status = st
+                    status, t_exit = st, time.time()
             if status is None and time.monotonic() >= next_tick:
                 monitor.tick()
                 next_tick += interval
                 if next_tick < time.monotonic():
                     next_tick = time.monotonic() + interval
-                if live:
-                    _live_line(out, time.time() - t_start, monitor, scan)
-                if ledger is not None and time.monotonic() - last_checkpoint > 30:
+                if line is not None:
+                    line.show(_live_text(time.time() - t_start, acc, interval))
+                if ledger is not None and time.monotonic() - last_write >= WRITE_EVERY_S:
+                    new_step = series_step(interval, time.time() - t_start)
+                    if new_step != step:
+                        step = _coarsen(monitor, ledger, acc, new_step)
                     monitor.checkpoint()
-                    last_checkpoint = time.monotonic()
+                    last_write = time.monotonic()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
         if pidfd is not None:
             os.close(pidfd)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    elapsed = time.time() - t_start
-    if live:
-        out.write("\r\033[K")
-        out.flush()
-    # Exact CPU time of everything reaped in the tree beats the last partial scan.
-    # (A command that ended before any scan saw it gets its group here.)
+        if line is not None:
+            line.close()
+    # The interval ends at exit: the next reading is taken now, before anything else. The exact
+    # CPU time of everything reaped in the tree beats the last partial scan (a command that
+    # ended before any scan saw it gets its group here).
     group = scan.command_group()
     group.cum_ticks = max(group.cum_ticks, reaped_ns // NS_PER_TICK)
     monitor.tick()
-    acc = monitor.accounts[f"cmd/{job_id}"]
-    row = acc.row
+    child.returncode = os.waitstatus_to_exitcode(status)
     code = child.returncode
     row.exit_code = code if code >= 0 else 128 - code
-    row.command = shlex.join(argv)
-    row.name = os.path.basename(argv[0])
-    row.first_seen = min(row.first_seen, t_start)
-    row.submit_time = int(t_start)
-    orphans = sum(1 for p in scan.procs.values() if p.group == f"cmd/{job_id}")
-    monitor._end(acc.key, time.time(), time.time())
+    busy = _busy(cpu0, (monitor.prev.cpu_total, monitor.prev.cpu_idle))
+    row.meta = {**(row.meta or {}), "idle_uj": acc.idle_uj,
+                **({"node_busy": round(busy, 4)} if busy is not None else {})}
+    orphans = sum(1 for p in scan.procs.values() if p.group == key)
+    monitor._end(acc.key, t_exit, t_exit)
+    row.first_seen = t_start
     if not subreaper:
         log.debug("could not become a child subreaper; orphaned descendants may escape")
     if ledger is not None:
+        if series_step(interval, t_exit - t_start) != step:
+            _coarsen(monitor, ledger, acc, series_step(interval, t_exit - t_start))
         monitor.checkpoint()
     monitor.close()
-    return Result(list(argv), row.exit_code, elapsed, row, monitor, orphans)
+    return Result(list(argv), row.exit_code, t_exit - t_start, row, monitor, orphans, busy)
 
 
-def _live_line(out, elapsed: float, monitor: Monitor, scan: ProcScan) -> None:
-    acc = next((a for a in monitor.accounts.values() if a.row.kind == "command"), None)
-    e = acc.row.cpu_uj + acc.row.dram_uj + acc.row.gpu_uj + acc.row.memory_uj if acc else 0
-    dt = monitor.cfg.sampling.measure_interval_s
-    p = (acc.last_interval_uj / 1e6 / dt) if acc else 0.0
-    out.write(f"\r\033[Kgreend: {units.duration(elapsed)} elapsed, {units.energy(e / 1e6)} so far, "
-              f"{units.power(p)} now")
-    out.flush()
+def _coarsen(monitor: Monitor, ledger: Ledger, acc, step: float) -> float:
+    """Store the run's series at a coarser step from now on, the stored part merged to it."""
+    monitor.checkpoint()
+    monitor.job_series_step_s = step
+    if acc.row.pk is not None:
+        with ledger.transaction() as db:
+            ledger.merge_series(db, acc.row.pk, step)
+        acc.buckets = {(r["t_start"], r["factor_set"]): [
+            r["t_end"], r["cpu_uj"], r["dram_uj"], r["gpu_uj"], r["memory_uj"], r["cpu_time_ns"],
+            r["carbon_g"], r["water_site_l"], r["water_offsite_l"]]
+            for r in ledger.last_series_step(acc.row.pk)}
+    return step
+
+
+def _live_text(elapsed: float, acc, dt: float) -> str:
+    r = acc.row
+    e = r.cpu_uj + r.dram_uj + r.gpu_uj + r.memory_uj
+    p = acc.last_interval_uj / 1e6 / dt
+    return (f"greend: {units.duration(elapsed)} elapsed, {units.energy(e / 1e6)} IT energy so far, "
+            f"{units.power(p)} now")
+
+
+class LiveLine:
+    """The live figures on the terminal's bottom row, kept out of the command's output.
+
+    The rows above become the scrolling region, so what the command prints scrolls there and
+    never meets the live line; each update saves the cursor, writes the bottom row and restores
+    the cursor in one write, so a line the command is halfway through continues where it was.
+    """
+
+    def __init__(self, out):
+        self.out = out
+        try:
+            self.cols, self.rows = os.get_terminal_size(out.fileno())
+        except (OSError, ValueError, AttributeError):
+            self.cols = self.rows = 0
+        self.on = self.rows >= 3 and self.cols >= 20
+        if self.on:
+            # A new line first, so the cursor is not on the row the live line takes.
+            self._write(f"\n\033[1A\0337\033[1;{self.rows - 1}r\0338")
+
+    def _write(self, s: str) -> None:
+        try:
+            self.out.write(s)
+            self.out.flush()
+        except OSError:
+            self.on = False
+
+    def show(self, text: str) -> None:
+        if self.on:
+            self._write(f"\0337\033[{self.rows};1H\033[2K{text[:self.cols - 1]}\0338")
+
+    def close(self) -> None:
+        if self.on:
+            self._write(f"\0337\033[r\0338\0337\033[{self.rows};1H\033[2K\0338")
+            self.on = False

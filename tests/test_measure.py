@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import sqlite3
 import subprocess
@@ -36,9 +37,10 @@ def test_json_report_of_a_cpu_bound_command(tmp_path):
     f = d["factors"][0]
     assert e["facility"] == pytest.approx(e["it"] * f["pue"])
     kwh = e["it"] / 3.6e6
-    assert d["carbon_g"] == pytest.approx(kwh * f["pue"] * f["carbon_intensity_g_per_kwh"])
-    assert d["water_l"]["site"] == pytest.approx(kwh * f["wue_site_l_per_kwh"])
-    assert d["water_l"]["offsite"] == pytest.approx(kwh * f["pue"] * f["ewif_l_per_kwh"])
+    # Carbon and water carry 6 significant digits (docs/json.md).
+    assert d["carbon_g"] == pytest.approx(kwh * f["pue"] * f["carbon_intensity_g_per_kwh"], rel=1e-5)
+    assert d["water_l"]["site"] == pytest.approx(kwh * f["wue_site_l_per_kwh"], rel=1e-5)
+    assert d["water_l"]["offsite"] == pytest.approx(kwh * f["pue"] * f["ewif_l_per_kwh"], rel=1e-5)
     # Every figure says how it was obtained and every factor where it came from.
     assert d["provenance"]["cpu"].startswith(("measured:", "modelled:"))
     for k in ("pue", "wue_site_l_per_kwh", "ewif_l_per_kwh", "carbon_intensity_g_per_kwh"):
@@ -50,7 +52,7 @@ def test_text_report_goes_to_stderr_and_command_output_is_untouched(tmp_path):
     r = measure(tmp_path, "--", sys.executable, "-c", "print('hello from the job')")
     assert r.returncode == 0
     assert r.stdout == "hello from the job\n"
-    for word in ("Energy (IT)", "Carbon", "Water", "PUE", "Carbon intensity", "EWIF"):
+    for word in ("IT energy", "Facility energy", "Carbon", "Water", "PUE", "Carbon intensity", "EWIF"):
         assert word in r.stderr
 
 
@@ -100,8 +102,9 @@ def test_runs_are_recorded_in_the_ledger_and_listed(tmp_path):
     env = {**os.environ, "GREEND_STATE_DIR": str(tmp_path / "state")}
     listing = subprocess.run([GREEND, "jobs", "--json"], capture_output=True, text=True, env=env)
     jobs = json.loads(listing.stdout)
-    assert len(jobs) == 2 and jobs[0]["it_energy_j"] > 0
-    one = subprocess.run([GREEND, "jobs", jobs[0]["job_id"]], capture_output=True, text=True, env=env)
+    assert len(jobs) == 2 and jobs[0]["energy_j"]["it"] > 0
+    one = subprocess.run([GREEND, "jobs", jobs[0]["job"]["job_id"]], capture_output=True, text=True,
+                         env=env)
     assert one.returncode == 0 and "Assumptions" in one.stdout
 
 
@@ -115,12 +118,17 @@ def test_orphaned_grandchildren_stay_in_the_command(tmp_path):
     assert json.loads(out.read_text())["cpu_time_s"] >= 0.75
 
 
-def test_live_line_on_a_terminal(tmp_path):
+def _run_in_pty(argv: list[str], env: dict, rows: int = 24, cols: int = 80) -> bytes:
+    """Run argv on a fresh pseudo-terminal of rows x cols; everything written to it."""
+    import fcntl
+    import struct
+    import termios
+
     pid, fd = pty.fork()
     if pid == 0:
-        os.environ["GREEND_STATE_DIR"] = str(tmp_path / "state")
-        os.execv(GREEND, [GREEND, "measure", "--no-ledger", "--", sys.executable, "-c",
-                          "import time; time.sleep(2.5)"])
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        os.environ.update(env)
+        os.execv(argv[0], argv)
     buf = b""
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -134,6 +142,30 @@ def test_live_line_on_a_terminal(tmp_path):
                 break
             buf += chunk
     os.waitpid(pid, 0)
+    return buf
+
+
+def test_live_line_stays_out_of_the_commands_output(tmp_path):
+    # The command prints half a line, pauses across live updates, then ends the line: on the
+    # terminal the line must read whole, and the live figures must sit on the bottom row only.
+    code = ("import sys, time; print('epoch 1', end='', flush=True); time.sleep(2.6); "
+            "print(' loss 0.25'); print('done')")
+    buf = _run_in_pty([GREEND, "measure", "--no-ledger", "--", sys.executable, "-c", code],
+                      {"GREEND_STATE_DIR": str(tmp_path / "state")})
     text = buf.decode(errors="replace")
-    assert "elapsed" in text and "so far" in text
-    assert "Energy (IT)" in text
+    # The scrolling region keeps the bottom row for greend, and is given back at the end.
+    assert "\x1b[1;23r" in text and "\x1b[r" in text
+    updates = [u for u in re.findall(r"\x1b7\x1b\[24;1H\x1b\[2K([^\x1b]*)\x1b8", text) if u]
+    assert len(updates) >= 2 and all("elapsed" in u and "IT energy so far" in u for u in updates)
+    assert all(len(u) < 80 for u in updates)
+    # Each update is one save-cursor ... restore-cursor write: taken out, the command's output
+    # is exactly what it printed.
+    rest = re.sub(r"\x1b7.*?\x1b8", "", text, flags=re.S)
+    assert "epoch 1 loss 0.25\r\ndone\r\n" in rest
+    assert "IT energy" in text  # the report at the end
+
+
+def test_no_live_line_without_a_terminal_size(tmp_path):
+    buf = _run_in_pty([GREEND, "measure", "--no-ledger", "--", "sleep", "1.5"],
+                      {"GREEND_STATE_DIR": str(tmp_path / "state")}, rows=0, cols=0)
+    assert b"\x1b7" not in buf and b"IT energy" in buf
