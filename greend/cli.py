@@ -203,7 +203,7 @@ def cmd_jobs(args) -> int:
     if not rows:
         print(f"no jobs{' of ' + user if user else ''} in {ledger.path}")
         return 0
-    stale_s = max(120.0, 2 * cfg.daemon.checkpoint_interval_s)
+    stale_s = max(120.0, 2 * cfg.sampling.checkpoint_interval_s)
     for line in jobs_table(rows, cfg.cluster, show_user=user is None or user != _me(),
                            stale_s=stale_s, now=time.time()):
         print(line)

@@ -169,3 +169,155 @@ def test_no_live_line_without_a_terminal_size(tmp_path):
     buf = _run_in_pty([GREEND, "measure", "--no-ledger", "--", "sleep", "1.5"],
                       {"GREEND_STATE_DIR": str(tmp_path / "state")}, rows=0, cols=0)
     assert b"\x1b7" not in buf and b"IT energy" in buf
+
+
+MODEL_CONFIG = "[power]\nrapl = false\n"  # the TDP model: a node idle power that is known exactly
+
+
+def _footprint(tmp_path: Path, *cmd: str, extra: tuple = (), env: dict | None = None) -> dict:
+    out = tmp_path / f"fp-{time.monotonic_ns()}.json"
+    r = measure(tmp_path, "--json", "-o", str(out), *extra, "--", *cmd, env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(out.read_text())
+
+
+def test_idle_share_of_identical_runs_is_the_node_idle_power_times_their_length(tmp_path):
+    cfg = tmp_path / "model.toml"
+    cfg.write_text(MODEL_CONFIG)
+    runs = [_footprint(tmp_path, "sleep", "1", env={"GREEND_CONFIG": str(cfg)}) for _ in range(5)]
+    ncpu = os.cpu_count()
+    idle = []
+    for d in runs:
+        # Node idle power under the model: its floor, 0.1 x TDP; the command is allocated the
+        # CPUs it may run on, so its share is alloc / ncpu of it, for the run's length.
+        expected = 0.1 * d["cpu_power_model"]["tdp_w"] * d["job"]["alloc_cpus"] / ncpu * d["elapsed_s"]
+        assert d["idle_power"]["rule"] == "allocated"
+        assert d["idle_power"]["energy_j"] == pytest.approx(expected, rel=0.10)
+        assert 0 <= d["idle_power"]["node_busy"] <= 1
+        idle.append(d["idle_power"]["energy_j"])
+    assert max(idle) <= 1.1 * min(idle), idle
+
+
+def test_idle_rule_unattributed_charges_no_idle_power(tmp_path):
+    cfg = tmp_path / "model.toml"
+    cfg.write_text(MODEL_CONFIG)
+    d = _footprint(tmp_path, "sleep", "0.5", extra=("--idle", "unattributed"),
+                   env={"GREEND_CONFIG": str(cfg)})
+    assert d["idle_power"]["rule"] == "unattributed" and d["idle_power"]["energy_j"] == 0
+
+
+def test_concurrent_runs_leave_node_books_that_balance_to_the_microjoule(tmp_path):
+    env = {**os.environ, "GREEND_STATE_DIR": str(tmp_path / "state")}
+    assert measure(tmp_path, "-q", "--", "true").returncode == 0  # the ledger exists
+    procs = [subprocess.Popen([GREEND, "measure", "-q", "--", sys.executable, "-c", BUSY.format(s=s)],
+                              env=env) for s in (0.4, 0.8, 1.2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    db = sqlite3.connect(tmp_path / "state" / "ledger.sqlite")
+    jobs_uj = db.execute("SELECT sum(cpu_uj + dram_uj + gpu_uj + memory_uj) FROM jobs").fetchone()[0]
+    series = db.execute("SELECT sum(cpu_uj + dram_uj + gpu_uj + memory_uj) FROM job_series").fetchone()[0]
+    node_e, node_u = db.execute("SELECT sum(energy_uj), sum(unattributed_uj) FROM node_series").fetchone()
+    tot_e, tot_u = db.execute("SELECT sum(energy_uj), sum(unattributed_uj) FROM node_totals").fetchone()
+    assert db.execute("SELECT count(*) FROM jobs").fetchone()[0] == 4
+    assert jobs_uj > 0 and series == jobs_uj
+    assert node_e == jobs_uj + node_u
+    assert tot_e == jobs_uj + tot_u == node_e
+
+
+def test_running_run_shows_early_named_and_stored_elapsed_is_the_printed_one(tmp_path):
+    state = tmp_path / "state"
+    assert measure(tmp_path, "-q", "--", "true").returncode == 0
+    env = {**os.environ, "GREEND_STATE_DIR": str(state)}
+    out = tmp_path / "fp.json"
+    p = subprocess.Popen([GREEND, "measure", "--json", "-o", str(out), "--", "sleep", "4.5"], env=env)
+    seen = []
+    t0 = time.time()
+    while p.poll() is None and time.time() - t0 < 30:
+        listing = subprocess.run([GREEND, "jobs", "--state", "running", "--json"], env=env,
+                                 capture_output=True, text=True)
+        seen += [(time.time() - t0, d) for d in json.loads(listing.stdout)]
+        time.sleep(0.5)
+    assert p.wait() == 0
+    assert seen and seen[0][0] < 3.5, "a running run shows within seconds"
+    assert all(d["job"]["name"] == "sleep" and d["job"]["command"] == "sleep 4.5" for _, d in seen)
+    first, last = seen[0][1], seen[-1][1]
+    assert last["job"]["last_seen"] > first["job"]["last_seen"]  # live figures, not frozen
+    assert last["energy_uj"]["it"] > first["energy_uj"]["it"]
+    printed = json.loads(out.read_text())
+    (stored,) = json.loads(subprocess.run([GREEND, "jobs", printed["job"]["job_id"], "--json"],
+                                          env=env, capture_output=True, text=True).stdout),
+    assert stored["elapsed_s"] == pytest.approx(printed["elapsed_s"], abs=0.002)
+    assert stored["job"]["first_seen"] == pytest.approx(printed["job"]["first_seen"], abs=0.002)
+    assert stored["job"]["state"] == "ended" and stored["job"]["outcome"] == "ok"
+
+
+def test_every_json_output_validates_against_the_schema(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    from greend import report
+
+    schema = json.loads(report.schema_path().read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    v = jsonschema.Draft202012Validator(schema)
+    env = {**os.environ, "GREEND_STATE_DIR": str(tmp_path / "state")}
+    docs = [_footprint(tmp_path, sys.executable, "-c", BUSY.format(s=0.2))]
+    r = measure(tmp_path, "-q", "--", sys.executable, "-c", "raise SystemExit(3)")
+    assert r.returncode == 3
+    listing = json.loads(subprocess.run([GREEND, "jobs", "--json"], env=env, capture_output=True,
+                                        text=True).stdout)
+    assert len(listing) == 2
+    one = json.loads(subprocess.run([GREEND, "jobs", listing[0]["job"]["job_id"], "--json"], env=env,
+                                    capture_output=True, text=True).stdout)
+    for d in [*docs, *listing, one]:
+        errors = [f"{list(e.path)}: {e.message}" for e in v.iter_errors(d)]
+        assert not errors, errors
+        assert d["schema_version"] == report.SCHEMA_VERSION
+    assert {d["job"]["outcome"] for d in listing} == {"ok", "failed"}
+
+
+def test_jobs_shows_the_outcome_and_filters_on_it(tmp_path):
+    env = {**os.environ, "GREEND_STATE_DIR": str(tmp_path / "state")}
+    for code in ("pass", "raise SystemExit(3)", "import os, signal; os.kill(os.getpid(), signal.SIGINT)"):
+        measure(tmp_path, "-q", "--", sys.executable, "-c", code)
+
+    def jobs(*a):
+        return subprocess.run([GREEND, "jobs", *a], env=env, capture_output=True, text=True)
+
+    table = jobs().stdout.splitlines()
+    assert "EXIT" in table[0] and len(table) == 4
+    assert all(len(line) <= 80 for line in table)
+    assert sorted(line.split()[2] for line in table[1:]) == ["0", "130", "3"]
+    failed = json.loads(jobs("--outcome", "failed", "--json").stdout)
+    assert sorted(d["job"]["exit_code"] for d in failed) == [3, 130]
+    ok = json.loads(jobs("--outcome", "ok", "--json").stdout)
+    assert [d["job"]["exit_code"] for d in ok] == [0]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["measure", "--interval", "inf", "--", "true"], "--interval"),
+    (["measure", "--interval", "nan", "--", "true"], "--interval"),
+    (["measure", "--interval", "0", "--", "true"], "--interval"),
+    (["jobs", "--limit", str(10**30)], "--limit"),
+    (["jobs", "--limit", "-5"], "--limit"),
+    (["jobs", "--since-hours", "-1"], "--since-hours"),
+])
+def test_numeric_options_are_range_checked(tmp_path, args, message):
+    env = {**os.environ, "GREEND_STATE_DIR": str(tmp_path / "state")}
+    r = subprocess.run([GREEND, *args], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr and "expected" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_state_dir_flag_beats_the_environment(tmp_path):
+    env = {**os.environ, "GREEND_STATE_DIR": str(tmp_path / "from-env")}
+    flag = tmp_path / "from-flag"
+    r = subprocess.run([GREEND, "--state-dir", str(flag), "measure", "-q", "--", "true"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (flag / "ledger.sqlite").exists() and not (tmp_path / "from-env").exists()
+
+
+def test_text_report_fits_80_columns(tmp_path):
+    r = measure(tmp_path, "--", sys.executable, "-c", "pass")
+    assert r.returncode == 0
+    lines = r.stderr.splitlines()
+    assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
+    assert any("of which idle" in line and "idle rule `allocated`" in line for line in lines)
