@@ -315,6 +315,7 @@ class Monitor:
         for u in jobs:
             self._account_for(u, t)
         if prev is None:
+            self._seed_node_totals(counters)
             self.prev = snap
             self.ticks += 1
             self.last_tick_s = time.perf_counter() - t0
@@ -347,6 +348,36 @@ class Monitor:
         self.prev = Snapshot(t, p.boot_id, cpu.total_ticks, cpu.idle_ticks, {**p.counters, **counters},
                              p.jobs)
         return t
+
+    def _seed_node_totals(self, counters: list[EnergyCounter]) -> None:
+        """At the baseline, every domain the next interval will measure gets its node totals at
+        zero: the first scrape already has the node's series (at 0) instead of none until the
+        second sample."""
+        seeds = [(c.domain, c.source, c.provenance) for c in counters]
+        have = {c.source for c in counters}
+        if "cpu" not in have:
+            seeds.append(("cpu", "cpu", self._tdp_provenance()))
+        if "dram" not in have and self.cfg.power.memory_w_per_gb > 0:
+            seeds.append(("memory", "memory", self._memory_provenance()))
+        for dom, src, prov in seeds:
+            self.node_totals.setdefault(dom, [src, prov, 0, 0, 0])
+            self.interval_power_w.setdefault(dom, 0.0)
+
+    def _tdp_provenance(self) -> str:
+        return f"modelled: TDP {self.cpu_model.tdp_w:g} W x (0.1 + 0.9 x load^3) (CodeCarbon)"
+
+    def _memory_provenance(self) -> str:
+        return (f"modelled: {self.cfg.power.memory_w_per_gb:g} W/GB of memory "
+                "(Green Algorithms), allocated or resident")
+
+    def end_user_records(self) -> None:
+        """At a clean stop, before the last checkpoint: the records of users' processes outside
+        jobs end as last seen (nobody watches them any more; a restart continues the same record
+        when they are seen again). Slurm jobs stay running as of their last_seen: a restart
+        resumes them, and readers show them as last seen at that time once it is old."""
+        for key in [k for k, a in self.accounts.items() if a.row.kind == "user"]:
+            last = self.accounts[key].row.last_seen
+            self._end(key, last, last)
 
     def _account_for(self, u: JobUsage, t: float) -> Account:
         acc = self.accounts.get(u.key)
@@ -596,9 +627,7 @@ class Monitor:
                 domains.append(hint(c, e, jobs, self.accounts, cpu, pid_owner=self._pid_owner)
                                if hint else cpu.domain(c.domain, c.source, e, prov))
         if not have["cpu"]:
-            domains.append(cpu.domain("cpu", "cpu", model_uj,
-                                      f"modelled: TDP {self.cpu_model.tdp_w:g} W x "
-                                      "(0.1 + 0.9 x load^3) (CodeCarbon)",
+            domains.append(cpu.domain("cpu", "cpu", model_uj, self._tdp_provenance(),
                                       active_ratio=tdp_active_ratio(cpu.usage_ratio)))
         if not have["dram"] and self.cfg.power.memory_w_per_gb > 0:
             e = round(self.cfg.power.memory_w_per_gb * self.mem_total_bytes / 1e9 * dt * UJ_PER_J)
@@ -609,10 +638,8 @@ class Monitor:
                 if m:
                     weights[u.key] = float(min(m, self.mem_total_bytes))
             domains.append(DomainEnergy(
-                "memory", "memory", e,
-                f"modelled: {self.cfg.power.memory_w_per_gb:g} W/GB of memory "
-                "(Green Algorithms), allocated or resident",
-                1.0, weights, float(self.mem_total_bytes), {}, 1.0,
+                "memory", "memory", e, self._memory_provenance(), 1.0, weights,
+                float(self.mem_total_bytes), {}, 1.0,
             ))
         return domains
 
