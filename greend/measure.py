@@ -137,11 +137,16 @@ def run(cfg: config_mod.Config, argv: list[str], ledger: Ledger | None, *,
         pidfd = os.pidfd_open(child.pid)
     except (AttributeError, OSError):
         pidfd = None
+    # poll, not select: the process scan keeps a descriptor per process, so the pidfd's number
+    # is often above select()'s limit of 1024 on a busy node.
+    poller = select.poll() if pidfd is not None else None
+    if poller is not None:
+        poller.register(pidfd, select.POLLIN)
     try:
         while status is None:
             timeout = max(0.0, next_tick - time.monotonic())
-            if pidfd is not None:
-                select.select([pidfd], [], [], timeout)
+            if poller is not None:
+                poller.poll(timeout * 1000)
             else:
                 time.sleep(min(timeout, 0.05))
             while True:  # reap the command and any orphan re-parented to us
