@@ -281,8 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="S",
                    help="sampling period in seconds (default: sampling.measure_interval_s, 1)")
     m.add_argument("--idle", choices=["allocated", "unattributed"],
-                   help="charge the node's idle power to the command (allocated: by its cores) "
-                   "or not (default: attribution.idle_power)")
+                   help="how the node's idle power is charged: allocated = the command's share "
+                   "for the CPUs it may run on, even while it sleeps; unattributed = none, only "
+                   "what it adds by running (default: attribution.idle_power). The report shows "
+                   "the idle part and the rule")
     m.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
     m.set_defaults(func=cmd_measure)
 

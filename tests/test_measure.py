@@ -321,3 +321,31 @@ def test_text_report_fits_80_columns(tmp_path):
     lines = r.stderr.splitlines()
     assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
     assert any("of which idle" in line and "idle rule `allocated`" in line for line in lines)
+
+
+def _series(tmp_path: Path, job_id: str) -> list[tuple]:
+    db = sqlite3.connect(tmp_path / "state" / "ledger.sqlite")
+    return db.execute(
+        "SELECT s.t_start, s.t_end, s.cpu_uj + s.dram_uj + s.gpu_uj + s.memory_uj, "
+        "j.cpu_uj + j.dram_uj + j.gpu_uj + j.memory_uj FROM job_series s JOIN jobs j "
+        "ON j.pk = s.job_pk WHERE j.job_id = ? ORDER BY s.t_start", (job_id,)).fetchall()
+
+
+def test_a_short_runs_series_has_its_sampling_step(tmp_path):
+    d = _footprint(tmp_path, "sleep", "1.6", extra=("--interval", "0.25"))
+    rows = _series(tmp_path, d["job"]["job_id"])
+    assert len(rows) >= 5, rows  # not "1 point of 9.1 s"
+    assert all(r[0] == pytest.approx(round(r[0] / 0.25) * 0.25) for r in rows)
+    assert sum(r[2] for r in rows) == rows[0][3]
+
+
+@pytest.mark.slow
+def test_a_long_runs_series_is_coarsened_to_a_bounded_number_of_points(tmp_path):
+    from greend.measure import MAX_POINTS
+
+    # 0.1 s sampling: past 120 points (12 s) the step becomes 1 s and what was stored is merged.
+    d = _footprint(tmp_path, "sleep", "14", extra=("--interval", "0.1"))
+    rows = _series(tmp_path, d["job"]["job_id"])
+    assert len(rows) <= MAX_POINTS and len(rows) >= 10
+    assert all(r[0] == int(r[0]) for r in rows)  # 1 s buckets
+    assert sum(r[2] for r in rows) == rows[0][3]  # nothing lost in the merge
