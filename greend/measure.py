@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from greend.collectors.base import JobUsage
-from greend.collectors.procscan import NS_PER_TICK, ProcScan
+from greend.collectors.procscan import NS_PER_TICK, PAGE, ProcScan
 
 from . import config as config_mod
 from . import units
@@ -86,10 +86,88 @@ def _busy(a: tuple[int, int], b: tuple[int, int]) -> float | None:
     return max(0.0, min(1.0, ((b[0] - b[1]) - (a[0] - a[1])) / total)) if total > 0 else None
 
 
+class CommandTree:
+    """The measured command's process tree, found from greend down through the kernel's
+    /proc/PID/task/TID/children lists: `measure`'s only job.
+
+    Nothing else on the node is scanned (a scan of every process costs a classification of each,
+    and a descriptor each): other processes' shares of the node's energy would be unattributed in
+    a run's books anyway, and the command's shares do not depend on them (its active share is
+    over the node's busy CPU time from /proc/stat, its idle and memory shares over the node's
+    cores and memory). The tree's CPU time is what greend reaped (exact, rusage) plus, for every
+    live or zombie process in it, its own and its reaped children's time; kept monotonic, since a
+    reap between two reads may count a child twice for an instant.
+    """
+
+    name = "command"
+
+    def __init__(self, procfs, cluster: str):
+        self.procfs = str(procfs)
+        self.cluster = cluster
+        self.root = os.getpid()
+        self.key: str | None = None
+        self.job_id = ""
+        self.cpus: float | None = None
+        self.reaped_ns = 0
+        self.cpu_ns = 0
+        self.pids: set[int] = set()
+
+    @staticmethod
+    def available(procfs) -> bool:
+        pid = os.getpid()
+        return os.path.exists(f"{procfs}/{pid}/task/{pid}/children")
+
+    def _children(self, pid: int) -> list[int]:
+        out: list[int] = []
+        try:
+            tasks = os.listdir(f"{self.procfs}/{pid}/task")
+        except OSError:
+            return out
+        for tid in tasks:
+            try:
+                with open(f"{self.procfs}/{pid}/task/{tid}/children", "rb") as f:
+                    out += [int(x) for x in f.read().split()]
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def read(self) -> list[JobUsage]:
+        if self.key is None:
+            return []
+        ticks = rss = 0
+        seen: set[int] = set()
+        stack = self._children(self.root)
+        while stack:
+            pid = stack.pop()
+            if pid in seen:
+                continue
+            try:
+                with open(f"{self.procfs}/{pid}/stat", "rb") as f:
+                    raw = f.read()
+                fields = raw[raw.rindex(b")") + 2:].split()
+                ticks += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+                rss += int(fields[21])
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile: its time is in a parent's or in what greend reaped
+            seen.add(pid)
+            stack += self._children(pid)
+        self.pids = seen
+        self.cpu_ns = max(self.cpu_ns, self.reaped_ns + ticks * NS_PER_TICK)
+        return [JobUsage(self.key, "command", self.job_id, os.getuid(), self.cpu_ns, rss * PAGE,
+                         alloc_cpus=self.cpus, cluster=self.cluster)]
+
+    def owner_of(self, pid: int) -> str | None:
+        return self.key if pid in self.pids else None
+
+
 def run(cfg: config_mod.Config, argv: list[str], ledger: Ledger | None, *,
         live: bool = False, out=sys.stderr) -> Result:
-    scan = ProcScan(cfg.paths.procfs, cfg.cluster)
-    monitor = Monitor(cfg, ledger, jobs_source=scan, record_kinds={"command"}, resume=False)
+    if CommandTree.available(cfg.paths.procfs):
+        tree, scan = CommandTree(cfg.paths.procfs, cfg.cluster), None
+    else:  # no children lists in this kernel: scan every process
+        tree, scan = None, ProcScan(cfg.paths.procfs, cfg.cluster)
+    monitor = Monitor(cfg, ledger, jobs_source=tree or scan, record_kinds={"command"},
+                      resume=False)
     subreaper = _set_subreaper()
     interval = cfg.sampling.measure_interval_s
     step = monitor.job_series_step_s = series_step(interval, 0)
@@ -109,8 +187,11 @@ def run(cfg: config_mod.Config, argv: list[str], ledger: Ledger | None, *,
         cpus = float(len(os.sched_getaffinity(child.pid)))
     except OSError:
         cpus = float(os.cpu_count() or 1)
-    scan.command_pid, scan.command_job_id, scan.command_cpus = child.pid, job_id, cpus
     key = f"cmd/{job_id}"
+    if tree is not None:
+        tree.key, tree.job_id, tree.cpus = key, job_id, cpus
+    else:
+        scan.command_pid, scan.command_job_id, scan.command_cpus = child.pid, job_id, cpus
     # The run's record exists from exec on, named: written now, then every WRITE_EVERY_S.
     acc = monitor._account_for(JobUsage(key, "command", job_id, os.getuid(), 0, alloc_cpus=cpus,
                                         cluster=cfg.cluster), t_start)
@@ -157,6 +238,8 @@ def run(cfg: config_mod.Config, argv: list[str], ledger: Ledger | None, *,
                 if pid == 0:
                     break
                 reaped_ns += _rusage_ns(ru)
+                if tree is not None:
+                    tree.reaped_ns = reaped_ns
                 if pid == child.pid:
                     status, t_exit = st, time.time()
             if status is None and time.monotonic() >= next_tick:
@@ -182,8 +265,9 @@ def run(cfg: config_mod.Config, argv: list[str], ledger: Ledger | None, *,
     # The interval ends at exit: the next reading is taken now, before anything else. The exact
     # CPU time of everything reaped in the tree beats the last partial scan (a command that
     # ended before any scan saw it gets its group here).
-    group = scan.command_group()
-    group.cum_ticks = max(group.cum_ticks, reaped_ns // NS_PER_TICK)
+    if scan is not None:
+        group = scan.command_group()
+        group.cum_ticks = max(group.cum_ticks, reaped_ns // NS_PER_TICK)
     monitor.tick()
     child.returncode = os.waitstatus_to_exitcode(status)
     code = child.returncode
@@ -191,7 +275,8 @@ def run(cfg: config_mod.Config, argv: list[str], ledger: Ledger | None, *,
     busy = _busy(cpu0, (monitor.prev.cpu_total, monitor.prev.cpu_idle))
     row.meta = {**(row.meta or {}), "idle_uj": acc.idle_uj,
                 **({"node_busy": round(busy, 4)} if busy is not None else {})}
-    orphans = sum(1 for p in scan.procs.values() if p.group == key)
+    orphans = (len(tree.pids) if tree is not None else
+               sum(1 for p in scan.procs.values() if p.group == key))
     monitor._end(acc.key, t_exit, t_exit)
     row.first_seen = t_start
     if not subreaper:
