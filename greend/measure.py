@@ -197,7 +197,7 @@ def run(cfg: config_mod.Config, argv: list[str], ledger: Ledger | None, *,
                                         cluster=cfg.cluster), t_start)
     row = acc.row
     row.command, row.name, row.submit_time = shlex.join(argv), os.path.basename(argv[0]), int(t_start)
-    row.meta = {**(row.meta or {}), "idle_rule": cfg.attribution.idle_power}
+    row.meta = {**(row.meta or {}), "idle_rule": cfg.attribution.idle_power, "series_step_s": step}
     if ledger is not None:
         monitor.checkpoint()
 
@@ -293,6 +293,8 @@ def _coarsen(monitor: Monitor, ledger: Ledger, acc, step: float) -> float:
     """Store the run's series at a coarser step from now on, the stored part merged to it."""
     monitor.checkpoint()
     monitor.job_series_step_s = step
+    acc.row.meta = {**(acc.row.meta or {}), "series_step_s": step}
+    acc.dirty = True
     if acc.row.pk is not None:
         with ledger.transaction() as db:
             ledger.merge_series(db, acc.row.pk, step)

@@ -87,6 +87,8 @@ def footprint_dict(row: JobRow, factors: list[Factors] | list[dict], *, cpu_mode
         "provenance": row.provenance or {},
         "factors": fs,
     }
+    if meta.get("series_step_s"):
+        out["series_step_s"] = meta["series_step_s"]
     if cpu_model:
         out["cpu_power_model"] = cpu_model
     idle_rule = idle_rule or meta.get("idle_rule")

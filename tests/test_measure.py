@@ -335,6 +335,7 @@ def test_a_short_runs_series_has_its_sampling_step(tmp_path):
     d = _footprint(tmp_path, "sleep", "1.6", extra=("--interval", "0.25"))
     rows = _series(tmp_path, d["job"]["job_id"])
     assert len(rows) >= 5, rows  # not "1 point of 9.1 s"
+    assert d["series_step_s"] == 0.25
     assert all(r[0] == pytest.approx(round(r[0] / 0.25) * 0.25) for r in rows)
     assert sum(r[2] for r in rows) == rows[0][3]
 
@@ -348,4 +349,7 @@ def test_a_long_runs_series_is_coarsened_to_a_bounded_number_of_points(tmp_path)
     rows = _series(tmp_path, d["job"]["job_id"])
     assert len(rows) <= MAX_POINTS and len(rows) >= 10
     assert all(r[0] == int(r[0]) for r in rows)  # 1 s buckets
+    db = sqlite3.connect(tmp_path / "state" / "ledger.sqlite")
+    meta = db.execute("SELECT meta FROM jobs WHERE job_id = ?", (d["job"]["job_id"],)).fetchone()[0]
+    assert json.loads(meta)["series_step_s"] == 1
     assert sum(r[2] for r in rows) == rows[0][3]  # nothing lost in the merge
