@@ -489,3 +489,14 @@ def test_fast_exposition_matches_prometheus_client(tmp_path):
     finally:
         d.monitor.close()
         d.ledger.close()
+
+
+def test_first_scrape_has_the_node_series(tmp_path):
+    # A long sampling interval: only the baseline sample has been taken when /metrics is read.
+    g = Greend(tmp_path / "g", interval_s=60.0, checkpoint_interval_s=60.0).start()
+    try:
+        text = g.metrics()
+        assert metric_value(text, "greend_node_energy_joules_total", domain="cpu") == 0.0
+        assert metric_value(text, "greend_node_unattributed_energy_joules_total", domain="cpu") == 0.0
+    finally:
+        assert g.stop() == 0
