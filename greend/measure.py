@@ -15,6 +15,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import termios
 import time
 from dataclasses import dataclass
 
@@ -319,6 +320,8 @@ class LiveLine:
     The rows above become the scrolling region, so what the command prints scrolls there and
     never meets the live line; each update saves the cursor, writes the bottom row and restores
     the cursor in one write, so a line the command is halfway through continues where it was.
+    While the terminal is not in canonical (line) mode, a full-screen or interactive program owns
+    it (an editor, a pager, a prompt reading keys): then nothing is drawn.
     """
 
     def __init__(self, out):
@@ -339,8 +342,14 @@ class LiveLine:
         except OSError:
             self.on = False
 
+    def _line_mode(self) -> bool:
+        try:
+            return bool(termios.tcgetattr(self.out.fileno())[3] & termios.ICANON)
+        except (termios.error, OSError, ValueError, AttributeError):
+            return True
+
     def show(self, text: str) -> None:
-        if self.on:
+        if self.on and self._line_mode():
             self._write(f"\0337\033[{self.rows};1H\033[2K{text[:self.cols - 1]}\0338")
 
     def close(self) -> None:

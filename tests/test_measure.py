@@ -353,3 +353,13 @@ def test_a_long_runs_series_is_coarsened_to_a_bounded_number_of_points(tmp_path)
     meta = db.execute("SELECT meta FROM jobs WHERE job_id = ?", (d["job"]["job_id"],)).fetchone()[0]
     assert json.loads(meta)["series_step_s"] == 1
     assert sum(r[2] for r in rows) == rows[0][3]  # nothing lost in the merge
+
+
+def test_no_live_line_over_a_full_screen_program(tmp_path):
+    # A program that puts the terminal in raw mode owns the screen: greend draws nothing on it.
+    code = "import sys, time, tty; tty.setraw(0); time.sleep(2.6)"
+    buf = _run_in_pty([GREEND, "measure", "--no-ledger", "--", sys.executable, "-c", code],
+                      {"GREEND_STATE_DIR": str(tmp_path / "state")})
+    text = buf.decode(errors="replace")
+    assert not [u for u in re.findall(r"\x1b\[24;1H\x1b\[2K([^\x1b]*)\x1b8", text) if u]
+    assert "IT energy" in text
