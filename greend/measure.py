@@ -349,8 +349,18 @@ class LiveLine:
             return True
 
     def show(self, text: str) -> None:
-        if self.on and self._line_mode():
-            self._write(f"\0337\033[{self.rows};1H\033[2K{text[:self.cols - 1]}\0338")
+        if not (self.on and self._line_mode()):
+            return
+        try:
+            cols, rows = os.get_terminal_size(self.out.fileno())
+        except (OSError, ValueError):
+            cols, rows = self.cols, self.rows
+        region = ""
+        if (cols, rows) != (self.cols, self.rows) and rows >= 3 and cols >= 20:
+            # Resized: the scrolling region follows the new bottom row.
+            self.cols, self.rows = cols, rows
+            region = f"\0337\033[1;{rows - 1}r\0338"
+        self._write(f"{region}\0337\033[{self.rows};1H\033[2K{text[:self.cols - 1]}\0338")
 
     def close(self) -> None:
         if self.on:
