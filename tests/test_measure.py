@@ -363,3 +363,30 @@ def test_no_live_line_over_a_full_screen_program(tmp_path):
     text = buf.decode(errors="replace")
     assert not [u for u in re.findall(r"\x1b\[24;1H\x1b\[2K([^\x1b]*)\x1b8", text) if u]
     assert "IT energy" in text
+
+
+def test_a_run_that_died_shows_when_it_was_last_seen(tmp_path):
+    env = {**os.environ, "GREEND_STATE_DIR": str(tmp_path / "state")}
+    p = subprocess.Popen([GREEND, "measure", "-q", "--", "sleep", "30"], env=env)
+    db_path = tmp_path / "state" / "ledger.sqlite"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if db_path.exists() and sqlite3.connect(db_path).execute(
+                "SELECT count(*) FROM jobs WHERE state = 'running'").fetchone()[0]:
+            break
+        time.sleep(0.2)
+    children = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+    p.kill()  # greend dies without closing the record
+    p.wait()
+    for pid in children:  # its command, orphaned: ended here by its pid
+        try:
+            os.kill(int(pid), 9)
+        except ProcessLookupError:
+            pass
+    db = sqlite3.connect(db_path)
+    (last,) = db.execute("SELECT last_seen FROM jobs").fetchone()
+    with db:  # as if this happened ten minutes ago
+        db.execute("UPDATE jobs SET last_seen = last_seen - 600, first_seen = first_seen - 600")
+    table = subprocess.run([GREEND, "jobs"], env=env, capture_output=True, text=True).stdout
+    seen = time.strftime("%H:%M", time.localtime(last - 600))
+    assert f"seen {seen}" in table and "running" not in table
