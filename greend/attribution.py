@@ -79,6 +79,8 @@ class Split:
     jobs: dict[str, int] = field(default_factory=dict)
     unattributed_uj: int = 0
     idle_uj: int = 0
+    job_idle: dict[str, int] = field(default_factory=dict)
+    """Of each job's share, the part that is idle power (the rest is its activity)."""
 
 
 def split_domain(d: DomainEnergy) -> Split:
@@ -91,7 +93,8 @@ def split_domain(d: DomainEnergy) -> Split:
     for k, v in i.items():
         jobs[k] = jobs.get(k, 0) + v
     given = sum(jobs.values())
-    return Split(d.domain, d.source, d.provenance, d.energy_uj, jobs, d.energy_uj - given, idle)
+    return Split(d.domain, d.source, d.provenance, d.energy_uj, jobs, d.energy_uj - given, idle,
+                 {k: v for k, v in i.items() if v})
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +113,8 @@ class CpuInterval:
     def usage_ratio(self) -> float:
         return self.active_ticks / self.total_ticks if self.total_ticks > 0 else 0.0
 
-    def domain(self, domain: str, source: str, energy_uj: int, provenance: str) -> DomainEnergy:
+    def domain(self, domain: str, source: str, energy_uj: int, provenance: str,
+               active_ratio: float | None = None) -> DomainEnergy:
         node_active_ns = self.active_ticks * self.tick_ns
         job_sum = sum(self.job_cpu_ns.values())
         if self.idle_rule == "allocated":
@@ -118,8 +122,8 @@ class CpuInterval:
             idle_den = max(float(self.ncpu), float(sum(self.job_alloc_cpus.values())))
         else:
             idle_w, idle_den = {}, 1.0
-        ratio = self.usage_ratio
-        if node_active_ns <= 0 and job_sum > 0:
+        ratio = self.usage_ratio if active_ratio is None else active_ratio
+        if active_ratio is None and node_active_ns <= 0 and job_sum > 0:
             ratio = 1.0  # /proc/stat saw nothing (too short an interval) but jobs ran
         return DomainEnergy(
             domain, source, energy_uj, provenance, ratio,
@@ -127,7 +131,21 @@ class CpuInterval:
         )
 
 
+TDP_IDLE_FRACTION = 0.1
+
+
 def tdp_power_w(tdp_w: float, load: float) -> float:
     """CodeCarbon's CPU model when no counter is readable: P = TDP x (0.1 + 0.9 x load^3)."""
     load = min(1.0, max(0.0, load))
-    return tdp_w * (0.1 + 0.9 * load**3)
+    return tdp_w * (TDP_IDLE_FRACTION + (1 - TDP_IDLE_FRACTION) * load**3)
+
+
+def tdp_active_ratio(load: float) -> float:
+    """The active share of the modelled CPU power: what is above the model's idle floor (0.1 x TDP).
+
+    The floor is the node's idle power whatever the load, so a job's idle share does not depend on
+    how busy other jobs keep the node (E x (1 - load) would fall to zero on a busy node).
+    """
+    load = min(1.0, max(0.0, load))
+    busy = (1 - TDP_IDLE_FRACTION) * load**3
+    return busy / (TDP_IDLE_FRACTION + busy)

@@ -37,6 +37,22 @@ command's own status (127 not found, 126 not executable, 128+N killed by signal 
 """
 
 
+def _number(kind, lo: float, hi: float, what: str, *, lo_open: bool = False):
+    """An argparse type: a finite number in [lo, hi] ((lo, hi] with lo_open), or a clear error."""
+
+    def parse(text: str):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if x != x or x in (float("inf"), float("-inf")) or x > hi or x < lo or (lo_open and x == lo):
+            raise argparse.ArgumentTypeError(
+                f"expected {what} {'above' if lo_open else 'from'} {lo:g} up to {hi:g}, got {text!r}")
+        return x
+
+    return parse
+
+
 _fail = fail  # the names the command modules used before greend.cmdline
 _load_config = load_config
 
@@ -61,8 +77,6 @@ def cmd_measure(args) -> int:
     cfg = _load_config(args)
     updates = {}
     if args.interval is not None:
-        if args.interval <= 0:
-            return _fail("measure: --interval must be a positive number of seconds")
         updates["sampling"] = cfg.sampling.model_copy(update={"measure_interval_s": args.interval})
     if args.idle:
         updates["attribution"] = cfg.attribution.model_copy(update={"idle_power": args.idle})
@@ -86,7 +100,7 @@ def cmd_measure(args) -> int:
     cm = res.monitor.cpu_model
     d = report.footprint_dict(
         res.row, factors, cpu_model={"tdp_w": cm.tdp_w, "model": cm.model, "source": cm.source},
-        idle_rule=cfg.attribution.idle_power, elapsed_s=res.elapsed_s,
+        idle_rule=cfg.attribution.idle_power, elapsed_s=res.elapsed_s, node_busy=res.node_busy,
     )
     d["ledger"] = str(ledger.path) if ledger else None
     if res.orphans_left:
@@ -167,7 +181,6 @@ def _resolved(cfg) -> dict:
 # -- jobs -------------------------------------------------------------------------------------
 def cmd_jobs(args) -> int:
     from . import report
-    from . import units as u
     from .ledger import LedgerError
 
     cfg = _load_config(args)
@@ -189,21 +202,49 @@ def cmd_jobs(args) -> int:
     since = time.time() - args.since_hours * 3600 if args.since_hours else None
     user = None if args.all_users else (args.user or _me())
     rows = ledger.jobs(user=user, state=args.state, cluster=args.cluster, since=since,
-                       limit=args.limit)
+                       outcome=args.outcome, limit=args.limit)
     if args.json:
-        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        print(json.dumps([report.footprint_dict(r, ledger.factor_sets_of(r.pk)) for r in rows],
+                         indent=2))
         return 0
     if not rows:
         print(f"no jobs{' of ' + user if user else ''} in {ledger.path}")
         return 0
-    print(f"{'CLUSTER':<9} {'JOB':<24} {'USER':<10} {'STATE':<8} {'ELAPSED':>9} {'ENERGY':>10} "
-          f"{'CARBON':>12} {'WATER':>9}  NAME")
-    for r in rows:
-        el = (r.end_time or r.last_seen) - r.first_seen
-        print(f"{r.cluster:<9.9} {r.job_id:<24.24} {r.user:<10.10} {r.state:<8} "
-              f"{u.duration(el):>9} {u.energy(r.it_energy_uj / 1e6):>10} {u.carbon(r.carbon_g):>12} "
-              f"{u.water(r.water_site_l + r.water_offsite_l):>9}  {r.name}")
+    stale_s = max(120.0, 2 * cfg.sampling.checkpoint_interval_s)
+    for line in jobs_table(rows, cfg.cluster, show_user=user is None or user != _me(),
+                           stale_s=stale_s, now=time.time()):
+        print(line)
     return 0
+
+
+def jobs_table(rows, cluster: str, *, show_user: bool, stale_s: float, now: float) -> list[str]:
+    """The `greend jobs` table, 80 columns wide. A running record not written for stale_s says
+    when it was last seen (its monitor stopped without closing it)."""
+    from . import report
+    from . import units as u
+
+    head = (f"{'JOB':<21} {'STATE':<10} {'EXIT':>4} {'ELAPSED':>8} {'IT ENERGY':>9} {'CO2E':>8} "
+            f"{'WATER':>8} ")
+    width = 80 - len(head)
+    out = [head + ("USER" if show_user else "NAME")]
+    for r in rows:
+        job = r.job_id if r.cluster == cluster else f"{r.cluster}/{r.job_id}"
+        if len(job) > 21:
+            job = job[:20] + "…"
+        state = r.state
+        if state == "running" and now - r.last_seen > stale_s:
+            state = "seen " + time.strftime("%H:%M", time.localtime(r.last_seen))
+        oc = report.outcome(r)
+        code = str(r.exit_code) if r.exit_code is not None else {"ok": "ok", "failed": "fail"}.get(
+            oc or "", "")
+        el = (r.end_time or r.last_seen) - r.first_seen
+        last = r.user if show_user else r.name
+        if len(last) > width:
+            last = last[:width - 1] + "…"
+        out.append(f"{job:<21} {state:<10} {code:>4} {u.duration(el):>8} "
+                   f"{u.energy(r.it_energy_uj / 1e6):>9} {u.carbon(r.carbon_g, unit=False):>8} "
+                   f"{u.water(r.water_site_l + r.water_offsite_l):>8} {last}".rstrip())
+    return out
 
 
 def _me() -> str:
@@ -253,11 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE")
     m.add_argument("-q", "--quiet", action="store_true", help="no live line, no text report")
     m.add_argument("--no-ledger", action="store_true", help="do not record the run in the ledger")
-    m.add_argument("--interval", type=float, metavar="S",
+    m.add_argument("--interval", type=_number(float, 0, 3600, "a number of seconds", lo_open=True),
+                   metavar="S",
                    help="sampling period in seconds (default: sampling.measure_interval_s, 1)")
     m.add_argument("--idle", choices=["allocated", "unattributed"],
-                   help="charge the node's idle power to the command (allocated: by its cores) "
-                   "or not (default: attribution.idle_power)")
+                   help="how the node's idle power is charged: allocated = the command's share "
+                   "for the CPUs it may run on, even while it sleeps; unattributed = none, only "
+                   "what it adds by running (default: attribution.idle_power). The report shows "
+                   "the idle part and the rule")
     m.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
     m.set_defaults(func=cmd_measure)
 
@@ -288,16 +332,24 @@ def build_parser() -> argparse.ArgumentParser:
     j = sub.add_parser(
         "jobs", help="list jobs and their footprints from the ledger",
         description="List jobs recorded in this node's ledger (yours by default), newest first, "
-        "or show one job's footprint with `greend jobs CLUSTER/JOBID`.",
+        "or show one job's footprint with `greend jobs CLUSTER/JOBID`. EXIT is the exit status "
+        "(ok/fail from Slurm's final state when there is none); a running record not updated "
+        "for a while shows when it was last seen (STATE 'seen HH:MM').",
     )
     j.add_argument("job", nargs="?", help="show one job: CLUSTER/JOBID or JOBID")
     j.add_argument("--user", help="jobs of USER (default: you)")
     j.add_argument("--all-users", action="store_true", help="jobs of every user")
     j.add_argument("--cluster")
     j.add_argument("--state", choices=["running", "ended"])
-    j.add_argument("--since-hours", type=float, metavar="H", help="only jobs seen in the last H hours")
-    j.add_argument("--limit", type=int, default=50)
-    j.add_argument("--json", action="store_true")
+    j.add_argument("--outcome", choices=["ok", "failed"],
+                   help="only jobs that succeeded (exit 0, Slurm COMPLETED) or failed (non-zero "
+                   "exit, killed, or a failed Slurm state)")
+    j.add_argument("--since-hours", type=_number(float, 0, 1e6, "a number of hours", lo_open=True),
+                   metavar="H", help="only jobs seen in the last H hours")
+    j.add_argument("--limit", type=_number(int, 1, 100000, "a whole number of jobs"), default=50,
+                   help="at most N jobs (default 50)", metavar="N")
+    j.add_argument("--json", action="store_true",
+                   help="one job-footprint record per job (docs/json.md)")
     j.set_defaults(func=cmd_jobs)
 
     # Other packages register their own commands; each keeps its heavy imports inside them.

@@ -21,7 +21,10 @@ def load_config(args):
     # Commands that re-read the file (a daemon's SIGHUP) find it in args.config.
     args.config = str(path) if path else None
     cfg = config_mod.load(path)
-    updates = {}
     if getattr(args, "state_dir", None):
-        updates["state_dir"] = args.state_dir
-    return cfg.model_copy(update=updates) if updates else cfg
+        # The flag beats $GREEND_STATE_DIR, which beats the config's state_dir (see --help).
+        from pathlib import Path
+
+        cfg = cfg.model_copy()
+        cfg._state_dir_flag = Path(args.state_dir)
+    return cfg

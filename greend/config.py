@@ -17,7 +17,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from . import refdata
 from .errors import ConfigError
@@ -368,7 +376,12 @@ class Config(_Model):
     def node_name(self) -> str:
         return self.node or socket.gethostname().split(".")[0]
 
+    # `--state-dir` on the command line: beats $GREEND_STATE_DIR, which beats state_dir.
+    _state_dir_flag: Path | None = PrivateAttr(default=None)
+
     def resolved_state_dir(self) -> Path:
+        if self._state_dir_flag is not None:
+            return self._state_dir_flag
         env = os.environ.get("GREEND_STATE_DIR")
         if env:
             return Path(env)

@@ -229,6 +229,7 @@ class Daemon(Service):
             return
         if self.overrides:
             new = new.model_copy(update=self.overrides)
+        new._state_dir_flag = self.cfg._state_dir_flag  # --state-dir still beats the environment
         if (new.cluster, new.node_name, new.paths, new.resolved_state_dir()) != (
                 self.cfg.cluster, self.cfg.node_name, self.cfg.paths, self.cfg.resolved_state_dir()):
             self.config_error = ("reload: cluster, node, paths and state_dir need a restart; "
@@ -346,6 +347,9 @@ class Daemon(Service):
             self.scheduler = None
         with self.lock:
             self.sample()
+            # Users' processes outside jobs: nobody watches them once we stop, so their records
+            # end as last seen (a restart continues them); Slurm jobs stay running as of last_seen.
+            self.monitor.end_user_records()
             self.checkpoint()
         if self.sender is not None:
             self.sender.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -340,7 +341,10 @@ class Ledger:
             # submit_time corrected from Slurm's metadata moves the row instead of adding one.
             keep = ("first_seen",)
             for _ in range(2):
+                # first_seen only moves earlier: a run's start known after its first write (the
+                # exec time of a measured command) corrects the stored one.
                 sets = ", ".join(f"{c} = :{c}" for c in _JOB_COLS if c not in keep)
+                sets += ", first_seen = min(first_seen, :first_seen)"
                 try:
                     if db.execute(f"UPDATE jobs SET {sets} WHERE pk = :pk",
                                   {**vals, "pk": job.pk}).rowcount:
@@ -377,15 +381,55 @@ class Ledger:
         )
 
     def put_node_totals(self, db: sqlite3.Connection, node: str, rows: Iterable[tuple]) -> None:
+        """Set a node's totals (domain, source, provenance, energy, unattributed, idle)."""
         db.executemany(
             "INSERT OR REPLACE INTO node_totals VALUES (?, ?, ?, ?, ?, ?, ?)",
             ((node, *r) for r in rows),
         )
 
+    def add_node_totals(self, db: sqlite3.Connection, node: str, rows: Iterable[tuple]) -> None:
+        """Add to a node's totals: rows of (domain, source, provenance, +energy, +unattributed,
+        +idle). Every writer on the node (the daemon, each `greend measure`) adds what it measured
+        since its last checkpoint, so concurrent writers never overwrite one another."""
+        db.executemany(
+            "INSERT INTO node_totals VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node, domain) DO "
+            "UPDATE SET source = excluded.source, provenance = excluded.provenance, "
+            "energy_uj = energy_uj + excluded.energy_uj, "
+            "unattributed_uj = unattributed_uj + excluded.unattributed_uj, "
+            "idle_uj = idle_uj + excluded.idle_uj",
+            ((node, *r) for r in rows),
+        )
+
     def put_node_series(self, db: sqlite3.Connection, node: str, rows: Iterable[tuple]) -> None:
+        """Set a node's series buckets (t_start, t_end, energy, unattributed)."""
         db.executemany(
             "INSERT OR REPLACE INTO node_series VALUES (?, ?, ?, ?, ?)", ((node, *r) for r in rows)
         )
+
+    def add_node_series(self, db: sqlite3.Connection, node: str, rows: Iterable[tuple]) -> None:
+        """Add to a node's series buckets: rows of (t_start, t_end, +energy, +unattributed); see
+        add_node_totals. A bucket's t_end is the latest any writer saw."""
+        db.executemany(
+            "INSERT INTO node_series VALUES (?, ?, ?, ?, ?) ON CONFLICT (node, t_start) DO UPDATE "
+            "SET t_end = max(t_end, excluded.t_end), energy_uj = energy_uj + excluded.energy_uj, "
+            "unattributed_uj = unattributed_uj + excluded.unattributed_uj",
+            ((node, *r) for r in rows),
+        )
+
+    def merge_series(self, db: sqlite3.Connection, job_pk: int, step_s: float) -> None:
+        """Re-bucket a job's series at a coarser step (aligned to multiples of step_s): sums of
+        every figure, the latest t_end. A long `greend measure` run keeps a bounded series."""
+        rows = db.execute("SELECT * FROM job_series WHERE job_pk = ?", (job_pk,)).fetchall()
+        merged: dict[tuple[float, str], list] = {}
+        for r in rows:
+            k = (math.floor(r["t_start"] / step_s) * step_s, r["factor_set"])
+            m = merged.setdefault(k, [r["t_end"], 0, 0, 0, 0, 0, 0.0, 0.0, 0.0])
+            m[0] = max(m[0], r["t_end"])
+            for i, c in enumerate(("cpu_uj", "dram_uj", "gpu_uj", "memory_uj", "cpu_time_ns",
+                                   "carbon_g", "water_site_l", "water_offsite_l"), start=1):
+                m[i] += r[c]
+        db.execute("DELETE FROM job_series WHERE job_pk = ?", (job_pk,))
+        self.put_series(db, ((job_pk, tb, m[0], fk, *m[1:]) for (tb, fk), m in merged.items()))
 
     def put_counters(self, db: sqlite3.Connection, node: str, t: float, state: dict) -> None:
         db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?, ?)",
@@ -428,7 +472,7 @@ class Ledger:
     def jobs(self, *, user: str | None = None, account: str | None = None,
              cluster: str | None = None, state: str | None = None, kind: str | None = None,
              since: float | None = None, until: float | None = None,
-             limit: int = 100, offset: int = 0) -> list[JobRow]:
+             outcome: str | None = None, limit: int = 100, offset: int = 0) -> list[JobRow]:
         where, args = [], []
         for col, val in (("user", user), ("account", account), ("cluster", cluster),
                          ("state", state), ("kind", kind)):
@@ -441,6 +485,14 @@ class Ledger:
         if until is not None:
             where.append("first_seen <= ?")
             args.append(until)
+        if outcome is not None:  # as report.outcome(): the exit status, else Slurm's final state
+            ok = ("(exit_code = 0 OR (exit_code IS NULL AND "
+                  "json_extract(meta, '$.slurm_state') LIKE 'COMPLETED%'))")
+            failed = "(exit_code != 0 OR (exit_code IS NULL AND (" + " OR ".join(
+                f"json_extract(meta, '$.slurm_state') LIKE '{st}%'"
+                for st in ("FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL",
+                           "BOOT_FAIL", "DEADLINE", "PREEMPTED")) + ")))"
+            where.append({"ok": ok, "failed": failed}[outcome])
         q = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
         q += " ORDER BY last_seen DESC, pk DESC LIMIT ? OFFSET ?"
         args += [limit, offset]

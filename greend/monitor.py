@@ -41,7 +41,15 @@ from greend.collectors.slurm import SlurmMetadata
 
 from . import config as config_mod
 from . import refdata
-from .attribution import CpuInterval, DomainEnergy, Split, counter_delta, split_domain, tdp_power_w
+from .attribution import (
+    CpuInterval,
+    DomainEnergy,
+    Split,
+    counter_delta,
+    split_domain,
+    tdp_active_ratio,
+    tdp_power_w,
+)
 from .errors import ConfigError
 from .footprint import J_PER_KWH, UJ_PER_J, Factors
 from .ledger import JobRow, Ledger
@@ -115,6 +123,7 @@ class Account:
     buckets: dict[tuple[float, str], list] = field(default_factory=dict)
     dirty: bool = True
     last_interval_uj: int = 0
+    idle_uj: int = 0  # of the job's energy, its idle-power share (stored in the row's meta)
 
     def totals(self, running: bool, interval_s: float) -> JobTotals:
         r = self.row
@@ -203,6 +212,10 @@ class Monitor:
         self.finished: list[Account] = []
         self.node_totals: dict[str, list] = {}  # domain -> [source, provenance, e, unattr, idle]
         self.node_bucket: dict[float, list] = {}
+        # What this monitor has already added to the ledger's node books: checkpoints add the
+        # difference, so several writers (the daemon, concurrent `measure` runs) add up.
+        self._node_totals_written: dict[str, list[int]] = {}
+        self._node_bucket_written: dict[float, list[int]] = {}
         self.prev: Sample | None = None
         self.ticks = 0
         self.last_tick_s = 0.0
@@ -219,6 +232,9 @@ class Monitor:
         # the jobs' lifecycle with it lives in slurmjobs.py.
         self.slurm = slurm
         self.slurm_jobs = SlurmLifecycle(self, slurm) if slurm is not None else None
+        self._ended_users: dict[str, Account] = {}  # user groups that may come back (_revive)
+        # Jobs' series step when not sampling.series_step_s (`measure`: one that fits the run).
+        self.job_series_step_s: float | None = None
         if slurm is not None:
             slurm.status = self.status.setdefault("slurm", CollectorStatus("slurm",
                                                                            detail=slurm.describe()))
@@ -286,6 +302,8 @@ class Monitor:
         for r in self.ledger.node_totals(self.node):
             self.node_totals[r["domain"]] = [r["source"], r["provenance"], r["energy_uj"],
                                              r["unattributed_uj"], r["idle_uj"]]
+            self._node_totals_written[r["domain"]] = [r["energy_uj"], r["unattributed_uj"],
+                                                      r["idle_uj"]]
         if stored is None:
             return
         t, state = stored
@@ -302,7 +320,8 @@ class Monitor:
         for row in running:
             key = (row.meta or {}).get("key")
             if key:
-                acc = Account(key, row, self._recordable(row.kind), dirty=False)
+                acc = Account(key, row, self._recordable(row.kind), dirty=False,
+                              idle_uj=int((row.meta or {}).get("idle_uj", 0)))
                 # A restart within a series step carries the step's stored buckets on: starting
                 # them from zero would overwrite what was stored before the restart.
                 for r in self.ledger.last_series_step(row.pk):
@@ -313,6 +332,7 @@ class Monitor:
         nb = self.ledger.last_node_series(self.node)
         if nb is not None:
             self.node_bucket[nb["t_start"]] = [nb["t_end"], nb["energy_uj"], nb["unattributed_uj"]]
+            self._node_bucket_written[nb["t_start"]] = [nb["energy_uj"], nb["unattributed_uj"]]
         if isinstance(self.jobs_source, ProcScan) and state.get("scan"):
             self.jobs_source.import_state(state["scan"])
         log.info("resumed from checkpoint of %s (%.0f s ago), %d running job(s)",
@@ -363,6 +383,7 @@ class Monitor:
         for u in jobs:
             self.account_for(u, t)
         if prev is None:
+            self._seed_node_totals(counters)
             self.prev = snap
             self.ticks += 1
             self.last_tick_s = time.perf_counter() - t0
@@ -382,9 +403,55 @@ class Monitor:
         self.last_tick_s = time.perf_counter() - t0
         return splits
 
+    def rebaseline(self) -> float:
+        """Read the energy counters and /proc/stat again, keeping the last process scan: the start
+        of an interval as close to an event (a command's exec) as a read can be, without the cost
+        of a scan. What was used since the last tick is left out of the books. Returns the time."""
+        if self.prev is None:
+            raise RuntimeError("rebaseline needs a first tick")
+        t = self.clock()
+        counters = {c.domain: c.value_uj for c in self.read_counters()}
+        cpu = self.procstat.read()
+        p = self.prev
+        self.prev = Sample(t, p.boot_id, cpu.total_ticks, cpu.idle_ticks, {**p.counters, **counters},
+                           p.jobs)
+        return t
+
+    def _seed_node_totals(self, counters: list[EnergyCounter]) -> None:
+        """At the baseline, every domain the next interval will measure gets its node totals at
+        zero: the first scrape already has the node's series (at 0) instead of none until the
+        second sample."""
+        seeds = [(c.domain, c.source, c.provenance) for c in counters]
+        have = {c.source for c in counters}
+        if "cpu" not in have:
+            seeds.append(("cpu", "cpu", self._tdp_provenance()))
+        if "dram" not in have and self.cfg.power.memory_w_per_gb > 0:
+            seeds.append(("memory", "memory", self._memory_provenance()))
+        for dom, src, prov in seeds:
+            self.node_totals.setdefault(dom, [src, prov, 0, 0, 0])
+            self.interval_power_w.setdefault(dom, 0.0)
+
+    def _tdp_provenance(self) -> str:
+        return f"modelled: TDP {self.cpu_model.tdp_w:g} W x (0.1 + 0.9 x load^3) (CodeCarbon)"
+
+    def _memory_provenance(self) -> str:
+        return (f"modelled: {self.cfg.power.memory_w_per_gb:g} W/GB of memory "
+                "(Green Algorithms), allocated or resident")
+
+    def end_user_records(self) -> None:
+        """At a clean stop, before the last checkpoint: the records of users' processes outside
+        jobs end as last seen (nobody watches them any more; a restart continues the same record
+        when they are seen again). Slurm jobs stay running as of their last_seen: a restart
+        resumes them, and readers show them as last seen at that time once it is old."""
+        for key in [k for k, a in self.accounts.items() if a.row.kind == "user"]:
+            last = self.accounts[key].row.last_seen
+            self.end(key, last, last)
+
     def account_for(self, u: JobUsage, t: float) -> Account:
         """The job's account, opened at its first sight."""
         acc = self.accounts.get(u.key)
+        if acc is None and u.kind == "user":
+            acc = self._revive(u.key, u.job_id, u.cluster or self.cluster)
         if acc is None:
             user = u.meta.get("user") or _user_name(u.uid)
             row = JobRow(
@@ -409,6 +476,34 @@ class Monitor:
             acc.row.max_mem_bytes = u.mem_bytes
         return acc
 
+    def _revive(self, key: str, job_id: str, cluster: str) -> Account | None:
+        """A user's processes that come back after all had exited continue the user's record.
+
+        Its identity (cluster, user:<name>, submit time 0, node) is one row: starting it again from
+        zero would overwrite the stored totals and the current series bucket with smaller ones,
+        and the node's books would no longer balance (issue 11: a memory-domain gap).
+        """
+        acc = self._ended_users.pop(key, None)
+        if acc is not None:
+            self.finished = [a for a in self.finished if a is not acc]
+        elif self.ledger is not None:
+            rows = [r for r in self.ledger.get_job(cluster, job_id, self.node) if r.submit_time == 0]
+            if not rows:
+                return None
+            row = rows[-1]
+            row.meta = {**(row.meta or {}), "key": key}
+            acc = Account(key, row, self._recordable(row.kind),
+                          idle_uj=int((row.meta or {}).get("idle_uj", 0)))
+            for r in self.ledger.last_series_step(row.pk):
+                acc.buckets[(r["t_start"], r["factor_set"])] = [
+                    r["t_end"], r["cpu_uj"], r["dram_uj"], r["gpu_uj"], r["memory_uj"],
+                    r["cpu_time_ns"], r["carbon_g"], r["water_site_l"], r["water_offsite_l"]]
+        else:
+            return None
+        acc.row.state, acc.row.end_time, acc.dirty = "running", None, True
+        self.accounts[key] = acc
+        return acc
+
     def end(self, key: str, last_seen: float, t: float) -> None:
         """Close a job's account: it left the node (or Slurm shows another job under its id)."""
         acc = self.accounts.pop(key, None)
@@ -419,6 +514,8 @@ class Monitor:
         acc.row.end_time = t
         acc.dirty = True
         self.finished.append(acc)
+        if acc.row.kind == "user":
+            self._ended_users[key] = acc
         if self.slurm_jobs is not None and acc.row.kind == "slurm":
             self.slurm_jobs.closed(acc)
 
@@ -472,9 +569,8 @@ class Monitor:
                 domains.append(own.split_hint(c, e, jobs, self.accounts, cpu, pid_owner=self._pid_owner)
                                if own is not None else cpu.domain(c.domain, c.source, e, prov))
         if not have["cpu"]:
-            domains.append(cpu.domain("cpu", "cpu", model_uj,
-                                      f"modelled: TDP {self.cpu_model.tdp_w:g} W x "
-                                      "(0.1 + 0.9 x load^3) (CodeCarbon)"))
+            domains.append(cpu.domain("cpu", "cpu", model_uj, self._tdp_provenance(),
+                                      active_ratio=tdp_active_ratio(cpu.usage_ratio)))
         if not have["dram"] and self.cfg.power.memory_w_per_gb > 0:
             e = round(self.cfg.power.memory_w_per_gb * self.mem_total_bytes / 1e9 * dt * UJ_PER_J)
             weights = {}
@@ -484,10 +580,8 @@ class Monitor:
                 if m:
                     weights[u.key] = float(min(m, self.mem_total_bytes))
             domains.append(DomainEnergy(
-                "memory", "memory", e,
-                f"modelled: {self.cfg.power.memory_w_per_gb:g} W/GB of memory "
-                "(Green Algorithms), allocated or resident",
-                1.0, weights, float(self.mem_total_bytes), {}, 1.0,
+                "memory", "memory", e, self._memory_provenance(), 1.0, weights,
+                float(self.mem_total_bytes), {}, 1.0,
             ))
         return domains
 
@@ -509,31 +603,43 @@ class Monitor:
         self._factor_sets[fkey] = f
         step = self.cfg.sampling.series_step_s
         tb = math.floor(t / step) * step
+        jstep = self.job_series_step_s or step
+        jtb = math.floor(t / jstep) * jstep if jstep != step else tb
         per_job: dict[str, list[int]] = {}
+        idle_of: dict[str, int] = {}
         self.interval_power_w = {}
+        accounts = self.accounts
         for s in splits:
             idx = SOURCES.index(s.source)
+            # Shares of jobs this monitor does not record (`measure` records only its command)
+            # are unattributed in the stored books: node energy = recorded jobs + unattributed.
+            unrecorded = 0
             for key, uj in s.jobs.items():
                 e = per_job.get(key)
                 if e is None:
                     e = per_job[key] = [0, 0, 0, 0]
                 e[idx] += uj
+                acc = accounts.get(key)
+                if acc is not None and not acc.record:
+                    unrecorded += uj
+            for key, uj in s.job_idle.items():
+                idle_of[key] = idle_of.get(key, 0) + uj
             tot = self.node_totals.setdefault(s.domain, [s.source, s.provenance, 0, 0, 0])
             tot[1] = s.provenance
             tot[2] += s.energy_uj
-            tot[3] += s.unattributed_uj
+            tot[3] += s.unattributed_uj + unrecorded
             tot[4] += s.idle_uj
             self.interval_power_w[s.domain] = s.energy_uj / UJ_PER_J / dt
             nb = self.node_bucket.setdefault(tb, [t, 0, 0])
             nb[0] = t
             nb[1] += s.energy_uj
-            nb[2] += s.unattributed_uj
+            nb[2] += s.unattributed_uj + unrecorded
         provs = {s.source: s.provenance for s in splits}
         prov_of = [(i, src, provs[src]) for i, src in enumerate(SOURCES) if src in provs]
         # This loop runs for every job at every tick: factors and the bucket key are hoisted.
         pue, ci = f.pue, f.carbon_intensity_g_per_kwh
         wue, ewif = f.wue_site_l_per_kwh, f.ewif_l_per_kwh
-        bkey = (tb, fkey)
+        bkey = (jtb, fkey)
         cpu_delta = self._job_cpu_delta
         for key, acc in self.accounts.items():
             e = per_job.get(key)
@@ -543,6 +649,7 @@ class Monitor:
             acc.last_interval_uj = sum(e) if e else 0
             if not e and not cpu_ns:
                 continue
+            acc.idle_uj += idle_of.get(key, 0)
             e = e or [0, 0, 0, 0]
             it_j = sum(e) / UJ_PER_J
             carbon = it_j / J_PER_KWH * pue * ci
@@ -621,21 +728,29 @@ class Monitor:
             for acc in [*self.accounts.values(), *self.finished]:
                 if not acc.record or not acc.dirty:
                     continue
+                if acc.idle_uj:
+                    acc.row.meta = {**(acc.row.meta or {}), "idle_uj": acc.idle_uj}
                 pk = self.ledger.upsert_job(db, acc.row)
                 self.ledger.put_series(db, (
                     (pk, tb, b[0], fk, b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8])
                     for (tb, fk), b in acc.buckets.items()
                 ))
                 written.append(acc)
-            self.ledger.put_node_totals(db, self.node, (
-                (dom, v[0], v[1], v[2], v[3], v[4]) for dom, v in self.node_totals.items()
-            ))
-            self.ledger.put_node_series(db, self.node, (
-                (tb, v[0], v[1], v[2]) for tb, v in self.node_bucket.items()
-            ))
+            totals_w, bucket_w = self._node_totals_written, self._node_bucket_written
+            self.ledger.add_node_totals(db, self.node, [
+                (dom, v[0], v[1], *(x - w for x, w in zip(v[2:], totals_w.get(dom, (0, 0, 0)),
+                                                          strict=True)))
+                for dom, v in self.node_totals.items()
+            ])
+            self.ledger.add_node_series(db, self.node, [
+                (tb, v[0], *(x - w for x, w in zip(v[1:], bucket_w.get(tb, (0, 0)), strict=True)))
+                for tb, v in self.node_bucket.items()
+            ])
             self.ledger.put_counters(db, self.node, t, self.state())
             for hook in self.on_checkpoint:
                 hook(db, written)
+        self._node_totals_written = {dom: v[2:] for dom, v in self.node_totals.items()}
+        self._node_bucket_written = {tb: v[1:] for tb, v in self.node_bucket.items()}
         # Buckets of past steps are final once written; keep only the current step's in memory
         # (one per factor set used in it: factors can change within a step).
         for acc in [*self.accounts.values(), *self.finished]:
@@ -646,6 +761,7 @@ class Monitor:
         if len(self.node_bucket) > 1:
             last = max(self.node_bucket)
             self.node_bucket = {last: self.node_bucket[last]}
+            self._node_bucket_written = {last: self._node_bucket_written[last]}
         self.finished.clear()
         return len(written)
 

@@ -10,6 +10,8 @@ import re
 import time
 from datetime import datetime
 
+from greend import units
+
 _SUFFIX_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _WORDS_S = {
     "second": 1, "seconds": 1, "sec": 1, "s": 1,
@@ -75,14 +77,8 @@ def format_duration(seconds: float | None) -> str:
 
 
 def human_duration(seconds: float) -> str:
-    """A short reading for explanations: 45 s, 12 min, 3.5 h, 2.0 d."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
+    """A short reading for explanations: 45 s, 12 min, 3.5 h, 2.0 d (greend.units)."""
+    return units.duration_words(seconds)
 
 
 _MEM = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?$", re.IGNORECASE)
@@ -104,11 +100,7 @@ def parse_memory_mb(text: str | int | float) -> float:
 
 
 def format_memory(mb: float) -> str:
-    if mb >= 1024 * 1024:
-        return f"{mb / 1024 / 1024:.1f} TB"
-    if mb >= 1024:
-        return f"{mb / 1024:.1f} GB"
-    return f"{mb:.0f} MB"
+    return units.size_mb(mb)
 
 
 _RELATIVE = re.compile(r"^(?:now)?\s*\+\s*(\d+(?:\.\d+)?)\s*([a-z]*)$", re.IGNORECASE)

@@ -489,3 +489,36 @@ def test_fast_exposition_matches_prometheus_client(tmp_path):
     finally:
         d.monitor.close()
         d.ledger.close()
+
+
+def test_first_scrape_has_the_node_series(tmp_path):
+    # A long sampling interval: only the baseline sample has been taken when /metrics is read.
+    g = Greend(tmp_path / "g", interval_s=60.0, checkpoint_interval_s=60.0).start()
+    try:
+        text = g.metrics()
+        assert metric_value(text, "greend_node_energy_joules_total", domain="cpu") == 0.0
+        assert metric_value(text, "greend_node_unattributed_energy_joules_total", domain="cpu") == 0.0
+    finally:
+        assert g.stop() == 0
+
+
+def test_api_job_records_validate_against_the_footprint_schema(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    from greend import report
+
+    v = jsonschema.Draft202012Validator(json.loads(report.schema_path().read_text()))
+    g = Greend(tmp_path / "g").start()
+    job = job_id()
+    p = busy(job, seconds=1.0)
+    try:
+        p.wait(30)
+        wait_for(lambda: g.get(f"/api/v1/jobs/local/{job}")[0] == 200, what="the job's record")
+        st, d = g.get(f"/api/v1/jobs/local/{job}")
+        assert st == 200 and d["records"]
+        for rec in d["records"]:
+            errors = [f"{list(e.path)}: {e.message}" for e in v.iter_errors(rec)]
+            assert not errors, errors
+            assert rec["schema_version"] == report.SCHEMA_VERSION
+    finally:
+        stop(p)
+        assert g.stop() == 0

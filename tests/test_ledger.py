@@ -169,3 +169,34 @@ def test_unusable_state_dir_is_named(tmp_path, sub):
     assert msg.startswith(f"{path.parent}:")
     assert "state directory" in msg
     assert "--state-dir" in msg
+
+
+def test_a_runs_series_step_fits_its_length():
+    from greend.measure import MAX_POINTS, series_step
+
+    assert series_step(1.0, 1.6) == 1.0  # a short run keeps its sampling interval
+    assert series_step(0.5, 30) == 0.5
+    for elapsed in (200, 3600, 86400, 7 * 86400):
+        step = series_step(1.0, elapsed)
+        assert step > 1 and elapsed / step <= MAX_POINTS
+    assert series_step(1.0, 3600) < series_step(1.0, 86400)
+
+
+def test_merge_series_keeps_every_figure(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite")
+    job = JobRow(cluster="c", job_id="1", node="n", kind="command", state="running",
+                 first_seen=1000.0, last_seen=1000.0)
+    rows = [(t, t + 1, "f", 10 + t, 1, 2, 3, 5, 0.5, 0.25, 0.125) for t in range(1000, 1100)]
+    with led.transaction() as db:
+        pk = led.upsert_job(db, job)
+        led.put_factor_set(db, "f", Factors(1.5, 1.0, 2.0, 50.0, {}), 0)
+        led.put_series(db, ((pk, *r) for r in rows))
+    with led.transaction() as db:
+        led.merge_series(db, pk, 30)
+    merged = led.series(pk)
+    assert [r["t_start"] for r in merged] == [990, 1020, 1050, 1080]
+    assert sum(r["cpu_uj"] for r in merged) == sum(r[3] for r in rows)
+    assert sum(r["cpu_time_ns"] for r in merged) == 500
+    assert sum(r["carbon_g"] for r in merged) == pytest.approx(50)
+    assert merged[-1]["t_end"] == 1100
+    led.close()

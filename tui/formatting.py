@@ -34,7 +34,7 @@ def since(period: int, now: float) -> float | None:
 
 def carbon_short(g: float) -> str:
     """'12.3 g' rather than '12.3 gCO2e' where the column header already says CO2e."""
-    return units.carbon(g).replace("CO2e", "")
+    return units.carbon(g, unit=False)
 
 
 def clock(t: float) -> str:
@@ -46,16 +46,8 @@ def stamp(t: float | None) -> str:
 
 
 def mib(b: float | None) -> str:
-    if not b:
-        return "—"
-    if b >= 10 * 2**30:
-        return f"{b / 2**30:.0f} GiB"
-    if b >= 2**30:
-        return f"{b / 2**30:.1f} GiB"
-    return f"{b / 2**20:.0f} MiB"
+    return units.size(b)
 
 
 def percent(x: float | None) -> str:
-    if x is None:
-        return "—"
-    return f"{x:.0%}" if x >= 0.01 or x == 0 else "< 1%"
+    return units.percent(x)

@@ -1,0 +1,81 @@
+"""`greend measure` costs: the start-up overhead of `greend measure -- true` (wall time minus the
+command's), where it goes, and what the readings at exec and exit add to the command's wall time.
+
+    .venv/bin/python bench/bench_measure.py [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GREEND = str(Path(sys.executable).with_name("greend"))
+
+
+def phases() -> dict[str, float]:
+    code = """
+import time; t0 = time.perf_counter()
+import greend.cli as c; t1 = time.perf_counter()
+p = c.build_parser(); a = p.parse_args(['measure', '-q', '--', 'true']); t2 = time.perf_counter()
+from greend import measure, report; t3 = time.perf_counter()
+cfg = c._load_config(a); led = c._open_ledger(cfg); t4 = time.perf_counter()
+from greend.monitor import Monitor, cpu_power_model; cpu_power_model(cfg); t5 = time.perf_counter()
+measure.run(cfg, ['true'], led); t6 = time.perf_counter()
+print(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    names = ("import greend.cli", "argument parser (every command registered)",
+             "import measure (config models, monitor)", "config + ledger open",
+             "CPU TDP lookup (CodeCarbon table)", "measure.run (scan, 2 ticks, 2 checkpoints)")
+    return dict(zip(names, map(float, out.stdout.split()), strict=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=10)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as state:
+        env = {**os.environ, "GREEND_STATE_DIR": state}
+        subprocess.run([GREEND, "measure", "-q", "--", "true"], env=env, check=True)
+        walls, bare = [], []
+        for _ in range(args.runs):
+            t = time.perf_counter()
+            subprocess.run([GREEND, "measure", "-q", "--", "true"], env=env, check=True)
+            walls.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            subprocess.run(["true"], check=True)
+            bare.append(time.perf_counter() - t)
+        print(f"greend measure -- true: median {statistics.median(walls) * 1e3:.0f} ms, "
+              f"min {min(walls) * 1e3:.0f} ms (true alone: {statistics.median(bare) * 1e3:.1f} ms)")
+        os.environ["GREEND_STATE_DIR"] = state
+        ph = [phases() for _ in range(3)]
+        for k in ph[0]:
+            print(f"  {k}: {statistics.median(p[k] for p in ph) * 1e3:.0f} ms")
+    # What the readings at exec and exit add to the command's measured wall time: the re-read
+    # before exec (counters and /proc/stat) lies inside [start, exit]; the exit reading after it.
+    from greend.collectors.procscan import ProcScan
+
+    from greend import config as config_mod
+    from greend.monitor import Monitor
+
+    cfg = config_mod.load(None)
+    m = Monitor(cfg, None, jobs_source=ProcScan(cfg.paths.procfs, cfg.cluster), resume=False)
+    m.tick()
+    costs = []
+    for _ in range(200):
+        t = time.perf_counter()
+        m.rebaseline()
+        costs.append(time.perf_counter() - t)
+    m.close()
+    print(f"reading at exec (Monitor.rebaseline): median {statistics.median(costs) * 1e3:.3f} ms, "
+          f"max {max(costs) * 1e3:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
