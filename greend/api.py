@@ -255,7 +255,8 @@ class Api:
             page = queries.job_page(self.ledger().db, jq, time.time())
         except queries.QueryError as e:
             raise ApiError(400, f"query parameter {e}") from None
-        return {"jobs": [r.to_dict() for r in page.jobs],
+        # The one job-footprint schema (docs/json.md); factors and series are in the job's record.
+        return {"jobs": [report.footprint_dict(r, []) for r in page.jobs],
                 "next_offset": offset + limit if offset + limit < page.total else None,
                 "total": page.total, "running": page.running, "per": jq.per}
 

@@ -201,8 +201,13 @@ def cmd_jobs(args) -> int:
         return 0
     since = time.time() - args.since_hours * 3600 if args.since_hours else None
     user = None if args.all_users else (args.user or _me())
-    rows = ledger.jobs(user=user, state=args.state, cluster=args.cluster, since=since,
-                       outcome=args.outcome, limit=args.limit)
+    from . import queries
+
+    # One read model (greend/queries.py): the same filters and outcome as the API and the TUI.
+    page = queries.job_page(ledger.db, queries.JobQuery(
+        user=user, state=args.state, cluster=args.cluster, since=since, outcome=args.outcome,
+        limit=args.limit, per="record"), time.time())
+    rows = page.jobs
     if args.json:
         print(json.dumps([report.footprint_dict(r, ledger.factor_sets_of(r.pk)) for r in rows],
                          indent=2))

@@ -472,7 +472,7 @@ class Ledger:
     def jobs(self, *, user: str | None = None, account: str | None = None,
              cluster: str | None = None, state: str | None = None, kind: str | None = None,
              since: float | None = None, until: float | None = None,
-             outcome: str | None = None, limit: int = 100, offset: int = 0) -> list[JobRow]:
+             limit: int = 100, offset: int = 0) -> list[JobRow]:
         where, args = [], []
         for col, val in (("user", user), ("account", account), ("cluster", cluster),
                          ("state", state), ("kind", kind)):
@@ -485,14 +485,6 @@ class Ledger:
         if until is not None:
             where.append("first_seen <= ?")
             args.append(until)
-        if outcome is not None:  # as report.outcome(): the exit status, else Slurm's final state
-            ok = ("(exit_code = 0 OR (exit_code IS NULL AND "
-                  "json_extract(meta, '$.slurm_state') LIKE 'COMPLETED%'))")
-            failed = "(exit_code != 0 OR (exit_code IS NULL AND (" + " OR ".join(
-                f"json_extract(meta, '$.slurm_state') LIKE '{st}%'"
-                for st in ("FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL",
-                           "BOOT_FAIL", "DEADLINE", "PREEMPTED")) + ")))"
-            where.append({"ok": ok, "failed": failed}[outcome])
         q = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
         q += " ORDER BY last_seen DESC, pk DESC LIMIT ? OFFSET ?"
         args += [limit, offset]

@@ -8,6 +8,7 @@ import time
 from . import units
 from .footprint import UJ_PER_J, Factors
 from .ledger import JobRow
+from .queries import outcome_of, slurm_state
 
 SCHEMA_VERSION = 1
 """Version of the job-footprint JSON (greend/data/job-footprint.schema.json, docs/json.md)."""
@@ -17,12 +18,6 @@ IDLE_RULES = {
     "unattributed": "node idle power left unattributed (not charged to jobs)",
 }
 
-# Slurm's final states, for a job without an exit status of its own.
-_SLURM_OK = {"COMPLETED"}
-_SLURM_FAILED = {"FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
-                 "DEADLINE", "PREEMPTED"}
-
-
 def schema_path():
     """The job-footprint JSON Schema shipped with greend."""
     from importlib.resources import files
@@ -31,15 +26,9 @@ def schema_path():
 
 
 def outcome(row: JobRow) -> str | None:
-    """"ok", "failed" (non-zero exit, killed, or a failed Slurm state), or None while unknown."""
-    if row.exit_code is not None:
-        return "ok" if row.exit_code == 0 else "failed"
-    st = str((row.meta or {}).get("slurm_state", "")).split()[0:1]
-    if st and st[0] in _SLURM_OK:
-        return "ok"
-    if st and st[0] in _SLURM_FAILED:
-        return "failed"
-    return None
+    """"ok", "failed" (non-zero exit, or a failed Slurm state), or None while unknown: the read
+    model's rule (greend.queries.outcome_of), which the API's and the TUI's filters apply too."""
+    return outcome_of(row)
 
 
 def _sig(x: float, digits: int = 6) -> float:
@@ -67,10 +56,12 @@ def footprint_dict(row: JobRow, factors: list[Factors] | list[dict], *, cpu_mode
             "cluster": row.cluster, "job_id": row.job_id, "node": row.node, "kind": row.kind,
             "name": row.name, "user": row.user, "account": row.account,
             "partition": row.partition, "state": row.state, "command": row.command,
-            "exit_code": row.exit_code, "outcome": outcome(row), "submit_time": row.submit_time,
+            "exit_code": row.exit_code, "outcome": outcome(row),
+            "slurm_state": slurm_state(row) or None, "submit_time": row.submit_time,
             "first_seen": _t(row.first_seen), "last_seen": _t(row.last_seen),
-            "end_time": _t(row.end_time), "alloc_cpus": row.alloc_cpus,
-            "alloc_mem_bytes": row.alloc_mem_bytes, "max_mem_bytes": row.max_mem_bytes,
+            "end_time": _t(row.end_time), "tier": row.tier, "uid": row.uid,
+            "alloc_cpus": row.alloc_cpus, "alloc_mem_bytes": row.alloc_mem_bytes,
+            "alloc_gpus": row.alloc_gpus, "max_mem_bytes": row.max_mem_bytes,
         },
         "elapsed_s": round(max(0.0, elapsed_s), 3),
         "cpu_time_s": round(row.cpu_time_ns / 1e9, 6),

@@ -374,7 +374,7 @@ def test_finished_job_leaves_metrics_after_grace_but_stays_in_the_books(tmp_path
         assert st == 200
         assert d["records"][0]["job"]["state"] == "ended"
         st, d = g.get("/api/v1/jobs?state=ended&limit=1000")
-        assert any(j["job_id"] == job and j["cpu_time_ns"] / 1e9 == pytest.approx(cpu_s, rel=0.01)
+        assert any(j["job"]["job_id"] == job and j["cpu_time_s"] == pytest.approx(cpu_s, rel=0.01)
                    for j in d["jobs"])
         assert g.stop() == 0
 
@@ -409,9 +409,9 @@ def test_private_jobs_over_the_unix_socket(tmp_path):
             # greendtest sees their own job only.
             st, d = curl_unix(sock, "/api/v1/jobs?limit=1000", user="greendtest")
             assert st == 200
-            users = {j["user"] for j in d["jobs"]}
+            users = {j["job"]["user"] for j in d["jobs"]}
             assert users == {"greendtest"}, users
-            ids = {j["job_id"] for j in d["jobs"]}
+            ids = {j["job"]["job_id"] for j in d["jobs"]}
             assert mine in ids and theirs not in ids
             assert curl_unix(sock, f"/api/v1/jobs/local/{theirs}", user="greendtest")[0] == 404
             assert curl_unix(sock, f"/api/v1/jobs/local/{mine}", user="greendtest")[0] == 200
@@ -421,7 +421,7 @@ def test_private_jobs_over_the_unix_socket(tmp_path):
             assert st == 200 and {r["key"] for r in d["rows"]} <= {"greendtest"}
             # root (an admin) sees everyone's.
             st, d = curl_unix(sock, "/api/v1/jobs?limit=1000")
-            ids = {j["job_id"] for j in d["jobs"]}
+            ids = {j["job"]["job_id"] for j in d["jobs"]}
             assert st == 200 and {mine, theirs} <= ids
             # Over TCP nobody is known: no job data, but health and metrics.
             st, d = g.get("/api/v1/jobs")
@@ -519,6 +519,13 @@ def test_api_job_records_validate_against_the_footprint_schema(tmp_path):
             errors = [f"{list(e.path)}: {e.message}" for e in v.iter_errors(rec)]
             assert not errors, errors
             assert rec["schema_version"] == report.SCHEMA_VERSION
+        # The listings are job-footprint records too: one per node, or merged per job.
+        for per in ("record", "job"):
+            st, d = g.get(f"/api/v1/jobs?limit=1000&per={per}")
+            assert st == 200 and any(r["job"]["job_id"] == job for r in d["jobs"])
+            for rec in d["jobs"]:
+                errors = [f"{list(e.path)}: {e.message}" for e in v.iter_errors(rec)]
+                assert not errors, errors
     finally:
         stop(p)
         assert g.stop() == 0

@@ -334,14 +334,15 @@ def daemon(tmp_path_factory, fixture_ledger):
 def test_api_sorts_searches_and_filters_jobs(daemon):
     st, d = daemon.get("/api/v1/jobs?per=job&sort=energy&order=desc&limit=5")
     assert st == 200 and d["per"] == "job" and (d["total"], d["running"]) == (28, 2) and d["next_offset"] == 5
-    e = [j["it_energy_j"] for j in d["jobs"]]
-    assert e == sorted(e, reverse=True) and d["jobs"][0]["job_id"] == "4410021"
+    e = [j["energy_j"]["it"] for j in d["jobs"]]
+    assert e == sorted(e, reverse=True) and d["jobs"][0]["job"]["job_id"] == "4410021"
     st, d = daemon.get("/api/v1/jobs?per=job&q=unet")
-    assert [(j["job_id"], j["node"]) for j in d["jobs"]] == [("812345", "site-n1,site-n2")]
+    assert [(j["job"]["job_id"], j["job"]["node"]) for j in d["jobs"]] == [("812345", "site-n1,site-n2")]
     assert d["total"] == 1 and d["running"] == 1 and d["next_offset"] is None
     st, d = daemon.get("/api/v1/jobs?per=job&outcome=failed&sort=name&order=asc&account=imaging")
-    names = [j["name"] for j in d["jobs"]]
-    assert d["total"] == 2 and {j["exit_code"] for j in d["jobs"]} == {1} and names == sorted(names)
+    names = [j["job"]["name"] for j in d["jobs"]]
+    assert d["total"] == 2 and names == sorted(names)
+    assert {j["job"]["outcome"] for j in d["jobs"]} == {"failed"}
     # Records (the default, as before): one per node, newest first, paged to the end.
     seen, offset = [], 0
     while offset is not None:
@@ -349,7 +350,7 @@ def test_api_sorts_searches_and_filters_jobs(daemon):
         seen += d["jobs"]
         offset = d["next_offset"]
     assert len(seen) == d["total"] == 25 and "per" in d and d["per"] == "record"
-    last = [j["last_seen"] for j in seen]
+    last = [j["job"]["last_seen"] for j in seen]
     assert last == sorted(last, reverse=True)
     for query, word in (("sort=size", "sort"), ("order=sideways", "order"), ("outcome=maybe", "outcome"),
                         ("per=node", "per")):

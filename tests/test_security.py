@@ -714,7 +714,7 @@ def test_agents_reach_a_tls_controller_and_verify_its_certificate(tmp_path):
                             urllib.request.Request(f"{url}/api/v1/jobs?limit=1000",
                                                    headers={"Authorization": f"Bearer {TOKEN}"}),
                             context=ctx, timeout=5) as r:
-                        return {(j["node"], j["job_id"]) for j in json.load(r)["jobs"]}
+                        return {(j["job"]["node"], j["job"]["job_id"]) for j in json.load(r)["jobs"]}
                 wait_for(lambda: ("a1", job) in ctl_has_job(), 30, what="a1's record at the controller")
                 reason = wait_for(lambda: bad.reasons("site:"), 30, what="a2's TLS failure")
                 assert "CERTIFICATE_VERIFY_FAILED" in reason[0] or "certificate verify" in reason[0], reason

@@ -44,7 +44,7 @@ def ctl_jobs(ctl: Greend, **q) -> list[dict]:
     query = "&".join(f"{k}={v}" for k, v in {"limit": 1000, **q}.items())
     st, d = ctl.get(f"/api/v1/jobs?{query}")
     assert st == 200, d
-    return d["jobs"]
+    return [r["job"] for r in d["jobs"]]  # job-footprint records (docs/json.md): their job part
 
 
 def books(g: Greend, node: str) -> dict:
@@ -370,7 +370,7 @@ def test_controller_read_api_private_jobs_and_token_readers(tmp_path):
         assert st == 403 and "private_jobs" in d["error"]
         # ... but a service holding the site token (policy engine, TUI on the controller) is an admin.
         st, d = ctl.get("/api/v1/jobs", headers={"Authorization": f"Bearer {TOKEN}"})
-        assert st == 200 and {j["user"] for j in d["jobs"]} == {"alice", "bob"}
+        assert st == 200 and {j["job"]["user"] for j in d["jobs"]} == {"alice", "bob"}
         st, d = ctl.get("/api/v1/summary?by=user", headers={"Authorization": f"Bearer {TOKEN}"})
         assert st == 200 and {r["key"] for r in d["rows"]} == {"alice", "bob"}
         assert ctl.get("/api/v1/jobs", headers={"Authorization": "Bearer wrong"})[0] == 403

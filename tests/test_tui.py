@@ -207,7 +207,7 @@ def test_equivalents_and_advice():
                      "energy": "boiling 4.12 mL of water in a kettle"}
     tiny = {e.quantity: e.text for e in equivalents(1e-7, 1e-8, 0.5)}
     assert tiny["carbon"] == "driving 0.93 µm in an average new car"
-    assert tiny["water"] == "0.01 µL: less than a drop"
+    assert tiny["water"] == "10 nL: less than a drop"
     assert tiny["energy"] == "boiling 1.49 µL of water in a kettle"
     assert {e.quantity: e.text for e in equivalents(5, 0.02, 0)}["water"] == "20 mL: 4 teaspoons"
     assert {e.quantity: e.text for e in equivalents(0, 0.5, 0)}["water"] == "1 bottle of 0.5 L"

@@ -342,7 +342,7 @@ class _ApiSource(DataSource):
             if "total" not in data:  # a daemon older than sort and search: do them here
                 return self._jobs_in_memory(q, params, now)
             got = data.get("jobs") or []
-            rows.extend(_job_from_dict(d) for d in got)
+            rows.extend(_job_from_listing(d) for d in got)
             total, running = int(data["total"]), int(data.get("running") or 0)
             if not got or data.get("next_offset") is None:
                 break
@@ -358,7 +358,7 @@ class _ApiSource(DataSource):
         while offset is not None:
             data = self._get("/api/v1/jobs", {**params, "limit": self.page_rows, "offset": offset})
             got = data.get("jobs") or []
-            rows.extend(_job_from_dict(d) for d in got)
+            rows.extend(_job_from_listing(d) for d in got)
             nxt = data.get("next_offset")
             offset = int(nxt) if nxt is not None and got else None
             if len(rows) >= self.max_rows and offset is not None:
@@ -432,13 +432,20 @@ def _budget(r: dict) -> tuple[float | None, str]:
     return (None if used is None else float(used)), str(b.get("label", ""))
 
 
+def _job_from_listing(d: dict) -> JobRow:
+    """A row of /api/v1/jobs: a job-footprint record, or the flat row of a daemon older than the
+    schema."""
+    return _job_from_footprint(d) if "schema_version" in d else _job_from_dict(d)
+
+
 def _job_from_dict(d: dict) -> JobRow:
     known = {f.name for f in dataclasses.fields(JobRow)}
     return JobRow(**{k: v for k, v in d.items() if k in known})
 
 
 def _job_from_footprint(rec: dict) -> JobRow:
-    """A JobRow back from report.footprint_dict() (which leaves out tier, uid, submit time)."""
+    """A JobRow back from a job-footprint record (report.footprint_dict, docs/json.md): the API's
+    listings and job records."""
     j = rec.get("job") or {}
     e = rec.get("energy_uj") or {}
     w = rec.get("water_l") or {}
@@ -449,7 +456,14 @@ def _job_from_footprint(rec: dict) -> JobRow:
     base.setdefault("state", "")
     base.setdefault("first_seen", 0.0)
     base.setdefault("last_seen", base["first_seen"])
+    meta = {}
+    if j.get("slurm_state"):  # what outcome_of reads for a Slurm job without an exit code
+        meta["slurm_state"] = j["slurm_state"]
+    if rec.get("series_step_s"):
+        meta["series_step_s"] = rec["series_step_s"]
+    base.pop("meta", None)
     return JobRow(
+        meta=meta,
         **base,
         cpu_time_ns=round(float(rec.get("cpu_time_s", 0)) * 1e9),
         cpu_uj=int(e.get("cpu", 0)), dram_uj=int(e.get("dram", 0)), gpu_uj=int(e.get("gpu", 0)),
