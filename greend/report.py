@@ -102,6 +102,12 @@ def _wrap(first: str, note: str, indent: int = _NOTE_COL) -> list[str]:
     if not note:
         return [first.rstrip()]
     lines = textwrap.wrap(note, WIDTH - indent, break_long_words=False, break_on_hyphens=False)
+    if any(len(ln) > WIDTH - indent for ln in lines):
+        # A word longer than the note column (a URL in a source): never cut it, give the whole
+        # note the width below the label instead.
+        hang = 4
+        lines = textwrap.wrap(note, WIDTH - hang, break_long_words=False, break_on_hyphens=False)
+        return [first.rstrip()] + [" " * hang + ln for ln in lines]
     out = [(first.ljust(indent) + lines[0]).rstrip()]
     out += [" " * indent + ln for ln in lines[1:]]
     return out
