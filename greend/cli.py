@@ -372,8 +372,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def install_policy_checks() -> None:
+    """Let configuration loading check each [[policy.rules]] entry against the policy engine's
+    rules (an unknown rule or parameter is an error naming its key when the file is read). The
+    rule classes are imported only when a configuration names rules."""
+    from . import policy_config
 
+    def check(spec) -> None:
+        from greend.policies.registry import instantiate
+
+        instantiate(spec, None)
+
+    policy_config.rule_checker = check
+
+
+def main(argv: list[str] | None = None) -> int:
+    install_policy_checks()
     parser = build_parser()
     args = parser.parse_args(argv)
     from .logsetup import setup

@@ -30,7 +30,7 @@ from pydantic import (
 from . import refdata
 from .errors import ConfigError
 from .footprint import Factors
-from .policies.config import Partition, PolicyConfig, PowerModel, SlurmAccess
+from .policy_config import Partition, PolicyConfig, PowerModel, SlurmAccess
 
 DEFAULT_PORT = 9471  # greend's documented default exporter/API port
 DEFAULT_COUNTRY = "FRA"

@@ -7,9 +7,9 @@ from typing import Any
 
 from pydantic import Field
 
+from greend import quantities as q
 from greend.budgets import period_start
 
-from . import quantities as q
 from .rule import Action, AdjustRule, Params
 
 

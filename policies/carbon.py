@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import bisect
 
-from . import quantities as q
+from greend import quantities as q
+
 from .records import Record
 
 

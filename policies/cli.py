@@ -162,7 +162,7 @@ def _user() -> str:
 
 def _setup(args, *, live: bool):
     """(engine, site, config) for this command line."""
-    from greend import config as config_mod
+    from greend.cmdline import load_config
     from greend.ledger import default_path
 
     from .engine import Engine
@@ -170,10 +170,10 @@ def _setup(args, *, live: bool):
     from .site import compile_site
     from .state import StateCache
 
-    path = args.config or os.environ.get("GREEND_CONFIG") or None
-    cfg = config_mod.load(path)
-    if getattr(args, "state_dir", None):
-        cfg = cfg.model_copy(update={"state_dir": args.state_dir})
+    # The file in force as every command finds it (--config, $GREEND_CONFIG, ~/.config, /etc) and
+    # --state-dir beating the environment: greend.cmdline.load_config.
+    cfg = load_config(args)
+    path = args.config
     site = compile_site(cfg, path)
     ledger_path = site.settings.ledger or default_path(cfg.resolved_state_dir())
     ledger = LedgerView(ledger_path, site)
@@ -202,7 +202,7 @@ def _decide(args, *, live: bool, now: float | None = None):
     now = time.time() if now is None else now
     at = getattr(args, "at", None)
     if at:
-        from . import quantities as q
+        from greend import quantities as q
 
         try:
             now = q.parse_time_point(at, now)
@@ -347,7 +347,7 @@ def _cli_filter(args) -> int:
         return 0
     line("verdict", "accept")
     line("message", f"greend: {d.summary()}")
-    from . import quantities as q
+    from greend import quantities as q
 
     if d.plan.partition:
         print(f"set partition={d.plan.partition}")
@@ -433,7 +433,8 @@ def _report_decision(engine, log, token: str, ledger_path) -> dict:
 
 
 def _print_submission(sub, d) -> None:
-    from . import quantities as q
+    from greend import quantities as q
+
     from .explain import _carbon, _energy, _water
 
     out = sys.stdout

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 
-from . import quantities as q
+from greend import quantities as q
+
 from .estimate import Estimate, estimate
 from .history import History, LedgerView, Usage
 from .records import Record

@@ -10,9 +10,9 @@ asked (never more than it).
 
 from __future__ import annotations
 
+from greend import quantities as q
 from greend.footprint import Factors, Footprint, footprint
 
-from . import quantities as q
 from .history import History
 from .records import Record
 from .request import JobRequest, Resolved

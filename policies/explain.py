@@ -3,7 +3,7 @@ on each cluster, and what will be submitted."""
 
 from __future__ import annotations
 
-from . import quantities as q
+from greend import quantities as q
 
 _MARK = {"pass": "pass", "reject": "REJECT", "hold": "HOLD", "relaxed": "RELAXED", "score": "",
          "ok": "ok", "skip": "-", "warn": "WARN", "nice": "NICE", "defer": "DEFER", "refuse": "REFUSE",

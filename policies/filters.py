@@ -8,7 +8,8 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from . import quantities as q
+from greend import quantities as q
+
 from .request import Resolved, resolve
 from .rule import Check, FilterRule, Params, _dur, _mem
 

@@ -13,7 +13,8 @@ import os
 import shlex
 from pathlib import Path
 
-from . import quantities as q
+from greend import quantities as q
+
 from .records import Record
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from . import quantities as q
+from greend import quantities as q
 
 if TYPE_CHECKING:
     from .site import PartitionSpec

@@ -7,7 +7,8 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from . import quantities as q
+from greend import quantities as q
+
 from .rule import LowerIsBetter, Params, Score, ScoreRule, _dur
 
 

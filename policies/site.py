@@ -9,9 +9,9 @@ from pathlib import Path
 
 from greend import carbon_feed
 from greend import config as config_mod
+from greend import quantities as q
 from greend.footprint import Factors
 
-from . import quantities as q
 from .carbon import CarbonWindow
 from .records import Record
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from greend.collectors import slurmcli
 from greend.collectors.slurmcli import first_error, number
 
-from . import quantities as q
+from greend import quantities as q
+
 from .records import Record
 
 log = logging.getLogger(__name__)

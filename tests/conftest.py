@@ -5,6 +5,12 @@ from __future__ import annotations
 import pytest
 from fixtures import Clock, FakeProc, FakeRapl, make_procfs, make_rapl
 
+from greend.cli import install_policy_checks
+
+# As `greend` itself does at start (its composition root): configurations are checked against the
+# policy engine's rules when they are read.
+install_policy_checks()
+
 
 @pytest.fixture(autouse=True)
 def _no_site_environment(monkeypatch):

@@ -20,18 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"greend": "greend", "collectors": "greend.collectors", "policies": "greend.policies",
             "tui": "greend.tui"}
 
-# Violations that exist on this branch in files other engineers are changing at the same time
-# (greend/api.py, daemon.py, decisions.py, exporter.py's LedgerMetrics, site.py: core modules that
-# still reach into policies, and the cycles through them). The list may only shrink: the test
-# fails on a violation not listed here, and on an entry that is no longer real, so whoever removes
-# one removes its entry too. Empty it once those changes are merged.
-KNOWN: set[tuple[str, str, str]] = {
-    # (rule, importer, imported); for a cycle: ("cycle", its members joined by " -> ", "").
-    # greend/config.py: the [policy] table's models (PolicyConfig, Partition...) live in policies.
-    ("core-import", "greend.config", "greend.policies.config"),
-}
-
-
 def _modules() -> dict[str, Path]:
     mods = {}
     for d, pkg in PACKAGES.items():
@@ -187,16 +175,10 @@ def test_the_checker_sees_imports():
 
 
 def test_layers_hold():
-    found = violations()
-    new = sorted(found - KNOWN)
-    assert not new, "layering violations (docs/architecture.md):\n" + "\n".join(map(str, new))
+    found = sorted(violations())
+    assert not found, "layering violations (docs/architecture.md):\n" + "\n".join(map(str, found))
 
 
 def test_site_mode_has_no_module_named_site_in_the_core():
     # agent.py, wire.py, controller.py; policies/site.py is the (unrelated) cluster catalogue.
     assert "greend.site" not in MODULES and "greend.policies.site" in MODULES
-
-
-def test_known_violations_are_still_real():
-    gone = sorted(KNOWN - violations())
-    assert not gone, "fixed, so remove from KNOWN in tests/test_layering.py:\n" + "\n".join(map(str, gone))

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from greend.policies import quantities as q
 from greend.policies import registry as registry_mod
 from greend.policies import rules as rules_mod
 from greend.policies.carbon import CarbonWindow
@@ -25,6 +24,7 @@ from greend.policies.state import ClusterState, JobState, NodeState, StateCache,
 from greend.policies.submit import DecisionLog, submit
 
 from greend import config as config_mod
+from greend import quantities as q
 from greend.config import ConfigError
 from greend.footprint import footprint
 from greend.ledger import JobRow, Ledger

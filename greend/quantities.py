@@ -10,7 +10,7 @@ import re
 import time
 from datetime import datetime
 
-from greend import units
+from . import units
 
 _SUFFIX_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _WORDS_S = {
