@@ -198,6 +198,12 @@ class Api:
             raise ApiError(405, f"{method} not allowed on {path} (allowed: "
                                 f"{', '.join(allowed or ['GET'])})")
         if path == "/metrics":
+            if "application/openmetrics-text" in (headers.get("Accept") or ""):
+                # Asked for by Prometheus (scrape_protocols) and OpenMetrics clients; the classic
+                # text format stays the default, rendered by our fast writer.
+                from prometheus_client.openmetrics import exposition as om
+
+                return 200, om.CONTENT_TYPE_LATEST, om.generate_latest(self.registry)
             return 200, CONTENT_TYPE_LATEST, render_metrics(self.registry)
         if path == "/healthz":
             return self._json(self.host.health())

@@ -184,10 +184,36 @@ def _error_body(message: str, extra: dict | None = None) -> bytes:
 
 
 # -- one request ------------------------------------------------------------------------------------
+GZIP_MIN_BYTES = 1024  # smaller answers gain nothing from compression
+
+
+def accepts_gzip(headers: Headers) -> bool:
+    """Whether Accept-Encoding names gzip (or *) without q=0."""
+    for item in (headers.get("Accept-Encoding") or "").split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip().lower() in ("gzip", "*"):
+            q = params.replace(" ", "").lower()
+            return not (q.startswith("q=0") and q.strip("q=0.") == "")
+    return False
+
+
+def compressed(reply: tuple, headers: Headers) -> tuple:
+    """The reply gzipped when the client accepts it and it is worth it (a /metrics page of 1,000
+    jobs: 1.3 MiB -> about 50 KiB), with Content-Encoding; else as it is. Runs in the worker
+    thread, not on the event loop."""
+    status, ctype, payload = reply[:3]
+    if len(payload) < GZIP_MIN_BYTES or not accepts_gzip(headers):
+        return reply
+    import gzip
+
+    return status, ctype, gzip.compress(payload, compresslevel=5), [
+        ("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")]
+
+
 def respond(api, method: str, target: str, headers: Headers, body: bytes,
-            uid: int | None) -> tuple[int, str, bytes]:
-    """Run one complete request through api.handle: (status, content type, payload). Never
-    raises: an unexpected error is logged with its traceback and answered 500."""
+            uid: int | None) -> tuple:
+    """Run one complete request through api.handle: (status, content type, payload[, extra
+    headers]). Never raises: an unexpected error is logged with its traceback and answered 500."""
     try:
         if len(target) > MAX_TARGET:
             raise ApiError(414, f"request target over {MAX_TARGET} bytes")
@@ -199,7 +225,7 @@ def respond(api, method: str, target: str, headers: Headers, body: bytes,
             raise ApiError(400, f"bad query string: {e}") from None
         host = api.host
         caller = Caller(uid, host.cfg.daemon.admins, token_admin=bearer_ok(headers, host.token))
-        return api.handle(method, parts.path, query, body, caller, headers)
+        return compressed(api.handle(method, parts.path, query, body, caller, headers), headers)
     except ApiError as e:
         return e.status, "application/json", _error_body(str(e))
     except LedgerError as e:
@@ -492,9 +518,9 @@ class Server:
         return max_body
 
     async def _reply(self, conn: h11.Connection, writer, request, reply, close: bool) -> None:
-        status, ctype, payload = reply
+        status, ctype, payload, *extra = reply
         headers = [("Content-Type", ctype), ("Content-Length", str(len(payload))),
-                   ("Server", "greend")]
+                   ("Server", "greend"), *(extra[0] if extra else [])]
         if status == 401:
             headers.append(("WWW-Authenticate", 'Bearer realm="greend"'))
         if status == 429:

@@ -73,6 +73,42 @@ def test_promtool_check_metrics_reports_nothing(node):
     assert (r.returncode, r.stdout + r.stderr) == (0, ""), f"promtool check metrics:\n{r.stdout}{r.stderr}"
 
 
+@pytest.mark.prometheus
+@needs_promtool
+def test_metrics_are_gzipped_and_in_openmetrics_when_asked(node):
+    import gzip
+    import urllib.request
+
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    _wait_for_job(node)
+
+    def get(**headers):
+        req = urllib.request.Request(f"http://{node.target}/metrics", headers=headers)
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return dict(r.headers), r.read()
+
+    h, body = get(**{"Accept-Encoding": "gzip"})
+    assert h.get("Content-Encoding") == "gzip" and "Accept-Encoding" in h.get("Vary", "")
+    text = gzip.decompress(body).decode()
+    assert f'job_id="{JOB_ID}"' in text and len(body) < len(text) / 4
+    r = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True,
+                       timeout=30)
+    assert (r.returncode, r.stdout + r.stderr) == (0, "")
+    h, body = get(**{"Accept-Encoding": "gzip;q=0"})
+    assert "Content-Encoding" not in h and body.decode().startswith("# HELP")
+    # As Prometheus itself asks (scrape_protocols): OpenMetrics first.
+    h, body = get(Accept="application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
+    assert h["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+    om = body.decode()
+    assert om.endswith("# EOF\n")
+    families = {f.name: f for f in text_string_to_metric_families(om)}  # the strict parser
+    energy = families["greend_job_energy_joules"]
+    assert energy.type == "counter" and any(
+        smp.labels.get("job_id") == JOB_ID and smp.value > 0 for smp in energy.samples)
+    assert "greend_node_energy_joules" in families and "process_cpu_seconds" in families
+
+
 @pytest.fixture(scope="module")
 def prom(node, tmp_path_factory):
     if not Path(PROMETHEUS).is_file():
