@@ -28,7 +28,7 @@ def energy_wh(j: float) -> str:
 def carbon(g: float, unit: bool = True) -> str:
     """Grams of CO2e; unit=False leaves 'CO2e' out where a column header already says it."""
     s = _scaled(g, [(1e6, "tCO2e"), (1e3, "kgCO2e"), (1, "gCO2e"), (1e-3, "mgCO2e"),
-                    (1e-6, "µgCO2e")])
+                    (1e-6, "µgCO2e"), (1e-9, "ngCO2e")])
     return s if unit else s.replace("CO2e", "")
 
 

@@ -137,7 +137,10 @@ class GreendApp(App[None]):
         self.call_from_thread(setattr, self, "cluster_names", names)
 
     def _subtitle(self) -> None:
-        self.sub_title = f"{self.MODE_TITLES.get(self.current_mode, '')} · {self.source.label}"
+        title = self.MODE_TITLES.get(self.current_mode, "")
+        if self.current_mode == "jobs" and self.user != self.me:  # --all-users or --user NAME
+            title = "Jobs"
+        self.sub_title = f"{title} · {self.source.label}"
 
     def action_switch_mode(self, mode: str) -> None:  # type: ignore[override]
         if mode == self.current_mode and len(self.screen_stack) > 1:
