@@ -163,6 +163,10 @@ class PolicyConfig(_Model):
     history_days: Annotated[float, Field(gt=0)] = 90.0
     """How far back similar jobs are looked up in the ledger."""
     history_max_jobs: Annotated[int, Field(ge=1, le=10000)] = 50
+    history_from: Literal["ledger", "sacct"] = "ledger"
+    """Where history and budget usage come from: greend's ledger, or also Slurm's accounting
+    (`sacct` with this cluster's Slurm access: the site's whole record, jobs greend never saw
+    included): similar jobs from sacct where the ledger has none, budget usage from sacct."""
 
     @model_validator(mode="after")
     def _budget_rule(self) -> PolicyConfig:

@@ -177,6 +177,8 @@ def _setup(args, *, live: bool):
     site = compile_site(cfg, path)
     ledger_path = site.settings.ledger or default_path(cfg.resolved_state_dir())
     ledger = LedgerView(ledger_path, site)
+    if cfg.policy.history_from == "sacct":
+        ledger.sacct = _sacct_history(site, cfg.cluster)
     states = None
     if live and site.settings.live_state and not args.no_live:
         cache_path = site.settings.state_cache or _cache_dir() / "cluster-state.json"
@@ -184,6 +186,17 @@ def _setup(args, *, live: bool):
         if not args.refresh:
             states.load()
     return Engine(site, ledger=ledger, states=states), site, cfg, ledger_path
+
+
+def _sacct_history(site, cluster: str):
+    """Slurm's accounting as the policy engine's history (policy.history_from = "sacct"), read with
+    this cluster's Slurm access: every cluster of its slurmdbd."""
+    from greend.collectors.sacct import Sacct
+
+    from .history_sacct import SacctHistory
+
+    spec = site.by_name.get(cluster) or site.clusters[0]
+    return SacctHistory(Sacct(spec.slurm.conf, spec.slurm.bin_dir), site, None)
 
 
 def _cache_dir():

@@ -897,6 +897,26 @@ def cli_config(tmp_path) -> Path:
     return p
 
 
+def test_history_from_sacct_reads_this_clusters_accounting(tmp_path):
+    import argparse
+
+    from greend.policies import cli as pcli
+    from greend.policies.history_sacct import SacctHistory
+
+    data = site_data(policy={"live_state": False, "history_from": "sacct"})
+    data["clusters"]["site"]["slurm"] = {"conf": str(tmp_path / "site-slurm.conf")}
+    p = tmp_path / "greend.toml"
+    p.write_text(_toml(data))
+    args = argparse.Namespace(config=str(p), state_dir=str(tmp_path), no_live=True, refresh=False)
+    engine, _site, cfg, _ = pcli._setup(args, live=False)
+    history = engine.ledger.sacct
+    assert isinstance(history, SacctHistory) and cfg.cluster == "site"
+    assert history.sacct.commands.env["SLURM_CONF"] == str(tmp_path / "site-slurm.conf")
+    data["policy"]["history_from"] = "ledger"
+    p.write_text(_toml(data))
+    assert pcli._setup(args, live=False)[0].ledger.sacct is None  # the default: greend's ledger only
+
+
 def test_greend_route_prints_every_rule_and_the_footprint(tmp_path, cli_config):
     job = script(tmp_path, "#SBATCH -c 2\n#SBATCH -t 1:00:00\n#SBATCH -A proj-green\n")
     p = run_greend("-c", cli_config, "--state-dir", tmp_path, "route", job, cwd=tmp_path)
