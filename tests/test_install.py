@@ -158,6 +158,26 @@ def test_installed_greend_finds_etc_config_and_serves_metrics(installed):
         assert "\nprocess_cpu_seconds_total " in body and "greend_process_" not in body
         ctype = {k.lower(): v for k, v in headers.items()}["content-type"]
         assert f"`Content-Type: {ctype}`" in " ".join((ROOT / "docs" / "api.md").read_text().split())
+        # As Prometheus scrapes: gzip, and OpenMetrics when asked; promtool and the strict
+        # OpenMetrics parser accept what the installed greend serves.
+        import gzip
+
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+        status, headers, gz = request(port, "GET", "/metrics", timeout=5, headers={
+            "Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+            "Accept-Encoding": "gzip"})
+        h = {k.lower(): v for k, v in headers.items()}
+        assert status == 200 and h["content-encoding"] == "gzip"
+        assert h["content-type"].startswith("application/openmetrics-text; version=1.0.0")
+        om = gzip.decompress(gz).decode()
+        assert om.endswith("# EOF\n") and "greend_node_energy_joules" in {
+            f.name for f in text_string_to_metric_families(om)}
+        promtool = shutil.which("promtool")
+        if promtool:
+            r = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True,
+                               text=True, timeout=30)
+            assert (r.returncode, r.stdout + r.stderr) == (0, "")
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(30)
