@@ -376,14 +376,14 @@ def install_policy_checks() -> None:
     """Let configuration loading check each [[policy.rules]] entry against the policy engine's
     rules (an unknown rule or parameter is an error naming its key when the file is read). The
     rule classes are imported only when a configuration names rules."""
-    from . import policy_config
+    from . import wiring
 
     def check(spec) -> None:
         from greend.policies.registry import instantiate
 
         instantiate(spec, None)
 
-    policy_config.rule_checker = check
+    wiring.rule_checker = check
 
 
 def main(argv: list[str] | None = None) -> int:

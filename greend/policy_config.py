@@ -2,26 +2,22 @@
 and the [policy] table (rules in order, budgets, live-state and history settings).
 
 Part of the configuration layer (greend/config.py builds on it). A rule's own parameters are the
-policy engine's to check: the composition root (greend.cli.install_policy_checks) installs that
-check here as `rule_checker`, so that the core never imports the policies (docs/architecture.md).
+policy engine's to check: the composition root (greend.cli.install_policy_checks) hands that check
+down through greend.wiring, so that the core never imports the policies (docs/architecture.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from . import quantities as q
+from . import wiring
 
 TIERS = ("local", "site", "national")
 
-rule_checker: Callable[[RuleSpec], None] | None = None
-"""Checks one [[policy.rules]] entry (name and parameters), raising ValueError that names what is
-wrong; installed by the composition root. Unset: only the entry's shape is checked here, and the
-policy engine checks the rule when it builds it."""
 
 
 class _Model(BaseModel):
@@ -115,8 +111,8 @@ class RuleSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_rule(self) -> RuleSpec:
-        if rule_checker is not None:
-            rule_checker(self)
+        if wiring.rule_checker is not None:
+            wiring.rule_checker(self)
         return self
 
 

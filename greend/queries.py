@@ -15,17 +15,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .ledger import JobRow
+from .report import SLURM_FAILED, SLURM_OK, outcome_of, slurm_state  # noqa: F401 - read here too
 
 RUNNING = "running"
 
 # Sort keys of a job page, in the order the TUI's jobs screen cycles through them.
 SORT_KEYS = ("recent", "energy", "carbon", "water", "elapsed", "job", "name")
 OUTCOMES = ("ok", "failed")
-# How a job ended: its exit code (0 ok, anything else failed) or, for a Slurm job whose exit code
-# greend did not record, Slurm's final state (meta.slurm_state). None: running, or not known.
-SLURM_OK = "COMPLETED"
-SLURM_FAILED = ("BOOT_FAIL", "CANCELLED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
-                "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT")
 STATES = ("running", "ended")
 SUMMARY_BY = ("account", "user", "cluster", "node")
 # The columns free-text search looks in.
@@ -324,24 +320,6 @@ _SQL_OUTCOME = {
     "failed": f"state != 'running' AND {_SQL_FAILED}",
     "ok": f"state != 'running' AND NOT {_SQL_FAILED} AND (exit_code = 0 OR {_SQL_STATE} = '{SLURM_OK}')",
 }
-
-
-def slurm_state(row: JobRow) -> str:
-    """Slurm's base state for the job ("FAILED", "CANCELLED"...), "" when greend has none."""
-    return str((row.meta or {}).get("slurm_state") or "").split(" ", 1)[0].upper()
-
-
-def outcome_of(row: JobRow) -> str | None:
-    """"ok", "failed" or None (running, or the end is not known): the exit code first, then
-    Slurm's final state."""
-    if row.state == RUNNING:
-        return None
-    st = slurm_state(row)
-    if (row.exit_code is not None and row.exit_code != 0) or st in SLURM_FAILED:
-        return "failed"
-    if row.exit_code == 0 or st == SLURM_OK:
-        return "ok"
-    return None
 
 
 def like_pattern(text: str) -> str:

@@ -8,7 +8,6 @@ import time
 from . import units
 from .footprint import UJ_PER_J, Factors
 from .ledger import JobRow
-from .queries import outcome_of, slurm_state
 
 SCHEMA_VERSION = 1
 """Version of the job-footprint JSON (greend/data/job-footprint.schema.json, docs/json.md)."""
@@ -18,6 +17,31 @@ IDLE_RULES = {
     "unattributed": "node idle power left unattributed (not charged to jobs)",
 }
 
+# How a job ended: its exit code (0 ok, anything else failed) or, for a Slurm job whose exit code
+# greend did not record, Slurm's final state (meta.slurm_state). None: running, or not known.
+SLURM_OK = "COMPLETED"
+SLURM_FAILED = ("BOOT_FAIL", "CANCELLED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+                "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT")
+
+
+def slurm_state(row: JobRow) -> str:
+    """Slurm's base state for the job ("FAILED", "CANCELLED"...), "" when greend has none."""
+    return str((row.meta or {}).get("slurm_state") or "").split(" ", 1)[0].upper()
+
+
+def outcome_of(row: JobRow) -> str | None:
+    """"ok", "failed" or None (running, or the end is not known): the exit code first, then
+    Slurm's final state."""
+    if row.state == "running":
+        return None
+    st = slurm_state(row)
+    if (row.exit_code is not None and row.exit_code != 0) or st in SLURM_FAILED:
+        return "failed"
+    if row.exit_code == 0 or st == SLURM_OK:
+        return "ok"
+    return None
+
+
 def schema_path():
     """The job-footprint JSON Schema shipped with greend."""
     from importlib.resources import files
@@ -26,8 +50,8 @@ def schema_path():
 
 
 def outcome(row: JobRow) -> str | None:
-    """"ok", "failed" (non-zero exit, or a failed Slurm state), or None while unknown: the read
-    model's rule (greend.queries.outcome_of), which the API's and the TUI's filters apply too."""
+    """"ok", "failed" (non-zero exit, or a failed Slurm state), or None while unknown: the one rule
+    (outcome_of), which the read model's filters apply in SQL too (greend.queries)."""
     return outcome_of(row)
 
 
