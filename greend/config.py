@@ -104,6 +104,18 @@ class Collectors(_Model):
         return self
 
 
+def _http_url(v: str):
+    """urlsplit(v), refusing a bad port (ValueError, as pydantic validators raise)."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(v)
+        u.port  # noqa: B018 - raises on a bad port
+    except ValueError as e:
+        raise ValueError(f"bad URL: {e}") from None
+    return u
+
+
 def _check_listen(v: str) -> str:
     from .errors import DaemonError
     from .http import parse_listen
@@ -221,13 +233,7 @@ class Controller(_Model):
     def _url(cls, v: str) -> str:
         if not v:
             return v
-        from urllib.parse import urlsplit
-
-        try:
-            u = urlsplit(v)
-            u.port  # noqa: B018 - raises on a bad port
-        except ValueError as e:
-            raise ValueError(f"bad URL: {e}") from None
+        u = _http_url(v)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError('expected http://HOST:PORT or https://HOST:PORT, e.g. "http://ctl:9472"')
         if u.query or u.fragment:
@@ -273,13 +279,7 @@ class CarbonSignal(_Model):
     def _url(cls, v: str) -> str:
         if not v:
             return v
-        from urllib.parse import urlsplit
-
-        try:
-            u = urlsplit(v)
-            u.port  # noqa: B018 - raises on a bad port
-        except ValueError as e:
-            raise ValueError(f"bad URL: {e}") from None
+        u = _http_url(v)
         if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
             raise ValueError('expected the base URL of the provider\'s API, http(s)://HOST[:PORT][/PATH] '
                              'without ?query, e.g. "https://api.carbonintensity.org.uk"')

@@ -144,31 +144,9 @@ def _median(xs: list[float]) -> float:
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
-class Usage(Record):
-    account: str
-    since: float
-    jobs: int
-    facility_energy_j: float
-    carbon_g: float
-    water_l: float
-
-    __slots__ = ("account", "carbon_g", "facility_energy_j", "jobs", "since", "water_l")
-
-    def __init__(
-        self,
-        account: str,
-        since: float,
-        jobs: int,
-        facility_energy_j: float,
-        carbon_g: float,
-        water_l: float,
-    ):
-        self.account = account
-        self.since = since
-        self.jobs = jobs
-        self.facility_energy_j = facility_energy_j
-        self.carbon_g = carbon_g
-        self.water_l = water_l
+# What an account used since a time (the budget rule reads it): the read model's type, whether it
+# came from greend's ledger or from Slurm's accounting (history_sacct.py).
+Usage = queries.AccountUsage
 
 
 class LedgerView:
@@ -280,4 +258,4 @@ class LedgerView:
         except sqlite3.Error as e:
             log.warning("ledger %s: usage query failed: %s", self.path, e)
             return None
-        return Usage(account, since, u.jobs, u.facility_energy_j, u.carbon_g, u.water_l)
+        return u
