@@ -9,6 +9,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from daemonproc import Greend, request, token_file
+from daemonproc import Greend, request, token_file, wait_for
 from test_policies import _toml
 
 ROOT = os.geteuid() == 0
@@ -30,9 +31,10 @@ HDS_JOB = {"sbatch": {"cpus-per-task": 1, "time": "00:50:00", "account": "proj-h
 needs_user = pytest.mark.skipif(not ROOT, reason="needs root to run curl as greendtest")
 
 
-def config_text(**daemon) -> str:
+def config_text(site_hds: bool = True, **daemon) -> str:
     """The testbed's policy without live Slurm state (these tests are about the API)."""
     data = tomllib.loads(EXAMPLE.read_text())
+    data["clusters"]["site"]["hds"] = site_hds
     data.update({"node": "n1", "sampling": {"interval_s": 0.5, "checkpoint_interval_s": 1.0},
                  "attribution": {"jobs_from": "procscan"}, "power": {"rapl": False},
                  "daemon": {"route_warm": True, **daemon}})
@@ -203,3 +205,21 @@ def test_controller_routes_for_site_token_callers(tmp_path):
         assert d["request"]["user"] == "alice" and d["plan"]["cluster"] == "site"
     finally:
         c.stop()
+
+
+def test_a_reload_rebuilds_the_router(public_dir):
+    """SIGHUP: the next request is decided by the new configuration."""
+    g = start_node(public_dir / "reload")
+    sock = g.home / "api.sock"
+    try:
+        status, out = curl(sock, json.dumps(HDS_JOB))
+        assert status == 200 and json.loads(out)["plan"]["cluster"] == "site"
+        g.write_config(config_text(site_hds=False))  # no HDS-certified cluster any more
+        g.signal(signal.SIGHUP)
+
+        def rerouted():
+            status, out = curl(sock, json.dumps(HDS_JOB))
+            return status == 200 and json.loads(out)["outcome"] == "no_cluster"
+        wait_for(rerouted, 30, what="a decision from the reloaded configuration")
+    finally:
+        g.stop()
