@@ -1,7 +1,10 @@
-"""Routing decisions per second in-process with cached cluster state, and the latency of the
-`greend route` command including interpreter start-up. Prints the figures; not a test. Usage:
+"""Routing decisions per second in-process with cached cluster state, the latency of the
+`greend route` command including interpreter start-up, and (--sbatch, as root on the Slurm
+testbed) what examples/cli_filter.lua asking a running daemon adds to a real `sbatch`. Prints the
+figures; not a test. Usage:
 
     .venv/bin/python bench/bench_route.py [--seconds 5] [--runs 20] [--live] [--json]
+    sudo .venv/bin/python bench/bench_route.py --sbatch 200 [--json]
 
 The site is examples/testbed.toml (3 clusters, 6 partitions, default rules, budgets) with a ledger
 of 20,000 ended jobs (history and budget queries are real SQLite queries, cached as in a daemon).
@@ -9,6 +12,10 @@ Cluster state is synthetic (one busy site) unless --live, which asks the Slurm t
 refreshes it in the background thread, as a long-running router would.
 
 Goals (issue 6): > 5,000 decisions/s in-process; `greend route` < 300 ms including start-up.
+Goal (issue 14): the cli_filter adds under 50 ms at p99 to a real sbatch. --sbatch N submits N held
+jobs (cancelled afterwards, by id) to the testbed's site cluster as greendtest, alternating a
+slurm.conf without the cli_filter and one with it (a root `greend run` with daemon.route_warm
+answering on its socket), and times the filter's request alone (curl on the socket, as greendtest).
 """
 
 from __future__ import annotations
@@ -188,13 +195,116 @@ def bench_command(runs: int, live: bool) -> dict:
     return out
 
 
+def _pct(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    return {"p50_ms": round(xs[len(xs) // 2] * 1e3, 1),
+            "p99_ms": round(xs[min(len(xs) - 1, int(len(xs) * 0.99))] * 1e3, 1),
+            "max_ms": round(xs[-1] * 1e3, 1)}
+
+
+def bench_sbatch(n: int, user: str = "greendtest") -> dict:
+    """Real sbatch with and without the cli_filter (see the module's docstring)."""
+    import shutil
+    import tomllib
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_policies import _toml  # the tests' small TOML writer
+
+    if os.geteuid() != 0:
+        raise SystemExit("--sbatch needs root (a root daemon, sbatch as the test user)")
+    site_conf = Path("/tmp/greend-testbed/site/etc/slurm.conf")
+    if not site_conf.exists():
+        raise SystemExit(f"{site_conf}: no Slurm testbed (testbed/slurm-testbed start)")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-route-sbatch-", dir="/tmp"))
+    tmp.chmod(0o755)
+    data = tomllib.loads(CONFIG.read_text())
+    data.update({"node": "bench", "sampling": {"interval_s": 5.0, "checkpoint_interval_s": 30.0},
+                 "attribution": {"jobs_from": "procscan"}, "power": {"rapl": False},
+                 "daemon": {"route_warm": True, "route_per_minute": 100000}})
+    (tmp / "greend.toml").write_text(_toml(data))
+    sock = tmp / "api.sock"
+    clif = tmp / "clif"
+    clif.mkdir()
+    (clif / "slurm.conf").write_text(site_conf.read_text() + "\nCliFilterPlugins=cli_filter/lua\n")
+    shutil.copy(REPO / "examples" / "cli_filter.lua", clif / "cli_filter.lua")
+    script = tmp / "job.sh"
+    script.write_text("#!/bin/bash\n#SBATCH -c 1\n#SBATCH -t 10\n#SBATCH -A proj-green\n"
+                      "#SBATCH --output=/dev/null\n#SBATCH --hold\ntrue\n")
+    script.chmod(0o644)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GREEND_", "SLURM_"))}
+    with open(tmp / "daemon.log", "wb") as log:
+        daemon = subprocess.Popen([str(GREEND), "-c", str(tmp / "greend.toml"), "--state-dir",
+                                   str(tmp / "state"), "run", "--listen", "127.0.0.1:0", "--socket",
+                                   str(sock)], env=env, stdout=subprocess.DEVNULL, stderr=log)
+    sbatch = shutil.which("sbatch") or "/usr/bin/sbatch"
+    body = json.dumps({"sbatch": {"cpus-per-task": 1, "time": "10", "account": "proj-green",
+                                  "argv": [str(script)]}, "cli_filter": "site"})
+    (tmp / "body.json").write_text(body)
+    (tmp / "body.json").chmod(0o644)
+    curl = ["runuser", "-u", user, "--", "curl", "-sS", "--max-time", "1", "--unix-socket", str(sock),
+            "-H", "Content-Type: application/json", "--data-binary", f"@{tmp / 'body.json'}",
+            "-o", "/dev/null", "-w", "%{http_code}", "http://greend/api/v1/route"]
+    ids: list[str] = []
+    times: dict[str, list[float]] = {"sbatch": [], "sbatch + cli_filter": [], "filter request (curl)": []}
+    notes = set()
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(curl, capture_output=True, text=True).stdout != "200":
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                raise SystemExit(f"the daemon does not answer: {(tmp / 'daemon.log').read_text()}")
+            time.sleep(0.5)
+        for _ in range(n):
+            for name, conf in (("sbatch", site_conf), ("sbatch + cli_filter", clif / "slurm.conf")):
+                argv = ["runuser", "-u", user, "--", "env", f"SLURM_CONF={conf}", "GREEND_CLUSTER=site",
+                        f"GREEND_SOCKET={sock}", sbatch, "--parsable", str(script)]
+                t0 = time.perf_counter()
+                p = subprocess.run(argv, capture_output=True, text=True, cwd=tmp)
+                times[name].append(time.perf_counter() - t0)
+                if p.returncode != 0:
+                    raise SystemExit(f"sbatch failed: {p.stderr}")
+                ids.append(p.stdout.strip().split(";")[0])
+                notes.update(ln for ln in p.stderr.splitlines() if "did not answer" in ln
+                             or "could not route" in ln)
+            t0 = time.perf_counter()
+            code = subprocess.run(curl, capture_output=True, text=True).stdout
+            times["filter request (curl)"].append(time.perf_counter() - t0)
+            if code != "200":
+                notes.add(f"filter request: HTTP {code}")
+    finally:
+        for k in range(0, len(ids), 100):
+            subprocess.run(["scancel", *ids[k:k + 100]], env={**env, "SLURM_CONF": str(site_conf)},
+                           capture_output=True)
+        daemon.terminate()
+        daemon.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = {name: _pct(xs) for name, xs in times.items()}
+    a, b = out["sbatch"], out["sbatch + cli_filter"]
+    out["added by greend"] = {k: round(b[k] - a[k], 1) for k in ("p50_ms", "p99_ms")}
+    out["submissions"] = n
+    out["fail_open_notes"] = sorted(notes)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0, help="in-process run length")
     ap.add_argument("--runs", type=int, default=20, help="command runs per variant")
     ap.add_argument("--live", action="store_true", help="use the Slurm testbed's real state")
+    ap.add_argument("--sbatch", type=int, metavar="N", help="only: N real sbatch with and without "
+                    "the cli_filter on the testbed (root)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.sbatch:
+        res = {"host": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
+               "sbatch": bench_sbatch(args.sbatch)}
+        if args.json:
+            print(json.dumps(res, indent=2))
+            return 0
+        print(f"host: {res['host']['cpus']} CPUs, load average {res['host']['load_avg_1m']:.2f}; "
+              f"{args.sbatch} submissions each")
+        for name, t in res["sbatch"].items():
+            print(f"{name:<25} {t}")
+        return 0
     res = {"host": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
            "in_process": bench_in_process(args.seconds, args.live),
            "command": bench_command(args.runs, args.live)}

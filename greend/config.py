@@ -147,6 +147,13 @@ class Daemon(_Model):
     """Largest routing decision accepted on POST /api/v1/decisions (larger: 413)."""
     decisions_per_minute: Annotated[int, Field(ge=1, le=100000)] = 60
     """Routing decisions one user may post in any minute (more: 429); admins are not limited."""
+    route_per_minute: Annotated[int, Field(ge=1, le=100000)] = 600
+    """Route requests (POST /api/v1/route, a cli_filter's at each sbatch) one user may make in any
+    minute (more: 429, and the cli_filter lets the job go as asked); admins are not limited."""
+    route_warm: bool = False
+    """Set up the policy router for POST /api/v1/route at start and keep the clusters' state
+    fresh from then on (login nodes, where sbatch runs); otherwise at the first route request,
+    so compute nodes never poll Slurm for it."""
 
     @field_validator("listen")
     @classmethod

@@ -15,7 +15,7 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from pydantic import ValidationError
 
-from . import __version__, decisions
+from . import __version__, decisions, route_api
 from . import config as config_mod
 from .errors import ApiError, DaemonError, LedgerError, SiteError
 from .exporter import LedgerMetrics
@@ -104,7 +104,10 @@ class Controller(Service):
         self.max_body = cfg.controller.max_body_bytes
         self.ledger_metrics = LedgerMetrics(self.ledger_path, lambda: self.cfg.policy.budgets)
         self.routes = {("POST", RECORDS_PATH): self.ingest,
-                       ("POST", decisions.DECISIONS_PATH): self.post_decision}
+                       ("POST", decisions.DECISIONS_PATH): self.post_decision,
+                       ("POST", route_api.ROUTE_PATH): self.post_route}
+        self.router = None  # POST /api/v1/route's policy router, injected by daemon_cli.py
+        self.route_rate = decisions.RateLimit(cfg.daemon.route_per_minute)
         self.write_lock = threading.Lock()
         self.stats_lock = threading.Lock()
         self.stop_event = threading.Event()
@@ -242,6 +245,13 @@ class Controller(Service):
         self.ledger_metrics.invalidate()
         return out
 
+    def post_route(self, body: bytes, caller, headers) -> tuple[int, str, bytes]:
+        """POST /api/v1/route: where the policy engine sends a job, from the controller's own
+        warm cluster state (socket callers, or agents and gateways with the site token)."""
+        self.route_rate.per_minute = self.cfg.daemon.route_per_minute
+        return route_api.post(body, caller, headers, self.router, token=self.token,
+                              rate=self.route_rate)
+
     # -- views ----------------------------------------------------------------------------------
     def metric_collectors(self):
         return [self, self.ledger_metrics]
@@ -357,6 +367,8 @@ class Controller(Service):
             return
         self.cfg, self.token = new, token
         self.max_body = new.controller.max_body_bytes
+        if hasattr(self.router, "reload"):
+            self.router.reload(new)
         self.config_error = ""
         log.info("controller: config, token%s reloaded",
                     " and TLS certificate" if self.tls is not None else "")
@@ -366,6 +378,8 @@ class Controller(Service):
 
     def shutdown(self) -> None:
         self.stop_serving()
+        if hasattr(self.router, "close"):
+            self.router.close()
         self._close_ledger_metrics()
         with self.write_lock:
             self.ledger.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from greend.collectors.slurm import from_config as slurm_metadata
 
-from . import agent, decisions, sdnotify
+from . import agent, decisions, route_api, sdnotify
 from . import config as config_mod
 from .errors import DaemonError, LedgerError, SiteError
 from .exporter import LedgerMetrics, NodeCollector, Snapshot
@@ -70,8 +70,12 @@ class Daemon(Service):
         self.node = self.monitor.node
         self.max_body = cfg.daemon.decision_max_bytes  # the one body a node takes: a decision
         # The only write a node takes over HTTP: routing decisions, from their own users.
-        self.routes: dict = {("POST", decisions.DECISIONS_PATH): self.post_decision}
+        self.routes: dict = {("POST", decisions.DECISIONS_PATH): self.post_decision,
+                             ("POST", route_api.ROUTE_PATH): self.post_route}
         self.decision_rate = decisions.RateLimit(cfg.daemon.decisions_per_minute)
+        # POST /api/v1/route's policy router, injected by the composition root (daemon_cli.py).
+        self.router = None
+        self.route_rate = decisions.RateLimit(cfg.daemon.route_per_minute)
         self.ledger_metrics = LedgerMetrics(self.ledger_path, lambda: self.cfg.policy.budgets)
         self.token: bytes | None = None
         self.outbox: agent.Outbox | None = None
@@ -146,6 +150,12 @@ class Daemon(Service):
                              clusters=set(self.cfg.clusters) | {self.cfg.cluster})
         self.ledger_metrics.invalidate()
         return out
+
+    def post_route(self, body: bytes, caller, headers) -> tuple[int, str, bytes]:
+        """POST /api/v1/route: where the policy engine sends a job (a cli_filter asks at sbatch)."""
+        self.route_rate.per_minute = self.cfg.daemon.route_per_minute
+        return route_api.post(body, caller, headers, self.router, token=self.token,
+                              rate=self.route_rate)
 
     # -- periodic work --------------------------------------------------------------------------
     def sample(self) -> None:
@@ -245,6 +255,8 @@ class Daemon(Service):
                 return
             self.cfg = new
             self.monitor.cfg = new
+            if hasattr(self.router, "reload"):
+                self.router.reload(new)
             self.monitor.factors = config_mod.cluster_factors(new)
             self.exporter.user_label = new.daemon.user_label
         self.config_error = ""
@@ -356,6 +368,8 @@ class Daemon(Service):
             self.sender.drain()  # the final records, if the controller answers quickly
             self.sender.close()
         self.stop_serving()
+        if hasattr(self.router, "close"):
+            self.router.close()
         self._close_ledger_metrics()
         self.monitor.close()
         self.ledger.close()

@@ -78,6 +78,7 @@ def cmd_run(args) -> int:
         if args.socket == "":
             d.socket_path = None
         d.live_load = live_load_provider(d.config_path)
+        d.router = route_service(d.cfg, d.config_path, d.ledger_path)
         d.run_forever()
     except DaemonError as e:
         return _fail(f"run: {e}")
@@ -95,6 +96,17 @@ def live_load_provider(config_path: str | None):
         return live_load(cfg, config_path)
 
     return live_load
+
+
+def route_service(cfg, config_path: str | None, ledger_path):
+    """POST /api/v1/route's router (greend.route_api), from the policy engine: the core does not
+    import the policies. daemon.route_warm: set up now, with the clusters' state kept warm."""
+    from greend.policies.route_service import RouteService
+
+    service = RouteService(cfg, config_path, ledger_path)
+    if cfg.daemon.route_warm:
+        service.start()
+    return service
 
 
 def cmd_controller(args) -> int:
@@ -116,6 +128,7 @@ def cmd_controller(args) -> int:
         if args.socket == "":
             c.socket_path = None
         c.live_load = live_load_provider(c.config_path)
+        c.router = route_service(c.cfg, c.config_path, c.ledger_path)
         c.run_forever()
     except DaemonError as e:
         return _fail(f"controller: {e}")

@@ -255,14 +255,9 @@ def _sbatch_json(path: str) -> tuple[str | None, list[tuple[str, str | None]]]:
         raise RequestError(f"{where}: not JSON: {e}") from None
     if not isinstance(data, dict):
         raise RequestError(f"{where}: expected a JSON object of sbatch options")
-    argv = data.pop("argv", None) or []
-    script = argv[0] if argv and isinstance(argv[0], str) else None
-    options = []
-    for k, v in data.items():
-        if isinstance(v, bool | int | float):
-            v = str(v)
-        options.append((str(k), None if v in (None, "set") else str(v)))
-    return script, options
+    from .route_service import sbatch_options
+
+    return sbatch_options(data)
 
 
 def _run(args, body) -> int:
@@ -342,32 +337,10 @@ def _cli_filter(args) -> int:
         line("verdict", "error")
         line("message", f"greend could not route this job ({e}); it is submitted unchanged")
         return 0
-    if d.outcome == "no_cluster":
-        line("verdict", "refuse")
-        line("message", f"greend: {d.summary()}")
-        return 0
-    if d.outcome == "refused":
-        line("verdict", "refuse")
-        line("cluster", d.plan.cluster)
-        line("message", f"greend: {d.plan.refused}")
-        return 0
-    line("cluster", d.plan.cluster)
-    if d.plan.cluster != here:
-        line("verdict", "redirect")
-        script = d.request.script or "SCRIPT"
-        line("message", f"greend: this job belongs on {d.plan.cluster}, not {here}: {d.summary()}. "
-             f"Submit it with: greend submit {script}")
-        return 0
-    line("verdict", "accept")
-    line("message", f"greend: {d.summary()}")
-    from greend import quantities as q
+    from .route_service import cli_filter_lines
 
-    if d.plan.partition:
-        print(f"set partition={d.plan.partition}")
-    if d.plan.begin is not None:
-        print(f"set begin={q.slurm_time_point(d.plan.begin)}")
-    if d.plan.nice is not None:
-        print(f"set nice={d.plan.nice}")
+    for text in cli_filter_lines(d, here):
+        print(text)
     return 0
 
 

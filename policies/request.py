@@ -406,9 +406,12 @@ def _parse_args(words: list[str], where: str, greend: bool):
         # else: a stray value of an option greend does not read
 
 
-def read_script(path: Path, builder: _Builder) -> None:
+def read_script(path: Path, builder: _Builder, data: bytes | None = None) -> None:
+    """Read the directives of the script at `path`, or of `data` (its text as sent by a caller:
+    the daemon never opens a script a user names) with `path` naming it in messages."""
     try:
-        data = path.read_bytes()
+        if data is None:
+            data = path.read_bytes()
     except FileNotFoundError:
         raise RequestError(f"{path}: no such batch script") from None
     except IsADirectoryError:
@@ -444,11 +447,14 @@ def read_script(path: Path, builder: _Builder) -> None:
 
 
 def build_request(script: str | os.PathLike | None, cli_options: list[tuple[str, str | None]],
-                  *, user: str, now: float) -> JobRequest:
-    """The request of a script (or none) with command-line options (sbatch long names) on top."""
+                  *, user: str, now: float, script_text: str | None = None) -> JobRequest:
+    """The request of a script (or none) with command-line options (sbatch long names) on top.
+    With script_text, the script's directives are read from it, not from the file `script`."""
     b = _Builder(now)
     path = Path(script) if script is not None else None
-    if path is not None:
+    if script_text is not None:
+        read_script(path or Path("(script)"), b, script_text.encode("utf-8", "surrogatepass"))
+    elif path is not None:
         read_script(path, b)
     sbatch_args = []
     for opt, value in cli_options:

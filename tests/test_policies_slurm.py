@@ -24,7 +24,6 @@ pytestmark = pytest.mark.slurm
 
 GREEND = Path(sys.executable).with_name("greend")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "testbed.toml"
-LUA = Path(__file__).resolve().parent.parent / "examples" / "cli_filter.lua"
 HOUR = 3600
 
 
@@ -269,32 +268,3 @@ def test_dead_controller_is_stated_and_submission_falls_back(tb, work, clean):
     assert "submitted job" in p.stdout and "to national" in p.stdout
     m = re.search(r"submitted job (\d+) to national", p.stdout)
     assert tb.job("national", m.group(1))["name"] == "gp-fallback"
-
-
-def test_cli_filter_routes_plain_sbatch(tb, work, clean):
-    """examples/cli_filter.lua in a copy of a cluster's slurm.conf calls `greend route --cli-filter`."""
-    cfg = write_config(work, tb, name="clif.toml")
-    confs = {}
-    for c in ("site", "national"):
-        d = work / f"clif-{c}"
-        d.mkdir(exist_ok=True)
-        (d / "slurm.conf").write_text(tb.conf(c).read_text() + "\nCliFilterPlugins=cli_filter/lua\n")
-        shutil.copy(LUA, d / "cli_filter.lua")
-        confs[c] = d / "slurm.conf"
-    env = {**os.environ, "GREEND_BIN": str(GREEND), "GREEND_CONFIG": str(cfg), "XDG_CACHE_HOME": str(work),
-           "GREEND_CLI_FILTER_MODE": "enforce"}
-    hds = job_script(work, "gp-clif-hds", "#SBATCH -c 1\n#SBATCH -t 50\n#SBATCH -A proj-hds\n"
-                     "#GREEND --data-class=hds")
-
-    def sbatch(cluster: str, script: Path):
-        return subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=work,
-                              env={**env, "SLURM_CONF": str(confs[cluster]), "GREEND_CLUSTER": cluster},
-                              timeout=120)
-
-    p = sbatch("national", hds)
-    assert p.returncode != 0
-    assert "belongs on site, not national" in p.stderr and "greend submit" in p.stderr
-    p = sbatch("site", hds)
-    assert p.returncode == 0, p.stderr
-    job = tb.job("site", p.stdout.strip().split(";")[0])
-    assert job["partition"] == "batch"  # set by greend: 50 min does not fit debug's 30
