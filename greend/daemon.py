@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 
 from greend.collectors.slurm import from_config as slurm_metadata
@@ -196,6 +197,9 @@ class Daemon(Service):
                 del self.ended[key]
 
     def refresh_factors(self) -> None:
+        if self.cfg.clusters[self.monitor.cluster].carbon_signal is not None:
+            self._refresh_signal()
+            return
         mt = self._series_mtimes()
         if mt != self._series_mtime:
             try:
@@ -207,6 +211,20 @@ class Daemon(Service):
                 self.monitor.factors = factors
             self._series_mtime = mt
             log.info("carbon intensity series re-read")
+
+    def _refresh_signal(self) -> None:
+        """A live carbon signal (greend/carbon_feed.py): ask the provider at most every
+        carbon_signal.refresh_s, within its timeout_s, outside the daemon's lock; an outage falls
+        back to the cache, the series, then the static value, and the factors name what is used."""
+        from . import carbon_feed
+
+        try:
+            factors = carbon_feed.live_factors(self.cfg)
+        except config_mod.ConfigError as e:
+            log.error("carbon signal: keeping the factors in force: %s", e)
+            return
+        with self.lock:
+            self.monitor.factors = factors
 
     def _series_mtimes(self) -> dict:
         out = {}
@@ -222,8 +240,6 @@ class Daemon(Service):
         """Slurm job metadata is refreshed by the scheduler, never inside a sample: at start, every
         slurm.refresh_s, and at once when a sample meets a job id the cache does not know (the
         refresh also writes finished jobs' footprints back to Slurm when configured)."""
-        from datetime import datetime
-
         sl = self.slurm
         sch.add_job(sl.refresh, "interval", seconds=self.cfg.slurm.refresh_s, id="slurm",
                     next_run_time=datetime.now())
@@ -338,8 +354,11 @@ class Daemon(Service):
         # Often enough that a finished job leaves /metrics close to finished_job_grace_s after it
         # ended, whatever a reload sets it to.
         sch.add_job(self.expire, "interval", seconds=1.0, id="expire")
+        # A live carbon signal is read at start too (bounded by its timeout_s), not only after a
+        # first factor_refresh_s.
+        signal = self.cfg.clusters[self.monitor.cluster].carbon_signal is not None
         sch.add_job(self.refresh_factors, "interval", seconds=self.cfg.daemon.factor_refresh_s,
-                    id="factors")
+                    id="factors", **({"next_run_time": datetime.now()} if signal else {}))
         if self.slurm is not None:
             self._schedule_slurm(sch)
         sch.start()

@@ -492,7 +492,13 @@ def clusters(cfg, now: float, *, db: sqlite3.Connection | None = None,
     out = []
     for name, c in cfg.clusters.items():
         try:
-            f = config_mod.cluster_factors(cfg, name).at(now).to_dict()
+            if c.carbon_signal is not None:
+                # The live signal as last fetched (the cache; never a request from here).
+                from . import carbon_feed
+
+                f = carbon_feed.live_factors(cfg, name, now=now, fetch=False).at(now).to_dict()
+            else:
+                f = config_mod.cluster_factors(cfg, name).at(now).to_dict()
         except Exception as e:  # report, don't fail the whole listing
             f, ferr, note = None, str(e), f"factors: {e}"
         else:

@@ -524,3 +524,35 @@ def test_persistence_forecast_repeats_the_last_day_when_asked_and_says_so(provid
     cfg = config_mod.parse({"state_dir": str(tmp_path / "state2"), "clusters": {"local": {
         "carbon_intensity_g_per_kwh": 56.0, "carbon_signal": signal}}})
     assert resolve(cfg, now).at(low + 1) is None
+
+
+def test_the_daemon_accounts_with_the_live_signal_and_names_it(provider, tmp_path):
+    from daemonproc import Greend, metric_value
+
+    now = time.time()
+    start = now - now % 1800
+    provider.routes["/intensity/"] = (200, uk_body(start, [123.0, None], [125.0, 90.0]), 0)
+    g = Greend(tmp_path / "g", config={"clusters": {"local": {
+        "carbon_intensity_g_per_kwh": 56.0,
+        "carbon_signal": {"provider": "uk-carbon-intensity", "zone": "GB", "url": provider.url,
+                          "timeout_s": 1.0}}}})
+    with g:
+        g.start()
+
+        def ci():
+            return metric_value(g.metrics(), "greend_factor_carbon_intensity_grams_per_kilowatt_hour",
+                                cluster="local")
+
+        # Read at start, not only after daemon.factor_refresh_s (300 s).
+        deadline = time.monotonic() + 20
+        while ci() != 123.0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ci() == 123.0
+        assert any(path.startswith("/intensity/") for path, _, _ in provider.requests)
+        # The API lists the factors in force from the daemon's cache of the signal, with its source.
+        st, d = g.get("/api/v1/clusters")
+        (local,) = [c for c in d["clusters"] if c["name"] == "local"] if isinstance(
+            d["clusters"], list) else [d["clusters"]["local"]]
+        assert st == 200 and local["factors"]["carbon_intensity_g_per_kwh"] == 123.0
+        assert "UK Carbon Intensity" in local["factors"]["sources"]["carbon_intensity_g_per_kwh"]
+        assert g.stop() == 0
