@@ -142,20 +142,44 @@ def _tokens(name: str) -> tuple[str, ...]:
     return tuple(_NOISE.sub(" ", name).lower().replace(",", " ").split())
 
 
+# The same noise for a whole lower-cased table, one name a line: one substitution over the joined
+# names costs a third of one per name (the lookahead skips most positions at once), and
+# `greend measure` pays for this table on every start (docs/performance.md).
+_NOISE_LINES = re.compile(
+    r"(?=[(@cpw\d])(?:\((?:r|tm)\)|\bcpu\b|\bprocessor\b|@.*$|\bwith radeon.*$|\b\d+-core\b"
+    r"|\bcore\(tm\))",
+    re.MULTILINE,
+)
+
+
+def _tokens_of_names(names: list[str]) -> list[tuple[str, ...]]:
+    """_tokens of each name, in one pass (names with a line break in them go one by one)."""
+    if any("\n" in n or "\r" in n for n in names):
+        return [_tokens(n) for n in names]
+    text = _NOISE_LINES.sub(" ", "\n".join(names).lower()).replace(",", " ")
+    return [tuple(line.split()) for line in text.split("\n")]
+
+
 @functools.cache
 def _cpu_table() -> dict[tuple[str, ...], tuple[str, float]]:
     path = data_dir() / "cpu_power.csv"
-    table: dict[tuple[str, ...], tuple[str, float]] = {}
+    rows: list[tuple[str, float]] = []
     try:
         with path.open(encoding="utf-8", newline="") as f:
-            for row in csv.DictReader(f):
+            reader = csv.reader(f)
+            header = next(reader, [])
+            if "Name" not in header or "TDP" not in header:
+                raise RefDataError(f"{path}: expected the columns Name,TDP, found {header}")
+            i, j = header.index("Name"), header.index("TDP")
+            for row in reader:
                 try:
-                    table[_tokens(row["Name"])] = (row["Name"], float(row["TDP"]))
-                except (KeyError, ValueError):
+                    rows.append((row[i], float(row[j])))
+                except (IndexError, ValueError):
                     continue
     except OSError as e:
         raise RefDataError(f"cannot read {path}: {e}") from e
-    return table
+    names = [name for name, _ in rows]
+    return dict(zip(_tokens_of_names(names), rows, strict=True))
 
 
 def cpu_tdp_w(model_name: str) -> tuple[str, float] | None:

@@ -160,3 +160,28 @@ def test_config_check_says_which_cpu_entry_is_used(tmp_path):
     assert r.returncode == 0, r.stderr
     cm = json.loads(r.stdout)["resolved"]["cpu_power_model"]
     assert cm["tdp_w"] == pytest.approx(8.76) and "family 'AMD EPYC'" in cm["source"]
+
+
+def test_cpu_table_read_in_one_pass_equals_each_name_tokenized_alone():
+    # The table is tokenized in one substitution over all names (start-up cost of `greend measure`);
+    # it must give exactly the keys, values and order that tokenizing each row alone gives.
+    import csv
+
+    expected: dict = {}
+    with (refdata.data_dir() / "cpu_power.csv").open(encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                expected[refdata._tokens(row["Name"])] = (row["Name"], float(row["TDP"]))
+            except ValueError:  # the vendored table has a few unreadable TDPs: skipped by both
+                continue
+    refdata._cpu_table.cache_clear()
+    table = refdata._cpu_table()
+    assert len(table) > 4000
+    assert list(table.items()) == list(expected.items())
+
+
+def test_names_with_line_breaks_or_odd_case_tokenize_as_alone():
+    names = ["Intel(R) Xeon(R) Gold 6248 CPU @ 2.50GHz", "AMD Ryzen 7 5800X 8-Core PROCESSOR",
+             "AMD Ryzen 5 PRO 4650G with Radeon Graphics", "Intel(R) Core(TM) i7, mobile", "", "x\ny"]
+    assert refdata._tokens_of_names(names) == [refdata._tokens(n) for n in names]
+    assert refdata._tokens_of_names(names[:-1]) == [refdata._tokens(n) for n in names[:-1]]
