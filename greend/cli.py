@@ -272,7 +272,50 @@ def _positive_hours(v: str) -> float:
     return h
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Which module registers each command, so that a command line builds (and imports) only its own
+# command's parser: every other command module costs start-up time (docs/performance.md).
+# tests/test_cli_startup.py checks this against the full parser.
+COMMAND_MODULES = {
+    "measure": "greend.cli", "config": "greend.cli", "jobs": "greend.cli",
+    "run": "greend.daemon_cli", "controller": "greend.daemon_cli", "metrics-doc": "greend.daemon_cli",
+    "report": "greend.slurm_acct_cli", "slurm": "greend.slurm_acct_cli",
+    "estimate": "greend.policies.cli", "route": "greend.policies.cli", "submit": "greend.policies.cli",
+    "tui": "greend.tui.cli",
+    "completion": "greend.clidoc", "man": "greend.clidoc", "share": "greend.clidoc",
+}
+_DESCRIBE_ALL = ("completion", "man")  # these describe the whole parser: they always get it
+_VALUE_OPTIONS = ("--config", "--state-dir")  # the root options that take a value
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The command an argument list names (its first word after the root options), or None when
+    it names none or the root options cannot be told apart from it without the full parser."""
+    it = iter(argv)
+    for a in it:
+        if a == "--":
+            return None
+        if a.startswith("--"):
+            # argparse takes unambiguous prefixes: --conf FILE is --config FILE
+            if "=" not in a and len(a) > 2 and any(o.startswith(a) for o in _VALUE_OPTIONS):
+                next(it, None)
+            continue
+        if a.startswith("-") and len(a) > 1:
+            flags = a[1:]
+            for i, ch in enumerate(flags):
+                if ch == "c":  # -c FILE, -cFILE, -vc FILE
+                    if i == len(flags) - 1:
+                        next(it, None)
+                    break
+                if ch != "v":
+                    return None  # -h, --version and the like: the full parser answers
+            continue
+        return a
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """greend's parser: with every command, or only with `command` (one of COMMAND_MODULES)."""
+    only = None if command in _DESCRIBE_ALL else COMMAND_MODULES.get(command or "")
     p = argparse.ArgumentParser(
         prog="greend", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -282,7 +325,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", metavar="DIR", help="where the ledger lives")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    if only is None or only == "greend.cli":
+        _add_commands(sub)
+    # Other packages register their own commands; each keeps its heavy imports inside them.
+    if only is None:
+        from greend.policies import cli as policies_cli
+        from greend.tui import cli as tui_cli
 
+        from . import clidoc, daemon_cli, slurm_acct_cli
+
+        for module in (daemon_cli, slurm_acct_cli, policies_cli, tui_cli, clidoc):
+            module.add_commands(sub)
+    elif only != "greend.cli":
+        import importlib
+
+        importlib.import_module(only).add_commands(sub)
+    p.set_defaults(root_parser=p)  # `greend completion` and `greend man` describe this parser
+    return p
+
+
+def _add_commands(sub) -> None:
     m = sub.add_parser(
         "measure", help="run a command and print its energy, carbon and water footprint",
         description="Run CMD, sample this node while it runs, and print the command's footprint "
@@ -357,20 +419,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one job-footprint record per job (docs/json.md)")
     j.set_defaults(func=cmd_jobs)
 
-    # Other packages register their own commands; each keeps its heavy imports inside them.
-    from greend.policies import cli as policies_cli
-    from greend.tui import cli as tui_cli
-
-    from . import clidoc, daemon_cli, slurm_acct_cli
-
-    daemon_cli.add_commands(sub)
-    slurm_acct_cli.add_commands(sub)
-    policies_cli.add_commands(sub)
-    tui_cli.add_commands(sub)
-    clidoc.add_commands(sub)
-    p.set_defaults(root_parser=p)  # `greend completion` and `greend man` describe this parser
-    return p
-
 
 def install_policy_checks() -> None:
     """Let configuration loading check each [[policy.rules]] entry against the policy engine's
@@ -388,7 +436,8 @@ def install_policy_checks() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     install_policy_checks()
-    parser = build_parser()
+    command = command_of(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(command if command in COMMAND_MODULES else None)
     args = parser.parse_args(argv)
     from .logsetup import setup
 

@@ -1,0 +1,91 @@
+"""Start-up of the `greend` command (issues 14 and 17): a command line builds only its own command's
+parser, and that parser is the same as the one in the full parser."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+from greend import cli
+
+
+def _commands(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (sub,) = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_command_map_names_every_command_of_the_full_parser():
+    assert set(_commands(cli.build_parser())) == set(cli.COMMAND_MODULES)
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMAND_MODULES))
+def test_a_command_alone_parses_and_explains_itself_as_in_the_full_parser(command):
+    full = _commands(cli.build_parser())[command]
+    alone = cli.build_parser(command)
+    own = _commands(alone)
+    assert command in own
+    assert own[command].format_help() == full.format_help()
+    if command in ("completion", "man"):  # they describe every command
+        assert set(own) == set(cli.COMMAND_MODULES)
+    else:
+        assert {cli.COMMAND_MODULES[c] for c in own} == {cli.COMMAND_MODULES[command]}
+    f_own, f_full = own[command].get_default("func"), full.get_default("func")
+    assert getattr(f_own, "__qualname__", None) == getattr(f_full, "__qualname__", None)
+
+
+@pytest.mark.parametrize(("argv", "command"), [
+    (["measure", "--", "true"], "measure"),
+    (["-c", "route", "jobs"], "jobs"),
+    (["-croute", "jobs"], "jobs"),
+    (["-vvc", "route", "tui"], "tui"),
+    (["-vv", "route"], "route"),
+    (["--config", "measure", "jobs"], "jobs"),
+    (["--conf", "measure", "jobs"], "jobs"),
+    (["--config=measure", "jobs"], "jobs"),
+    (["--state-dir", "tui", "--verbose", "route", "job.sh"], "route"),
+    (["--state", "tui", "route"], "route"),
+    ([], None),
+    (["--version"], None),
+    (["-h", "measure"], None),
+    (["-vh", "measure"], None),
+    (["--", "measure"], None),
+    (["-c"], None),
+])
+def test_command_of_skips_the_root_options_and_their_values(argv, command):
+    assert cli.command_of(argv) == command
+
+
+def test_parsing_with_the_root_options_gives_the_same_namespace_as_the_full_parser():
+    argv = ["-vc", "site.toml", "--state-dir", "/tmp/x", "measure", "-q", "--", "true", "-c"]
+    lazy = cli.build_parser(cli.command_of(argv)).parse_args(argv)
+    full = cli.build_parser().parse_args(argv)
+    assert {k: v for k, v in vars(lazy).items() if k != "root_parser"} == \
+        {k: v for k, v in vars(full).items() if k != "root_parser"}
+
+
+def test_a_command_imports_no_other_command_module(tmp_path):
+    # A real `greend measure -q -- true`: the other commands' modules stay unimported.
+    code = (
+        "import sys\n"
+        "from greend.cli import main\n"
+        f"rc = main(['--state-dir', {str(tmp_path)!r}, 'measure', '-q', '--', 'true'])\n"
+        "others = ['greend.daemon_cli', 'greend.slurm_acct_cli', 'greend.clidoc',\n"
+        "          'greend.policies.cli', 'greend.tui.cli']\n"
+        "print(rc, sorted(m for m in others if m in sys.modules), file=sys.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "GREEND_SYSCONFDIR": str(tmp_path / "etc")})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "0 []"
+
+
+def test_an_unknown_command_still_lists_every_command(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "greend.cli", "mesure"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2
+    assert "invalid choice: 'mesure'" in r.stderr
+    assert "'measure'" in r.stderr and "'route'" in r.stderr and "'tui'" in r.stderr
