@@ -15,7 +15,7 @@ import threading
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -43,7 +43,9 @@ DEFAULT_WUE_SOURCE = "unknown site: U.S. data-centre average on-site WUE (LBNL 2
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # defer_build: a model's validator is built when first used, not when greend.config is
+    # imported: commands that use the embedded default never build one (see _defaults).
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class Sampling(_Model):
@@ -327,7 +329,7 @@ class Cluster(_Model):
     open: bool = True
     sources: dict[str, str] = Field(default_factory=dict)
     """Where each factor comes from, by factor name (pue, wue_site_l_per_kwh, ...)."""
-    slurm: SlurmAccess = SlurmAccess()
+    slurm: SlurmAccess = Field(default_factory=SlurmAccess)
     """How to reach this cluster's Slurm controller (SLURM_CONF, commands, timeouts)."""
     partitions: dict[str, Partition] = Field(default_factory=dict)
     """Partitions and their limits, in order of preference; empty: one unnamed, unlimited."""
@@ -336,7 +338,7 @@ class Cluster(_Model):
     gpu_types: list[str] = Field(default_factory=list)
     data_stores: list[str] = Field(default_factory=list)
     """Data stores (file systems, object stores) local to this cluster, for the data_locality rule."""
-    power_model: PowerModel = PowerModel()
+    power_model: PowerModel = Field(default_factory=PowerModel)
     """Power model of this cluster's nodes for estimates before a job runs."""
 
     @field_validator("country")
@@ -358,16 +360,16 @@ class Config(_Model):
     """This node's name (default: the short hostname)."""
     state_dir: Path | None = None
     """Where the ledger lives (default: /var/lib/greend as root, else $XDG_STATE_HOME/greend)."""
-    sampling: Sampling = Sampling()
-    paths: Paths = Paths()
-    attribution: Attribution = Attribution()
-    power: Power = Power()
-    collectors: Collectors = Collectors()
-    daemon: Daemon = Daemon()
-    slurm: Slurm = Slurm()
-    controller: Controller = Controller()
-    clusters: dict[str, Cluster] = Field(default_factory=lambda: {"local": Cluster()})
-    policy: PolicyConfig = PolicyConfig()
+    sampling: Sampling = Field(default_factory=Sampling)
+    paths: Paths = Field(default_factory=Paths)
+    attribution: Attribution = Field(default_factory=Attribution)
+    power: Power = Field(default_factory=Power)
+    collectors: Collectors = Field(default_factory=Collectors)
+    daemon: Daemon = Field(default_factory=Daemon)
+    slurm: Slurm = Field(default_factory=Slurm)
+    controller: Controller = Field(default_factory=Controller)
+    clusters: dict[str, Cluster] = Field(default_factory=lambda: {"local": _defaults(Cluster)})
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
     """Routing rules, budgets and live-state settings (docs/policy.md)."""
 
     @model_validator(mode="after")
@@ -474,10 +476,27 @@ def locate(explicit: str | os.PathLike | None = None) -> tuple[Path | None, str]
     return None, f"embedded default (no --config, no $GREEND_CONFIG, none of {looked}{hidden})"
 
 
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _defaults(cls: type[_M]) -> _M:
+    """`cls()` without running validation: every field at its default, sub-models built the same
+    way. The embedded default is what `greend measure` loads on most runs, and validating it would
+    first build every model's validator (the models defer that: ~30 ms at each start,
+    docs/performance.md). The defaults are valid; tests/test_cli_startup.py checks the result equals
+    `Config()`."""
+    values = {}
+    for name, field in cls.model_fields.items():
+        factory = field.default_factory
+        if isinstance(factory, type) and issubclass(factory, BaseModel):
+            values[name] = _defaults(factory)
+    return cls.model_construct(_fields_set=set(), **values)
+
+
 def load(path: str | os.PathLike | None) -> Config:
     """Load and validate a config file; None gives the embedded default."""
     if path is None:
-        return Config()
+        return _defaults(Config)
     p = Path(path)
     try:
         raw = p.read_bytes()

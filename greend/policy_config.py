@@ -21,7 +21,7 @@ TIERS = ("local", "site", "national")
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 def _duration(v: str | int) -> str | int:
@@ -99,7 +99,7 @@ class RuleSpec(BaseModel):
     """One entry of policy.rules: `rule` names it; `weight` is for score rules; the other keys are
     the rule's own parameters, checked against the rule when the configuration is loaded."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, defer_build=True)
 
     rule: str
     weight: Annotated[float, Field(ge=0)] | None = None

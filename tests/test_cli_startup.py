@@ -89,3 +89,39 @@ def test_an_unknown_command_still_lists_every_command(tmp_path):
     assert r.returncode == 2
     assert "invalid choice: 'mesure'" in r.stderr
     assert "'measure'" in r.stderr and "'route'" in r.stderr and "'tui'" in r.stderr
+
+
+def _fields_set_tree(m) -> list:
+    from pydantic import BaseModel
+
+    out = [(type(m).__name__, sorted(m.model_fields_set), m.__pydantic_private__)]
+    for name in type(m).model_fields:
+        v = getattr(m, name)
+        for sub in (v.values() if isinstance(v, dict) else [v]):
+            if isinstance(sub, BaseModel):
+                out += _fields_set_tree(sub)
+    return out
+
+
+def test_the_embedded_default_loads_without_validation_and_equals_a_validated_one():
+    from greend import config as config_mod
+
+    quick = config_mod.load(None)
+    validated = config_mod.Config()
+    assert quick == validated
+    assert quick.model_dump() == validated.model_dump()
+    assert _fields_set_tree(quick) == _fields_set_tree(validated)
+    # ... and equals the default read from a file (an empty one: every value at its default).
+    assert quick == config_mod.parse({})
+    assert quick.resolved_state_dir() == validated.resolved_state_dir()
+    assert config_mod.to_toml(quick) == config_mod.to_toml(validated)
+
+
+def test_the_default_does_not_build_the_validators_at_import():
+    # The point of _defaults: `greend measure` with no configuration file builds no validator.
+    code = ("from greend import config as c\n"
+            "cfg = c.load(None)\n"
+            "print(c.Config.__pydantic_complete__, c.Cluster.__pydantic_complete__)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False"]
