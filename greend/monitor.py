@@ -249,7 +249,10 @@ class Monitor:
     def _switches(self) -> dict[str, registry.Switch]:
         """[collectors], with the older spellings: power.rapl = false is rapl off;
         attribution.jobs_from = cgroup / procscan is cgroups on / off."""
-        sw: dict[str, registry.Switch] = self.cfg.collectors.model_dump()
+        # Read field by field: model_dump would build the model's serializer (~25 ms of
+        # `greend measure`'s start, docs/performance.md).
+        c = self.cfg.collectors
+        sw: dict[str, registry.Switch] = {k: getattr(c, k) for k in type(c).model_fields}
         if not self.cfg.power.rapl:
             sw["rapl"] = "off"
         how = self.cfg.attribution.jobs_from
