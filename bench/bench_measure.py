@@ -1,7 +1,12 @@
 """`greend measure` costs: the start-up overhead of `greend measure -- true` (wall time minus the
 command's), where it goes, and what the readings at exec and exit add to the command's wall time.
 
-    .venv/bin/python bench/bench_measure.py [--runs N]
+    .venv/bin/python bench/bench_measure.py [--runs N] [--no-bytecode]
+
+greend's modules run from a bytecode cache (a temporary PYTHONPYCACHEPREFIX), as an installed greend
+has them: this development environment sets PYTHONDONTWRITEBYTECODE=1, which makes every start
+compile greend's own modules again (--no-bytecode measures that). Besides the wall time, the CPU
+time of the command (user + system of the child, of which `true` is ~1 ms) moves less with load.
 """
 
 from __future__ import annotations
@@ -18,19 +23,21 @@ from pathlib import Path
 GREEND = str(Path(sys.executable).with_name("greend"))
 
 
-def phases() -> dict[str, float]:
+def phases(env: dict[str, str]) -> dict[str, float]:
     code = """
 import time; t0 = time.perf_counter()
 import greend.cli as c; t1 = time.perf_counter()
-p = c.build_parser(); a = p.parse_args(['measure', '-q', '--', 'true']); t2 = time.perf_counter()
+argv = ['measure', '-q', '--', 'true']
+p = c.build_parser(c.command_of(argv)); a = p.parse_args(argv); t2 = time.perf_counter()
 from greend import measure, report; t3 = time.perf_counter()
 cfg = c._load_config(a); led = c._open_ledger(cfg); t4 = time.perf_counter()
 from greend.monitor import Monitor, cpu_power_model; cpu_power_model(cfg); t5 = time.perf_counter()
 measure.run(cfg, ['true'], led); t6 = time.perf_counter()
 print(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    names = ("import greend.cli", "argument parser (every command registered)",
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env)
+    names = ("import greend.cli", "argument parser (the measure command's)",
              "import measure (config models, monitor)", "config + ledger open",
              "CPU TDP lookup (CodeCarbon table)", "measure.run (scan, 2 ticks, 2 checkpoints)")
     return dict(zip(names, map(float, out.stdout.split()), strict=True))
@@ -39,22 +46,34 @@ print(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--no-bytecode", action="store_true",
+                    help="compile greend's modules at every start (PYTHONDONTWRITEBYTECODE as set "
+                    "here) instead of using a bytecode cache as an installed greend does")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as state:
         env = {**os.environ, "GREEND_STATE_DIR": state}
+        if not args.no_bytecode:
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
+            env["PYTHONPYCACHEPREFIX"] = str(Path(state) / "pycache")
         subprocess.run([GREEND, "measure", "-q", "--", "true"], env=env, check=True)
-        walls, bare = [], []
+        walls, cpus, bare = [], [], []
         for _ in range(args.runs):
+            before = os.times()
             t = time.perf_counter()
             subprocess.run([GREEND, "measure", "-q", "--", "true"], env=env, check=True)
             walls.append(time.perf_counter() - t)
+            after = os.times()
+            cpus.append(after.children_user + after.children_system
+                        - before.children_user - before.children_system)
             t = time.perf_counter()
             subprocess.run(["true"], check=True)
             bare.append(time.perf_counter() - t)
-        print(f"greend measure -- true: median {statistics.median(walls) * 1e3:.0f} ms, "
-              f"min {min(walls) * 1e3:.0f} ms (true alone: {statistics.median(bare) * 1e3:.1f} ms)")
-        os.environ["GREEND_STATE_DIR"] = state
-        ph = [phases() for _ in range(3)]
+        how = "compiled at each start" if args.no_bytecode else "bytecode cached"
+        print(f"greend measure -- true ({how}): "
+              f"wall median {statistics.median(walls) * 1e3:.0f} ms, min {min(walls) * 1e3:.0f} ms; "
+              f"CPU median {statistics.median(cpus) * 1e3:.0f} ms "
+              f"(true alone: {statistics.median(bare) * 1e3:.1f} ms)")
+        ph = [phases(env) for _ in range(3)]
         for k in ph[0]:
             print(f"  {k}: {statistics.median(p[k] for p in ph) * 1e3:.0f} ms")
     # What the readings at exec and exit add to the command's measured wall time: the re-read
