@@ -134,6 +134,10 @@ def test_national_job_goes_through_slurmrestd_as_the_user(tb, user_work, clean):
     assert sub["command"][0] == "POST" and sub["command"][1].startswith(REST_URL)
     assert d["transport"]["transport"] == "rest"
     assert REST_URL in d["transport"]["why"] and "own token" in d["transport"]["why"]
+    # national's live state came from its slurmrestd with the same token: its one 8-CPU node
+    national = next(c for c in d["candidates"] if c["cluster"] == "national")
+    assert national["state"]["ok"] is True and national["state"]["total_cpus"] == 8, national
+    assert national["transport"]["transport"] == "rest"
     job = tb.wait_state("national", sub["job_id"], "RUNNING", timeout=30)
     assert job["user_name"] == TEST_USER
     assert job["name"] == "rest-national" and job["cpus"] == 8
