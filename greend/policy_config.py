@@ -8,6 +8,7 @@ down through greend.wiring, so that the core never imports the policies (docs/ar
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -57,6 +58,43 @@ class SlurmAccess(_Model):
     """Limit for squeue/sinfo; a controller that does not answer in time is reported as down."""
     submit_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
     """Limit for sbatch; after it, greend checks squeue for the job before trying elsewhere."""
+    transport: Literal["conf", "multi-cluster", "rest"] = "conf"
+    """How the cluster is reached (docs/slurm.md): conf, its own slurm.conf (one munge domain);
+    multi-cluster, Slurm's `-M cluster_name` through `conf` (clusters sharing one slurmdbd);
+    rest, the cluster's slurmrestd at rest_url with the user's own token (another domain)."""
+    cluster_name: str | None = None
+    """Slurm's ClusterName for multi-cluster; unset: the cluster's key in [clusters]."""
+    rest_url: str | None = None
+    """slurmrestd's base URL for rest, e.g. "https://hpc.example.org:6820"."""
+    rest_api: str = "v0.0.38"
+    """The slurmrestd API version in its paths (/slurm/<rest_api>/...; Slurm 22.05: v0.0.38)."""
+    token_env: str = "SLURM_JWT"
+    """Environment variable holding the user's own token from that centre (rest)."""
+    token_file: Path | None = None
+    """File holding the user's own token, read when token_env is not set ("~" is the user's
+    home); greend reads it for the one request and never stores it."""
+
+    @model_validator(mode="after")
+    def _transport(self) -> SlurmAccess:
+        if self.transport == "rest":
+            if not self.rest_url or not self.rest_url.startswith(("http://", "https://")):
+                raise ValueError("transport = \"rest\" needs rest_url, the cluster's slurmrestd URL "
+                                 "(http:// or https://)")
+        else:
+            for key in ("rest_url", "token_file"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} is only used with transport = \"rest\" "
+                                     f"(transport is \"{self.transport}\")")
+        if self.cluster_name is not None and self.transport != "multi-cluster":
+            raise ValueError("cluster_name is only used with transport = \"multi-cluster\"")
+        if self.cluster_name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.cluster_name):
+            raise ValueError(f"cluster_name {self.cluster_name!r}: expected Slurm's ClusterName "
+                             "(letters, digits, _ . -)")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.token_env):
+            raise ValueError(f"token_env {self.token_env!r}: expected an environment variable name")
+        if not re.fullmatch(r"v\d+\.\d+\.\d+", self.rest_api):
+            raise ValueError(f"rest_api {self.rest_api!r}: expected a version like \"v0.0.38\"")
+        return self
 
 
 class Partition(_Model):

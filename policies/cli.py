@@ -364,8 +364,13 @@ def cmd_submit(args) -> int:
                 if d.plan and not d.plan.refused:
                     c = engine.site.cluster(d.plan.cluster)
                     conf = f"SLURM_CONF={c.slurm.conf} " if c.slurm.conf else ""
-                    print(f"would run: {conf}{c.slurm.command('sbatch')} --parsable --comment=greend-<token> "
-                          + " ".join(d.plan.sbatch_options(d.request)) + f" {script}")
+                    if c.slurm.transport == "rest":
+                        print(f"would POST {c.slurm.rest_url}/slurm/{c.slurm.rest_api}/job/submit "
+                              f"with ${c.slurm.token_env} (your own token): {script}")
+                    else:
+                        print(f"would run: {conf}{' '.join(c.slurm.argv(['sbatch']))} --parsable "
+                              "--comment=greend-<token> "
+                              + " ".join(d.plan.sbatch_options(d.request)) + f" {script}")
             return 0 if d.outcome == "route" else 1
         ledger = Ledger(ledger_path)
         try:

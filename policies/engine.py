@@ -313,6 +313,7 @@ class Decision(Record):
         for c in self.candidates:
             d = {
                 "cluster": c.name, "tier": c.cluster.tier, "hds": c.cluster.hds,
+                "transport": c.cluster.slurm.describe(),
                 "partition": c.partition.name if c.partition else None,
                 "eligible": c in self.ranking,
                 "rejected_by": c.rejected.rule if c.rejected else None,
@@ -337,6 +338,8 @@ class Decision(Record):
             "decided_at": q.iso(self.now),
             "request": r.to_dict(),
             "plan": self.plan.to_dict(r) if self.plan else None,
+            # How the chosen cluster is reached and why (docs/slurm.md, "Transports").
+            "transport": self.context.site.cluster(self.plan.cluster).slurm.describe() if self.plan else None,
             "fallbacks": self.fallbacks,
             "relaxed": list(self.relaxed),
             "candidates": cands,

@@ -120,6 +120,8 @@ def decision_text(decision, title: str = "") -> str:
     if d.plan is not None and not d.plan.refused:
         opts = d.plan.sbatch_options(r)
         lines.append(f"  sbatch options: {' '.join(opts) if opts else '(none)'}")
+        t = d.context.site.cluster(d.plan.cluster).slurm.describe()
+        lines.append(f"  transport: {t['transport']}: {t['why']}")
         if d.fallbacks:
             lines.append(f"  if {d.plan.cluster} does not answer: {', '.join(d.fallbacks)}")
     lines.append("")

@@ -69,23 +69,60 @@ class SlurmSpec(Record):
     bin_dir: Path | None
     timeout_s: float
     submit_timeout_s: float
+    transport: str
+    cluster_name: str | None
+    rest_url: str | None
+    rest_api: str
+    token_env: str
+    token_file: Path | None
 
-    __slots__ = ("bin_dir", "conf", "submit_timeout_s", "timeout_s")
+    __slots__ = ("bin_dir", "cluster_name", "conf", "rest_api", "rest_url", "submit_timeout_s", "timeout_s",
+                 "token_env", "token_file", "transport")
 
-    def __init__(self, conf: Path | None, bin_dir: Path | None, timeout_s: float, submit_timeout_s: float):
+    def __init__(self, conf: Path | None, bin_dir: Path | None, timeout_s: float, submit_timeout_s: float,
+                 transport: str = "conf", cluster_name: str | None = None, rest_url: str | None = None,
+                 rest_api: str = "v0.0.38", token_env: str = "SLURM_JWT", token_file: Path | None = None):
         self.conf = conf
         self.bin_dir = bin_dir
         self.timeout_s = timeout_s
         self.submit_timeout_s = submit_timeout_s
+        self.transport = transport
+        self.cluster_name = cluster_name
+        self.rest_url = rest_url.rstrip("/") if rest_url else None
+        self.rest_api = rest_api
+        self.token_env = token_env
+        self.token_file = token_file
 
     def command(self, name: str) -> str:
         return str(self.bin_dir / name) if self.bin_dir else name
+
+    def argv(self, argv: list[str]) -> list[str]:
+        """A Slurm command line for this cluster: with multi-cluster, `--clusters=NAME` after the
+        command (sbatch, squeue, sinfo, sacct, scancel all take it)."""
+        if self.transport == "multi-cluster" and self.cluster_name:
+            return [self.command(argv[0]), f"--clusters={self.cluster_name}", *argv[1:]]
+        return [self.command(argv[0]), *argv[1:]]
 
     def env(self, base: dict[str, str]) -> dict[str, str]:
         env = dict(base)
         if self.conf is not None:
             env["SLURM_CONF"] = str(self.conf)
         return env
+
+    def describe(self) -> dict:
+        """The transport and why (for the decision JSON and its explanation)."""
+        if self.transport == "multi-cluster":
+            return {"transport": "multi-cluster", "cluster_name": self.cluster_name,
+                    "why": f"registered in the same slurmdbd as this site: sbatch/squeue/sinfo "
+                           f"-M {self.cluster_name}" + (f" through {self.conf}" if self.conf else "")}
+        if self.transport == "rest":
+            return {"transport": "rest", "rest_url": self.rest_url,
+                    "why": f"another administrative domain: its slurmrestd at {self.rest_url}, "
+                           f"with the user's own token (${self.token_env}"
+                           + (f" or {self.token_file}" if self.token_file else "") + ")"}
+        return {"transport": "conf",
+                "why": "same munge domain: Slurm commands with SLURM_CONF="
+                       + (str(self.conf) if self.conf else "(default)")}
 
 
 class PowerSpec(Record):
@@ -358,7 +395,11 @@ def compile_site(cfg: config_mod.Config, config_path: str | Path | None = None, 
             accounts=frozenset(c.accounts) if c.accounts else None,
             gpu_types=frozenset(c.gpu_types), data_stores=frozenset(c.data_stores),
             partitions=tuple(parts),
-            slurm=SlurmSpec(_rel(s.conf, base), _rel(s.bin_dir, base), s.timeout_s, s.submit_timeout_s),
+            slurm=SlurmSpec(_rel(s.conf, base), _rel(s.bin_dir, base), s.timeout_s, s.submit_timeout_s,
+                            transport=s.transport,
+                            cluster_name=(s.cluster_name or name) if s.transport == "multi-cluster" else None,
+                            rest_url=s.rest_url, rest_api=s.rest_api, token_env=s.token_env,
+                            token_file=s.token_file),
             power=power, factors=static, carbon=window, config=c,
         ))
     pol = cfg.policy

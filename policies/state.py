@@ -295,12 +295,32 @@ def run_slurm(spec, argv: list[str], timeout_s: float,
               extra_env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run a Slurm command for one cluster (its SLURM_CONF, its bin_dir): (exit status, stdout,
     stderr); raises TimeoutError (collectors/slurmcli.py runs it)."""
+    if spec.transport == "rest":
+        return _run_rest(spec, argv, timeout_s)
     if spec.conf is not None and not Path(spec.conf).is_file():
         # Slurm's commands retry a missing slurm.conf for a minute before giving up.
         return 1, "", f"slurm.conf {spec.conf} does not exist"
-    r = slurmcli.run([spec.command(argv[0]), *argv[1:]], timeout_s=timeout_s,
+    r = slurmcli.run(spec.argv(argv), timeout_s=timeout_s,
                      env={**spec.env(os.environ), **(extra_env or {})})
     return r.returncode, r.stdout, r.stderr
+
+
+# squeue/sinfo --json print what slurmrestd answers on these paths (the same openapi plugin).
+_REST_PATHS = {"squeue": "jobs", "sinfo": "nodes"}
+
+
+def _run_rest(spec, argv: list[str], timeout_s: float) -> tuple[int, str, str]:
+    """`squeue --json` / `sinfo --json` of a rest cluster, asked of its slurmrestd with the
+    user's own token (policies/transport.py): the same (exit status, stdout, stderr)."""
+    from . import transport
+
+    path = _REST_PATHS.get(argv[0])
+    if path is None or "--json" not in argv:
+        return 2, "", f"{argv[0]}: not available through slurmrestd (transport = \"rest\")"
+    try:
+        return 0, json.dumps(transport.request(spec, "GET", path, None, timeout_s)), ""
+    except transport.RestError as e:
+        return 1, "", f"{argv[0]}: error: {e}"
 
 
 def fetch(cluster, now: float | None = None) -> ClusterState:

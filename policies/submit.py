@@ -150,6 +150,24 @@ def find_by_token(cluster, job_name: str, token: str) -> str | bool | None:
     return False
 
 
+def _rest_submit(spec, request, plan, comment: str, script: Path) -> tuple[int, str, str]:
+    """Submit through the cluster's slurmrestd with the user's own token: sbatch's (exit status,
+    stdout, stderr), an unreachable service reported as sbatch reports a controller it cannot
+    contact (so the next cluster is tried)."""
+    from . import transport
+
+    try:
+        text = Path(script).read_text()
+        job = transport.job_description(request, plan, comment, os.getcwd())
+        return 0, transport.submit(spec, text, job, spec.submit_timeout_s), ""
+    except OSError as e:
+        return 1, "", f"sbatch: error: cannot read {script}: {e.strerror}"
+    except transport.RestError as e:
+        if e.unreachable:
+            return 1, "", f"sbatch: error: {e} (connect failure)"
+        return 1, "", f"sbatch: error: {e}"
+
+
 def submit(engine, decision, script: Path, decisions: DecisionLog | None, *,
            user: str, now: float | None = None) -> Submission:
     """sbatch the script where the decision says; fall back to the next eligible clusters only when
@@ -177,11 +195,16 @@ def submit(engine, decision, script: Path, decisions: DecisionLog | None, *,
                 continue
             cluster = engine.site.cluster(name)
             argv = ["sbatch", "--parsable", f"--comment={comment}", *plan.sbatch_options(r), str(script)]
-            sub.command = [cluster.slurm.command("sbatch"), *argv[1:]]
+            sub.command = cluster.slurm.argv(argv)
             try:
-                # GREEND_SUBMIT tells a greend cli_filter (docs/policy.md) that this job is routed.
-                rc, out, err = run_slurm(cluster.slurm, argv, cluster.slurm.submit_timeout_s,
-                                         extra_env={"GREEND_SUBMIT": token})
+                if cluster.slurm.transport == "rest":
+                    spec = cluster.slurm
+                    sub.command = ["POST", f"{spec.rest_url}/slurm/{spec.rest_api}/job/submit"]
+                    rc, out, err = _rest_submit(cluster.slurm, r, plan, comment, script)
+                else:
+                    # GREEND_SUBMIT tells a greend cli_filter (docs/policy.md) that this job is routed.
+                    rc, out, err = run_slurm(cluster.slurm, argv, cluster.slurm.submit_timeout_s,
+                                             extra_env={"GREEND_SUBMIT": token})
                 # "Socket timed out": the controller may have queued the job before the reply was lost.
                 timed_out = rc != 0 and "timed out" in err.lower()
             except TimeoutError:

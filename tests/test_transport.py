@@ -1,0 +1,195 @@
+"""Reaching each tier the way sites do (docs/slurm.md, "Transports"), on the real testbed:
+
+- local and site share one slurmdbd: site is reached with Slurm's multi-cluster option
+  (`sbatch/squeue/sinfo -M site`) through the local cluster's slurm.conf;
+- national is another domain: greend submits through its slurmrestd (auth/jwt) with a token made
+  for the test user, and the job runs as that user (squeue and sacct say so).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import test_policies_slurm as tps
+from slurmbed import TEST_USER, Testbed
+from test_policies import _toml
+from test_policies_slurm import greend, job_script, submit, write_config
+
+# The Slurm policy tests' fixtures: the testbed, their working directory, jobs cancelled around.
+tb, work, clean = tps.tb, tps.work, tps.clean
+
+PORT_BASE = int(os.environ.get("GREEND_TESTBED_PORT_BASE", "16800"))
+REST_URL = f"http://127.0.0.1:{PORT_BASE + 4}"
+
+
+def rewrite(path: Path, change) -> Path:
+    data = tomllib.loads(path.read_text())
+    change(data)
+    path.write_text(_toml(data))
+    return path
+
+
+def test_site_is_reached_with_multi_cluster_options(tb, work, clean):
+    """site is configured with the local cluster's slurm.conf and `-M site`: the job lands on site,
+    live state is site's own (2 nodes, 8 CPUs), and the decision names the transport."""
+    cfg = write_config(work, tb, name="mc.toml")
+
+    def mc(data):
+        s = data["clusters"]["site"]["slurm"]
+        s["conf"] = str(tb.conf("local"))
+        s["transport"] = "multi-cluster"
+
+    rewrite(cfg, mc)
+    script = job_script(work, "mc-site", "#SBATCH -c 2\n#SBATCH -t 10\n#SBATCH -A proj-green")
+    out = submit(work, cfg, script)
+    assert out["submission"]["outcome"] == "submitted", out
+    assert out["submission"]["cluster"] == "site"
+    assert "--clusters=site" in out["submission"]["command"]
+    d = out["decision"]
+    assert d["transport"]["transport"] == "multi-cluster"
+    assert "-M site" in d["transport"]["why"]
+    site = next(c for c in d["candidates"] if c["cluster"] == "site")
+    assert site["state"]["ok"] is True
+    assert site["state"]["total_cpus"] == 8  # site's 2 x 4 CPUs, not local's 2
+    job_id = out["submission"]["job_id"]
+    job = tb.job("site", job_id)
+    assert job is not None and job["user_name"] == TEST_USER
+    assert tb.job("local", job_id) is None or tb.job("local", job_id)["name"] != "mc-site"
+    p = greend(work, cfg, "submit", "--dry-run", script)
+    assert "transport: multi-cluster" in p.stdout, p.stdout
+
+
+@pytest.fixture
+def user_work(tb):
+    """A working directory the test user owns (greend runs as that user there)."""
+    d = Path(tempfile.mkdtemp(prefix="greend-rest-", dir="/tmp"))
+    shutil.chown(d, TEST_USER, TEST_USER)
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def token_for(tb: Testbed, user: str) -> str:
+    out = tb.run("national", "scontrol", "token", f"username={user}", "lifespan=600").stdout
+    return out.strip().split("=", 1)[1]
+
+
+def rest_config(user_work: Path, tb: Testbed, token_file: Path | None = None) -> Path:
+    cfg = write_config(user_work, tb, name="rest.toml")
+
+    def rest(data):
+        for c in data["clusters"].values():
+            c["slurm"].pop("bin_dir", None)  # greend itself runs as the test user here
+        n = data["clusters"]["national"]["slurm"]
+        n.pop("conf")
+        n.update({"transport": "rest", "rest_url": REST_URL})
+        if token_file is not None:
+            n["token_file"] = str(token_file)
+
+    rewrite(cfg, rest)
+    for p in user_work.iterdir():
+        shutil.chown(p, TEST_USER, TEST_USER)
+    return cfg
+
+
+# greend as the test user: the venv's interpreter may live where only root can read (pyenv under
+# /root), so the system's Python 3.11 runs it with the venv's packages.
+_AS_USER = ("import site, sys; site.addsitedir(sys.argv.pop(1)); from greend.cli import main; "
+            "sys.argv[0] = 'greend'; sys.exit(main())")
+
+
+def greend_as_user(user_work: Path, cfg: Path, *argv, env: dict | None = None):
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("needs the system's python3 to run greend as the test user")
+    e = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": f"/home/{TEST_USER}",
+         "XDG_CACHE_HOME": str(user_work), **(env or {})}
+    site_dir = next(Path(sys.prefix, "lib").glob("python3*/site-packages"))
+    cmd = ["runuser", "-u", TEST_USER, "--", "env", "-i", *(f"{k}={v}" for k, v in e.items()),
+           "/usr/bin/python3", "-c", _AS_USER, str(site_dir), "-c", str(cfg), *map(str, argv)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=user_work, timeout=120)
+
+
+def test_national_job_goes_through_slurmrestd_as_the_user(tb, user_work, clean):
+    """An 8-CPU job routed to national is submitted through slurmrestd with the test user's own
+    token and runs as that user: squeue, the job's own `id -un` and sacct show greendtest."""
+    cfg = rest_config(user_work, tb)
+    script = job_script(user_work, "rest-national",
+                        "#SBATCH -c 8\n#SBATCH -t 10\n#SBATCH -A proj-green\nid -un > whoami.txt")
+    shutil.chown(script, TEST_USER, TEST_USER)
+    p = greend_as_user(user_work, cfg, "submit", "--json", script,
+                       env={"SLURM_JWT": token_for(tb, TEST_USER)})
+    assert p.returncode == 0, p.stderr + p.stdout
+    out = json.loads(p.stdout)
+    sub, d = out["submission"], out["decision"]
+    assert sub["outcome"] == "submitted" and sub["cluster"] == "national", sub
+    assert sub["command"][0] == "POST" and sub["command"][1].startswith(REST_URL)
+    assert d["transport"]["transport"] == "rest"
+    assert REST_URL in d["transport"]["why"] and "own token" in d["transport"]["why"]
+    # national's live state came from its slurmrestd with the same token: its one 8-CPU node
+    national = next(c for c in d["candidates"] if c["cluster"] == "national")
+    assert national["state"]["ok"] is True and national["state"]["total_cpus"] == 8, national
+    assert national["transport"]["transport"] == "rest"
+    job = tb.wait_state("national", sub["job_id"], "RUNNING", timeout=30)
+    assert job["user_name"] == TEST_USER
+    assert job["name"] == "rest-national" and job["cpus"] == 8
+    assert sub["token"] in job["comment"]
+    who = user_work / "whoami.txt"
+    deadline = time.monotonic() + 20
+    while not (who.exists() and who.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert who.read_text().strip() == TEST_USER
+    tb.run("national", "scancel", str(sub["job_id"]))
+    # Accounting records the job as the token's user. (-j also lists older jobs with that id from
+    # earlier testbed runs, so the job is matched by name.)
+    deadline = time.monotonic() + 60
+    while True:
+        acct = tb.run("national", "sacct", "-X", "-n", "-P", "-j", str(sub["job_id"]),
+                      "-o", "JobName,User", check=False).stdout
+        if "rest-national|" in acct or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert f"rest-national|{TEST_USER}" in acct.splitlines(), acct
+
+
+def test_rest_without_a_token_is_a_clear_error(tb, user_work, clean):
+    cfg = rest_config(user_work, tb, token_file=user_work / "missing-token")
+    script = job_script(user_work, "rest-notoken", "#SBATCH -c 8\n#SBATCH -t 10\n#SBATCH -A proj-green")
+    p = greend_as_user(user_work, cfg, "submit", "--json", script)
+    assert p.returncode == 1, p.stderr + p.stdout
+    assert "Traceback" not in p.stderr
+    out = json.loads(p.stdout)
+    sub = out["submission"]
+    # Without the user's token greend cannot even read national's queue: it is not reachable, and
+    # the decision says why (the file it looked for).
+    assert sub["outcome"] == "no_cluster", sub
+    national = next(c for c in out["decision"]["candidates"] if c["cluster"] == "national")
+    assert national["state"]["ok"] is False
+    assert f"token_file {user_work / 'missing-token'}: cannot read the token" in national["state"]["error"]
+    assert "cannot read the token" in sub["message"]
+    assert not [j for j in tb.jobs("national") if j["name"] == "rest-notoken"]
+
+
+@pytest.mark.parametrize("slurm, expected", [
+    ({"transport": "rest"}, "needs rest_url"),
+    ({"transport": "rest", "rest_url": "127.0.0.1:6820"}, "http:// or https://"),
+    ({"rest_url": "http://x:6820"}, "rest_url is only used with transport"),
+    ({"transport": "multi-cluster", "cluster_name": "a b"}, "cluster_name 'a b'"),
+    ({"transport": "ssh"}, "transport"),
+])
+def test_transport_settings_are_checked(tmp_path, slurm, expected):
+    from pydantic import ValidationError
+
+    from greend.policy_config import SlurmAccess
+
+    with pytest.raises(ValidationError) as e:
+        SlurmAccess(**slurm)
+    assert expected in str(e.value)
