@@ -21,6 +21,39 @@ log = logging.getLogger(__name__)
 MB = 1024 * 1024
 
 
+def power_of(site, cluster: str):
+    """A cluster's power model (the site's first cluster's for one it does not know)."""
+    spec = site.by_name.get(cluster)
+    return spec.power if spec is not None else site.clusters[0].power
+
+
+def modelled_j(power, elapsed_s: float, cpus: float, mem_mb: float, gpus: int,
+               cpu_usage: float | None = None) -> float:
+    """A past job's Green Algorithms energy (IT, J) under a cluster's power model."""
+    u = power.cpu_usage if cpu_usage is None else cpu_usage
+    return elapsed_s * (cpus * power.cpu_w_per_core * u + mem_mb / 1024 * power.memory_w_per_gb
+                        + gpus * power.default_gpu_w * power.gpu_usage)
+
+
+def summarise(site, user: str, name: str, past: list, measured: list) -> History:
+    """The history of similar jobs: efficiencies and elapsed times over `past`, energy (against the
+    model) over `measured`, the ones whose energy greend measured. Shared by the ledger and sacct."""
+    cpu_den = sum(p.cpus * p.elapsed_s for p in past)
+    mem_ratios = [p.max_mem_mb / p.mem_mb for p in past if p.mem_mb > 0 and p.max_mem_mb > 0]
+    gpu_jobs = [p for p in measured if p.gpus > 0]
+    gpu_den = sum(p.gpus * power_of(site, p.cluster).default_gpu_w * p.elapsed_s for p in gpu_jobs)
+    return History(
+        user=user, name=name, jobs=tuple(past),
+        measured_j=sum(p.it_energy_j for p in measured), modelled_j=sum(p.modelled_j for p in measured),
+        median_elapsed_s=_median([p.elapsed_s for p in past]),
+        cpu_efficiency=sum(p.cpu_time_s for p in past) / cpu_den if cpu_den > 0 else None,
+        peak_cpus_used=max(p.cpu_time_s / p.elapsed_s for p in past),
+        mem_efficiency=max(mem_ratios) if mem_ratios else None,
+        peak_mem_mb=max(p.max_mem_mb for p in past),
+        gpu_use=sum(p.gpu_energy_j for p in gpu_jobs) / gpu_den if gpu_den > 0 else None,
+    )
+
+
 class PastJob(Record):
     cluster: str
     job_id: str
@@ -217,33 +250,12 @@ class LedgerView:
                 continue
             cpus = r.cpus or 1.0
             mem_mb = r.mem_bytes / MB
-            spec = self.site.by_name.get(r.cluster)
-            power = spec.power if spec is not None else self.site.clusters[0].power
-            modelled = elapsed * (cpus * power.cpu_w_per_core * power.cpu_usage
-                                  + mem_mb / 1024 * power.memory_w_per_gb
-                                  + r.gpus * power.default_gpu_w * power.gpu_usage)
+            modelled = modelled_j(power_of(self.site, r.cluster), elapsed, cpus, mem_mb, r.gpus)
             jobs.append(PastJob(r.cluster, r.job_id, elapsed, cpus, mem_mb, r.gpus, r.cpu_time_ns / 1e9,
                                 r.it_energy_uj / 1e6, r.gpu_uj / 1e6, r.max_mem_bytes / MB, modelled))
         if not jobs:
             return None
-        cpu_den = sum(j.cpus * j.elapsed_s for j in jobs)
-        mem_ratios = [j.max_mem_mb / j.mem_mb for j in jobs if j.mem_mb > 0 and j.max_mem_mb > 0]
-        gpu_jobs = [j for j in jobs if j.gpus > 0]
-        gpu_den = 0.0
-        for j in gpu_jobs:
-            spec = self.site.by_name.get(j.cluster)
-            w = spec.power.default_gpu_w if spec is not None else self.site.clusters[0].power.default_gpu_w
-            gpu_den += j.gpus * w * j.elapsed_s
-        return History(
-            user=user, name=name, jobs=tuple(jobs),
-            measured_j=sum(j.it_energy_j for j in jobs), modelled_j=sum(j.modelled_j for j in jobs),
-            median_elapsed_s=_median([j.elapsed_s for j in jobs]),
-            cpu_efficiency=sum(j.cpu_time_s for j in jobs) / cpu_den if cpu_den > 0 else None,
-            peak_cpus_used=max(j.cpu_time_s / j.elapsed_s for j in jobs),
-            mem_efficiency=max(mem_ratios) if mem_ratios else None,
-            peak_mem_mb=max(j.max_mem_mb for j in jobs),
-            gpu_use=sum(j.gpu_energy_j for j in gpu_jobs) / gpu_den if gpu_den > 0 else None,
-        )
+        return summarise(self.site, user, name, jobs, jobs)
 
     def usage(self, account: str, since: float) -> Usage | None:
         if self.sacct is not None:

@@ -15,7 +15,7 @@ from greend.collectors.sacct import Sacct, SacctError, SacctJob
 
 from greend.slurm_acct import J_PER_KWH, decode
 
-from .history import MB, History, PastJob, Usage, _median
+from .history import MB, History, PastJob, Usage, modelled_j, power_of, summarise
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +28,9 @@ class SacctHistory:
         self.site = site
         self.cluster = cluster
 
-    def _spec(self, cluster: str):
-        spec = self.site.by_name.get(cluster)
-        return spec if spec is not None else self.site.clusters[0]
-
     def _modelled_j(self, j: SacctJob, usage: float | None = None) -> float:
-        power = self._spec(j.cluster).power
-        u = power.cpu_usage if usage is None else usage
-        return j.elapsed_s * (max(j.alloc_cpus, 1.0) * power.cpu_w_per_core * u
-                              + (j.alloc_mem_bytes or 0) / MB / 1024 * power.memory_w_per_gb
-                              + j.alloc_gpus * power.default_gpu_w * power.gpu_usage)
+        return modelled_j(power_of(self.site, j.cluster), j.elapsed_s, max(j.alloc_cpus, 1.0),
+                          (j.alloc_mem_bytes or 0) / MB, j.alloc_gpus, usage)
 
     def _query(self, since: float, **kw) -> list[SacctJob]:
         try:
@@ -61,20 +54,7 @@ class SacctHistory:
                 max_mem / MB, self._modelled_j(j)))
         # Energy: only jobs greend measured, against their own model figures (the power ratio).
         measured = [p for p, j in zip(past, jobs, strict=True) if decode(j.admin_comment)]
-        cpu_den = sum(p.cpus * p.elapsed_s for p in past)
-        mem_ratios = [p.max_mem_mb / p.mem_mb for p in past if p.mem_mb > 0 and p.max_mem_mb > 0]
-        gpu_den = sum(p.gpus * self._spec(p.cluster).power.default_gpu_w * p.elapsed_s
-                      for p in measured if p.gpus > 0)
-        return History(
-            user=user, name=name, jobs=tuple(past),
-            measured_j=sum(p.it_energy_j for p in measured), modelled_j=sum(p.modelled_j for p in measured),
-            median_elapsed_s=_median([p.elapsed_s for p in past]),
-            cpu_efficiency=sum(p.cpu_time_s for p in past) / cpu_den if cpu_den > 0 else None,
-            peak_cpus_used=max(p.cpu_time_s / p.elapsed_s for p in past),
-            mem_efficiency=max(mem_ratios) if mem_ratios else None,
-            peak_mem_mb=max(p.max_mem_mb for p in past),
-            gpu_use=sum(p.gpu_energy_j for p in measured if p.gpus > 0) / gpu_den if gpu_den > 0 else None,
-        )
+        return summarise(self.site, user, name, past, measured)
 
     def usage(self, account: str, since: float) -> Usage | None:
         jobs = self._query(since, account=account)
@@ -86,7 +66,8 @@ class SacctHistory:
                 carbon += fig.carbon_g
                 water += fig.water_site_l + fig.water_offsite_l
                 continue
-            f = self._spec(j.cluster).factors
+            spec = self.site.by_name.get(j.cluster)
+            f = (spec if spec is not None else self.site.clusters[0]).factors
             usage = min(j.cpu_efficiency, 1.0) if j.cpu_efficiency is not None else None
             kwh = self._modelled_j(j, usage) / J_PER_KWH
             fac += kwh * f.pue * J_PER_KWH
