@@ -371,9 +371,12 @@ def test_a_run_that_died_shows_when_it_was_last_seen(tmp_path):
     db_path = tmp_path / "state" / "ledger.sqlite"
     deadline = time.time() + 30
     while time.time() < deadline:
-        if db_path.exists() and sqlite3.connect(db_path).execute(
-                "SELECT count(*) FROM jobs WHERE state = 'running'").fetchone()[0]:
-            break
+        try:  # the file can exist a moment before measure's first transaction creates the tables
+            if db_path.exists() and sqlite3.connect(db_path).execute(
+                    "SELECT count(*) FROM jobs WHERE state = 'running'").fetchone()[0]:
+                break
+        except sqlite3.OperationalError:
+            pass
         time.sleep(0.2)
     children = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
     p.kill()  # greend dies without closing the record

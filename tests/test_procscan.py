@@ -238,6 +238,8 @@ def test_real_cpu_bound_job_is_grouped_with_growing_cpu_time(spawn):
 
     scan = ProcScan(Path("/proc"), "c1")
     try:
+        # On a loaded host the child may not be scheduled yet at the first scan: scan until seen.
+        assert wait_for(lambda: "slurm/site/777" in groups(scan))
         first = groups(scan)["slurm/site/777"]
         assert first.kind == "slurm" and first.cluster == "site" and first.uid == os.getuid()
         assert wait_for(lambda: own_cpu_ns() > first.cpu_time_ns + 300_000_000)
