@@ -58,10 +58,11 @@ class SlurmAccess(_Model):
     """Limit for squeue/sinfo; a controller that does not answer in time is reported as down."""
     submit_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
     """Limit for sbatch; after it, greend checks squeue for the job before trying elsewhere."""
-    transport: Literal["conf", "multi-cluster", "rest"] = "conf"
+    transport: Literal["conf", "multi-cluster", "rest", "ssh"] = "conf"
     """How the cluster is reached (docs/slurm.md): conf, its own slurm.conf (one munge domain);
     multi-cluster, Slurm's `-M cluster_name` through `conf` (clusters sharing one slurmdbd);
-    rest, the cluster's slurmrestd at rest_url with the user's own token (another domain)."""
+    rest, the cluster's slurmrestd at rest_url with the user's own token (another domain);
+    ssh, the Slurm commands of its login node ssh_host through the user's own ssh (another domain)."""
     cluster_name: str | None = None
     """Slurm's ClusterName for multi-cluster; unset: the cluster's key in [clusters]."""
     rest_url: str | None = None
@@ -73,6 +74,15 @@ class SlurmAccess(_Model):
     token_file: Path | None = None
     """File holding the user's own token, read when token_env is not set ("~" is the user's
     home); greend reads it for the one request and never stores it."""
+    ssh_host: str | None = None
+    """The centre's login node for ssh (a host name, address or the user's ~/.ssh/config alias)."""
+    ssh_user: str | None = None
+    """The account there; unset: ssh's own choice (the user's ~/.ssh/config User, else their name)."""
+    ssh_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    """sshd's port there; unset: ssh's own choice (~/.ssh/config Port, else 22)."""
+    ssh_options: list[str] = Field(default_factory=list)
+    """Extra ssh options as "Key=value" (ssh -o), e.g. "IdentityFile=~/.ssh/id_hpc"; greend's own
+    BatchMode=yes and ConnectTimeout come first and win."""
 
     @model_validator(mode="after")
     def _transport(self) -> SlurmAccess:
@@ -85,6 +95,16 @@ class SlurmAccess(_Model):
                 if getattr(self, key) is not None:
                     raise ValueError(f"{key} is only used with transport = \"rest\" "
                                      f"(transport is \"{self.transport}\")")
+        if self.transport == "ssh":
+            self._check_ssh()
+        else:
+            for key in ("ssh_host", "ssh_user", "ssh_port"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} is only used with transport = \"ssh\" "
+                                     f"(transport is \"{self.transport}\")")
+            if self.ssh_options:
+                raise ValueError(f"ssh_options is only used with transport = \"ssh\" "
+                                 f"(transport is \"{self.transport}\")")
         if self.cluster_name is not None and self.transport != "multi-cluster":
             raise ValueError("cluster_name is only used with transport = \"multi-cluster\"")
         if self.cluster_name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.cluster_name):
@@ -95,6 +115,24 @@ class SlurmAccess(_Model):
         if not re.fullmatch(r"v\d+\.\d+\.\d+", self.rest_api):
             raise ValueError(f"rest_api {self.rest_api!r}: expected a version like \"v0.0.38\"")
         return self
+
+    def _check_ssh(self) -> None:
+        if not self.ssh_host:
+            raise ValueError("transport = \"ssh\" needs ssh_host, the centre's login node (a host name "
+                             "or your ~/.ssh/config alias)")
+        # Values that ssh would read as options, or that a shell would split, are refused.
+        if not re.fullmatch(r"[A-Za-z0-9_.:\[\]][A-Za-z0-9_.:\[\]-]*", self.ssh_host):
+            raise ValueError(f"ssh_host {self.ssh_host!r}: expected a host name, address or ssh alias "
+                             "(letters, digits, . _ : -; not starting with -)")
+        if self.ssh_user is not None and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*", self.ssh_user):
+            raise ValueError(f"ssh_user {self.ssh_user!r}: expected a user name (letters, digits, . _ -)")
+        for opt in self.ssh_options:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*=\S.*", opt):
+                raise ValueError(f"ssh_options entry {opt!r}: expected \"Key=value\" as ssh -o takes it, "
+                                 "e.g. \"IdentityFile=~/.ssh/id_hpc\"")
+        if self.conf is not None:
+            raise ValueError("conf is not used with transport = \"ssh\": the login node's own Slurm "
+                             "configuration is")
 
 
 class Partition(_Model):

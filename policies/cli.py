@@ -367,6 +367,15 @@ def cmd_submit(args) -> int:
                     if c.slurm.transport == "rest":
                         print(f"would POST {c.slurm.rest_url}/slurm/{c.slurm.rest_api}/job/submit "
                               f"with ${c.slurm.token_env} (your own token): {script}")
+                    elif c.slurm.transport == "ssh":
+                        import shlex
+
+                        from .submit import ssh_sbatch_argv
+                        from .transport import ssh_argv
+
+                        argv = ssh_argv(c.slurm, ssh_sbatch_argv(d.request, d.plan, "greend-<token>"),
+                                        c.slurm.submit_timeout_s)
+                        print(f"would run: {shlex.join(argv)} < {script}")
                     else:
                         print(f"would run: {conf}{' '.join(c.slurm.argv(['sbatch']))} --parsable "
                               "--comment=greend-<token> "

@@ -75,13 +75,21 @@ class SlurmSpec(Record):
     rest_api: str
     token_env: str
     token_file: Path | None
+    ssh_host: str | None
+    ssh_user: str | None
+    ssh_port: int | None
+    ssh_options: tuple[str, ...]
+    key: str
 
-    __slots__ = ("bin_dir", "cluster_name", "conf", "rest_api", "rest_url", "submit_timeout_s", "timeout_s",
-                 "token_env", "token_file", "transport")
+    __slots__ = ("bin_dir", "cluster_name", "conf", "key", "rest_api", "rest_url", "ssh_host", "ssh_options",
+                 "ssh_port", "ssh_user", "submit_timeout_s", "timeout_s", "token_env", "token_file",
+                 "transport")
 
     def __init__(self, conf: Path | None, bin_dir: Path | None, timeout_s: float, submit_timeout_s: float,
                  transport: str = "conf", cluster_name: str | None = None, rest_url: str | None = None,
-                 rest_api: str = "v0.0.38", token_env: str = "SLURM_JWT", token_file: Path | None = None):
+                 rest_api: str = "v0.0.38", token_env: str = "SLURM_JWT", token_file: Path | None = None,
+                 ssh_host: str | None = None, ssh_user: str | None = None, ssh_port: int | None = None,
+                 ssh_options: tuple[str, ...] = (), key: str = "clusters.?.slurm"):
         self.conf = conf
         self.bin_dir = bin_dir
         self.timeout_s = timeout_s
@@ -92,6 +100,11 @@ class SlurmSpec(Record):
         self.rest_api = rest_api
         self.token_env = token_env
         self.token_file = token_file
+        self.ssh_host = ssh_host
+        self.ssh_user = ssh_user
+        self.ssh_port = ssh_port
+        self.ssh_options = tuple(ssh_options)
+        self.key = key  # where these settings are in the configuration, for error messages
 
     def command(self, name: str) -> str:
         return str(self.bin_dir / name) if self.bin_dir else name
@@ -115,6 +128,14 @@ class SlurmSpec(Record):
             return {"transport": "multi-cluster", "cluster_name": self.cluster_name,
                     "why": f"registered in the same slurmdbd as this site: sbatch/squeue/sinfo "
                            f"-M {self.cluster_name}" + (f" through {self.conf}" if self.conf else "")}
+        if self.transport == "ssh":
+            who = f"{self.ssh_user}@" if self.ssh_user else ""
+            port = f" port {self.ssh_port}" if self.ssh_port else ""
+            return {"transport": "ssh", "ssh_host": self.ssh_host, "ssh_user": self.ssh_user,
+                    "ssh_port": self.ssh_port,
+                    "why": f"another administrative domain: its login node {who}{self.ssh_host}{port} "
+                           "through the user's own ssh (their keys, agent and known_hosts; never "
+                           "root's): sbatch/squeue/sinfo run there"}
         if self.transport == "rest":
             return {"transport": "rest", "rest_url": self.rest_url,
                     "why": f"another administrative domain: its slurmrestd at {self.rest_url}, "
@@ -399,7 +420,9 @@ def compile_site(cfg: config_mod.Config, config_path: str | Path | None = None, 
                             transport=s.transport,
                             cluster_name=(s.cluster_name or name) if s.transport == "multi-cluster" else None,
                             rest_url=s.rest_url, rest_api=s.rest_api, token_env=s.token_env,
-                            token_file=s.token_file),
+                            token_file=s.token_file, ssh_host=s.ssh_host, ssh_user=s.ssh_user,
+                            ssh_port=s.ssh_port, ssh_options=tuple(s.ssh_options),
+                            key=f"clusters.{name}.slurm"),
             power=power, factors=static, carbon=window, config=c,
         ))
     pol = cfg.policy

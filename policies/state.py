@@ -297,6 +297,8 @@ def run_slurm(spec, argv: list[str], timeout_s: float,
     stderr); raises TimeoutError (collectors/slurmcli.py runs it)."""
     if spec.transport == "rest":
         return _run_rest(spec, argv, timeout_s)
+    if spec.transport == "ssh":
+        return _run_ssh(spec, argv, timeout_s)
     if spec.conf is not None and not Path(spec.conf).is_file():
         # Slurm's commands retry a missing slurm.conf for a minute before giving up.
         return 1, "", f"slurm.conf {spec.conf} does not exist"
@@ -320,6 +322,17 @@ def _run_rest(spec, argv: list[str], timeout_s: float) -> tuple[int, str, str]:
     try:
         return 0, json.dumps(transport.request(spec, "GET", path, None, timeout_s)), ""
     except transport.RestError as e:
+        return 1, "", f"{argv[0]}: error: {e}"
+
+
+def _run_ssh(spec, argv: list[str], timeout_s: float) -> tuple[int, str, str]:
+    """A Slurm command on an ssh cluster's login node through the user's own ssh
+    (policies/transport.py): the same (exit status, stdout, stderr)."""
+    from . import transport
+
+    try:
+        return transport.ssh_run(spec, argv, timeout_s)
+    except transport.SshError as e:
         return 1, "", f"{argv[0]}: error: {e}"
 
 

@@ -168,6 +168,30 @@ def _rest_submit(spec, request, plan, comment: str, script: Path) -> tuple[int, 
         return 1, "", f"sbatch: error: {e}"
 
 
+def ssh_sbatch_argv(request, plan, comment: str) -> list[str]:
+    """sbatch's command line on an ssh cluster's login node (the script comes on stdin, so the job
+    is named here: sbatch would call it "sbatch")."""
+    name = [f"--job-name={request.job_name}"] if request.job_name else []
+    return ["sbatch", "--parsable", f"--comment={comment}", *name, *plan.sbatch_options(request)]
+
+
+def _ssh_submit(spec, request, plan, comment: str, script: Path) -> tuple[int, str, str]:
+    """Submit on the cluster's login node through the user's own ssh, the script on stdin:
+    sbatch's (exit status, stdout, stderr); a login node that cannot be reached is reported as
+    sbatch reports a controller it cannot contact (so the next cluster is tried)."""
+    from . import transport
+
+    try:
+        text = Path(script).read_text()
+    except OSError as e:
+        return 1, "", f"sbatch: error: cannot read {script}: {e.strerror}"
+    try:
+        return transport.ssh_run(spec, ssh_sbatch_argv(request, plan, comment), spec.submit_timeout_s,
+                                 stdin=text)
+    except transport.SshError as e:
+        return 1, "", f"sbatch: error: {e}" + (" (connect failure)" if e.unreachable else "")
+
+
 def submit(engine, decision, script: Path, decisions: DecisionLog | None, *,
            user: str, now: float | None = None) -> Submission:
     """sbatch the script where the decision says; fall back to the next eligible clusters only when
@@ -201,6 +225,12 @@ def submit(engine, decision, script: Path, decisions: DecisionLog | None, *,
                     spec = cluster.slurm
                     sub.command = ["POST", f"{spec.rest_url}/slurm/{spec.rest_api}/job/submit"]
                     rc, out, err = _rest_submit(cluster.slurm, r, plan, comment, script)
+                elif cluster.slurm.transport == "ssh":
+                    from .transport import ssh_argv
+
+                    spec = cluster.slurm
+                    sub.command = ssh_argv(spec, ssh_sbatch_argv(r, plan, comment), spec.submit_timeout_s)
+                    rc, out, err = _ssh_submit(spec, r, plan, comment, script)
                 else:
                     # GREEND_SUBMIT tells a greend cli_filter (docs/policy.md) that this job is routed.
                     rc, out, err = run_slurm(cluster.slurm, argv, cluster.slurm.submit_timeout_s,
@@ -215,9 +245,11 @@ def submit(engine, decision, script: Path, decisions: DecisionLog | None, *,
                     sub.outcome = "unknown"
                     sub.cluster, sub.partition, sub.plan = name, plan.partition, plan
                     conf = cluster.slurm.conf or "(default)"
+                    how = (f"ssh {cluster.slurm.ssh_host} squeue" if cluster.slurm.transport == "ssh"
+                           else f"SLURM_CONF={conf} squeue")
                     sub.message = (f"sbatch on {name} did not answer within "
                                    f"{cluster.slurm.submit_timeout_s:g} s and squeue does not answer either: "
-                                   f"the job may be queued there. Check with SLURM_CONF={conf} squeue "
+                                   f"the job may be queued there. Check with {how} "
                                    f"--name={r.job_name} -o '%i %k' for comment {token} before submitting "
                                    "again")
                     sub.tried.append({"cluster": name, "result": "sbatch timed out; squeue did not answer"})

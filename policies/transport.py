@@ -1,16 +1,23 @@
-"""Reaching a cluster of another administrative domain: its Slurm REST API (slurmrestd with
-auth/jwt), with the user's own token from that centre (docs/slurm.md, "Transports").
+"""Reaching a cluster of another administrative domain (docs/slurm.md, "Transports"): its Slurm
+REST API (slurmrestd with auth/jwt) with the user's own token from that centre, or its login node
+through the user's own ssh.
 
 greend never holds a token on a user's behalf beyond the request: the token is read from the
 user's environment (SlurmAccess.token_env) or the user's own file (token_file) for each request,
 sent in X-SLURM-USER-TOKEN and dropped. The job runs as the token's user.
+
+ssh runs as the user who asked, with their own keys, agent and known_hosts, never as root (a root
+greend, the daemon, does not reach such a cluster at all): `ssh -o BatchMode=yes HOST sbatch
+--parsable ...` with the script on stdin, and `squeue --json` / `sinfo --json` for live state.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pwd
+import shlex
 from pathlib import Path
 
 
@@ -139,3 +146,87 @@ def submit(spec, script_text: str, job: dict, timeout_s: float) -> str:
     if job_id is None:
         raise RestError(f"slurmrestd {spec.rest_url}: the answer names no job id")
     return str(job_id)
+
+
+# -- ssh -------------------------------------------------------------------------------------------
+class SshError(Exception):
+    """ssh itself failed (exit status 255: the remote command never ran); `unreachable` when the
+    login node could not be reached at all, so the next cluster may be tried."""
+
+    def __init__(self, message: str, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+def ssh_argv(spec, remote: list[str], timeout_s: float) -> list[str]:
+    """The ssh command line running `remote` (a Slurm command) on the cluster's login node. greend's
+    own options come first: for ssh the first value of an option wins, so ssh_options cannot turn
+    BatchMode off (no prompt for a password or a host key: greend has no terminal to ask on)."""
+    argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, math.ceil(timeout_s))}"]
+    if spec.ssh_port:
+        argv += ["-p", str(spec.ssh_port)]
+    if spec.ssh_user:
+        argv += ["-l", spec.ssh_user]
+    for opt in spec.ssh_options:
+        argv += ["-o", opt]
+    # ssh hands the remote command to the login shell as one string: each word is quoted.
+    return [*argv, "--", spec.ssh_host, shlex.join([spec.command(remote[0]), *remote[1:]])]
+
+
+def _ssh_failure(spec, err: str) -> SshError:
+    """ssh's own error (exit status 255) as a message naming the cluster's settings to check."""
+    where = f"{spec.ssh_user + '@' if spec.ssh_user else ''}{spec.ssh_host}" + (
+        f" port {spec.ssh_port}" if spec.ssh_port else "")
+    low = err.lower()
+    last = " ".join(err.strip().splitlines()[-1:]) if err.strip() else "exit status 255"
+    if "host key verification failed" in low or "host key for" in low:
+        return SshError(f"ssh to {where} ({spec.key}.ssh_host): the login node's host key is unknown "
+                        "or has changed in your known_hosts: check it and add it (e.g. `ssh "
+                        f"{spec.ssh_host}` once, or UserKnownHostsFile in {spec.key}.ssh_options); "
+                        "greend never accepts a host key for you")
+    if "permission denied" in low or "too many authentication failures" in low:
+        return SshError(f"ssh to {where}: authentication refused ({last}): greend uses your own keys "
+                        f"and ssh-agent without a password prompt; check {spec.key}.ssh_user and the "
+                        f"IdentityFile in {spec.key}.ssh_options, or load your key with ssh-add")
+    if any(s in low for s in ("connection refused", "could not resolve", "timed out", "no route to host",
+                              "network is unreachable", "connection closed", "connection reset")):
+        return SshError(f"ssh to {where} ({spec.key}.ssh_host): cannot reach the login node: {last}",
+                        unreachable=True)
+    return SshError(f"ssh to {where} ({spec.key}): {last}")
+
+
+def ssh_run(spec, remote: list[str], timeout_s: float, stdin: str | None = None) -> tuple[int, str, str]:
+    """Run a Slurm command on the cluster's login node as the invoking user: the remote command's
+    (exit status, stdout, stderr). Raises SshError when ssh itself fails, TimeoutError after
+    timeout_s (ssh and what it started are killed)."""
+    import signal
+    import subprocess
+
+    if os.geteuid() == 0:
+        # root's keys are greend's, not the user's: a root greend never logs in for anyone.
+        raise SshError(f"{spec.key}: transport = \"ssh\" is used as the user who asks (their own ssh), "
+                       "never as root: run greend route/submit as yourself")
+    argv = ssh_argv(spec, remote, timeout_s)
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                errors="replace", start_new_session=True)
+    except OSError as e:
+        raise SshError(f"{spec.key}: cannot run ssh: {e.strerror} (transport = \"ssh\" needs the "
+                       "OpenSSH client)", unreachable=True) from None
+    try:
+        out, err = proc.communicate(input=stdin, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+        proc.communicate()
+        raise TimeoutError(f"ssh to {spec.ssh_host} ({spec.key}): {remote[0]} did not answer within "
+                           f"{timeout_s:g} s") from None
+    except BaseException:
+        proc.kill()
+        raise
+    if proc.returncode == 255:
+        raise _ssh_failure(spec, err)
+    return proc.returncode, out, err

@@ -183,7 +183,14 @@ def test_rest_without_a_token_is_a_clear_error(tb, user_work, clean):
     ({"transport": "rest", "rest_url": "127.0.0.1:6820"}, "http:// or https://"),
     ({"rest_url": "http://x:6820"}, "rest_url is only used with transport"),
     ({"transport": "multi-cluster", "cluster_name": "a b"}, "cluster_name 'a b'"),
-    ({"transport": "ssh"}, "transport"),
+    ({"transport": "ssh"}, "needs ssh_host"),
+    ({"transport": "ssh", "ssh_host": "-oProxyCommand=x"}, "ssh_host '-oProxyCommand=x'"),
+    ({"transport": "ssh", "ssh_host": "h", "ssh_user": "a b"}, "ssh_user 'a b'"),
+    ({"transport": "ssh", "ssh_host": "h", "ssh_port": 0}, "ssh_port"),
+    ({"transport": "ssh", "ssh_host": "h", "ssh_options": ["IdentityFile"]}, "ssh_options entry"),
+    ({"transport": "ssh", "ssh_host": "h", "conf": "/etc/slurm/slurm.conf"}, "conf is not used with"),
+    ({"ssh_host": "h"}, "ssh_host is only used with transport = \"ssh\""),
+    ({"transport": "rest", "rest_url": "http://x", "ssh_options": ["Port=2"]}, "ssh_options is only used"),
 ])
 def test_transport_settings_are_checked(tmp_path, slurm, expected):
     from pydantic import ValidationError
