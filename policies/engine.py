@@ -274,6 +274,17 @@ class Decision(Record):
     def fallbacks(self) -> list[str]:
         return [c.name for c in self.ranking[1:]]
 
+    def stage(self, cluster: str | None = None) -> list[dict]:
+        """The job's --data stores that `cluster` (the chosen one) lacks, each with the clusters
+        whose data_stores hold it: what must be staged there before the job can run."""
+        name = cluster or self.cluster
+        if name is None:
+            return []
+        site = self.context.site
+        to = site.cluster(name)
+        return [{"store": s, "from": [c.name for c in site.clusters if s in c.data_stores], "to": name}
+                for s in self.request.data_stores if s not in to.data_stores]
+
     def summary(self) -> str:
         """One paragraph: where and why, and why not elsewhere."""
         if self.plan is None:
@@ -305,6 +316,11 @@ class Decision(Record):
             parts.append(f"begins {q.iso(self.plan.begin)}")
         if self.plan.nice:
             parts.append(f"nice {self.plan.nice}")
+        if not self.plan.refused:
+            for st in self.stage():
+                parts.append(f"data to stage first: {st['store']} ("
+                             + (f"on {', '.join(st['from'])}" if st["from"] else "on no configured cluster")
+                             + f", not on {st['to']})")
         return f"{head}: " + "; ".join(parts)
 
     def to_dict(self) -> dict:
@@ -340,6 +356,8 @@ class Decision(Record):
             "plan": self.plan.to_dict(r) if self.plan else None,
             # How the chosen cluster is reached and why (docs/slurm.md, "Transports").
             "transport": self.context.site.cluster(self.plan.cluster).slurm.describe() if self.plan else None,
+            # Data to stage first: the --data stores the chosen cluster lacks, and where each lives.
+            "stage": self.stage() if self.plan and not self.plan.refused else [],
             "fallbacks": self.fallbacks,
             "relaxed": list(self.relaxed),
             "candidates": cands,

@@ -122,6 +122,10 @@ def decision_text(decision, title: str = "") -> str:
         lines.append(f"  sbatch options: {' '.join(opts) if opts else '(none)'}")
         t = d.context.site.cluster(d.plan.cluster).slurm.describe()
         lines.append(f"  transport: {t['transport']}: {t['why']}")
+        for st in d.stage():
+            where = f"from {', '.join(st['from'])}" if st["from"] else "held by no configured cluster"
+            lines.append(f"  stage first: data store {st['store']} ({where}) to {st['to']}: "
+                         f"{st['to']} does not have it")
         if d.fallbacks:
             lines.append(f"  if {d.plan.cluster} does not answer: {', '.join(d.fallbacks)}")
     lines.append("")

@@ -19,10 +19,17 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import test_policies_props as props
 import test_policies_slurm as tps
+from greend.policies.engine import Engine
+from greend.policies.site import compile_site
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from slurmbed import TEST_USER, Testbed
 from test_policies import _toml
 from test_policies_slurm import greend, job_script, submit, write_config
+
+from greend import config as config_mod
 
 # The Slurm policy tests' fixtures: the testbed, their working directory, jobs cancelled around.
 tb, work, clean = tps.tb, tps.work, tps.clean
@@ -200,3 +207,67 @@ def test_transport_settings_are_checked(tmp_path, slurm, expected):
     with pytest.raises(ValidationError) as e:
         SlurmAccess(**slurm)
     assert expected in str(e.value)
+
+
+# -- data to stage (the decision's `stage`) -------------------------------------------------------
+def test_national_job_names_the_data_to_stage(tb, work, clean):
+    """An 8-CPU job (only national fits) with data on site's Lustre: the decision names the store,
+    where it lives and where it goes, in JSON, the summary and `greend route`'s text."""
+    cfg = write_config(work, tb, name="stage.toml")
+    p = greend(work, cfg, "route", "--json", "-c", "8", "-t", "10", "-A", "proj-green",
+               "--data", "site-lustre,archive-s3")
+    assert p.returncode == 0, p.stderr + p.stdout
+    d = json.loads(p.stdout)
+    assert d["cluster"] == "national"
+    assert d["stage"] == [{"store": "site-lustre", "from": ["site"], "to": "national"},
+                          {"store": "archive-s3", "from": [], "to": "national"}]
+    assert "data to stage first: site-lustre (on site, not on national)" in d["summary"]
+    text = greend(work, cfg, "route", "-c", "8", "-t", "10", "-A", "proj-green",
+                  "--data", "site-lustre").stdout
+    assert "stage first: data store site-lustre (from site) to national: national does not have it" in text
+
+
+def test_nothing_to_stage_where_the_data_is(tb, work, clean):
+    """The same data with a job that fits site: site holds site-lustre, so nothing is staged; a job
+    without --data stages nothing either."""
+    cfg = write_config(work, tb, name="stage.toml")
+    p = greend(work, cfg, "route", "--json", "-c", "2", "-t", "10", "-A", "proj-green",
+               "--data", "site-lustre")
+    d = json.loads(p.stdout)
+    assert d["cluster"] == "site" and d["stage"] == [], d["stage"]
+    assert "stage" not in d["summary"]
+    p = greend(work, cfg, "route", "--json", "-c", "8", "-t", "10", "-A", "proj-green")
+    d = json.loads(p.stdout)
+    assert d["cluster"] == "national" and d["stage"] == []
+    assert "stage first" not in greend(work, cfg, "route", "-c", "8", "-t", "10", "-A", "proj-green").stdout
+
+
+STORES = ["lustre-a", "lustre-b", "hds-vault", "s3"]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_stage_is_what_the_chosen_cluster_lacks_and_hds_stays_certified(data):
+    """Any configuration, state and request (the policy property tests' own strategies) with data
+    stores on clusters and jobs: the decision stages exactly what the chosen cluster lacks, says
+    where each store lives, and health data is only ever staged to an HDS-certified cluster."""
+    raw = data.draw(props.config())
+    for c in raw["clusters"].values():
+        c["data_stores"] = data.draw(st.lists(st.sampled_from(STORES), unique=True))
+    site = compile_site(config_mod.parse(raw))
+    states = {c.name: s for c in site.clusters if (s := props.state_for(data.draw, c.name)) is not None}
+    r = data.draw(props.request())
+    r.data_stores = tuple(data.draw(st.lists(st.sampled_from(STORES), unique=True)))
+    d = Engine(site).decide(r, now=props.NOW, states=states)
+    out = d.to_dict()
+    if d.plan is None or d.plan.refused:
+        assert out["stage"] == []
+        return
+    chosen = site.by_name[d.cluster]
+    assert [s["store"] for s in out["stage"]] == [s for s in r.data_stores if s not in chosen.data_stores]
+    for s in out["stage"]:
+        assert s["to"] == d.cluster
+        assert s["from"] == [c.name for c in site.clusters if s["store"] in c.data_stores]
+        assert s["store"] in out["summary"]
+    if r.data_class == "hds":
+        assert chosen.hds and all(site.by_name[s["to"]].hds for s in out["stage"])
