@@ -65,6 +65,8 @@ class JobRequest(Record):
     gpus: int
     gpu_type: str | None
     array_tasks: int
+    array: str | None
+    """--array as given (e.g. "0-15%4"); slurmrestd takes it as the job's `array`."""
     data_class: str
     data_stores: tuple[str, ...]
     deadline: float | None
@@ -82,7 +84,7 @@ class JobRequest(Record):
     notes: list[str]
 
     __slots__ = (
-        "account", "array_tasks", "begin", "comment", "cpus_per_task", "data_class", "data_stores",
+        "account", "array", "array_tasks", "begin", "comment", "cpus_per_task", "data_class", "data_stores",
         "deadline", "deferrable", "flags", "gpu_type", "gpus", "job_name", "mem_mb", "mem_whole_node", "nice",
         "nodes", "notes", "ntasks", "origin", "partitions", "qos", "sbatch_args", "script", "user",
         "walltime_s",
@@ -116,6 +118,7 @@ class JobRequest(Record):
         sbatch_args: list[str] | None = None,
         origin: dict[str, str] | None = None,
         notes: list[str] | None = None,
+        array: str | None = None,
     ):
         self.job_name = job_name
         self.user = user
@@ -131,6 +134,7 @@ class JobRequest(Record):
         self.gpus = gpus
         self.gpu_type = gpu_type
         self.array_tasks = array_tasks
+        self.array = array
         self.data_class = data_class
         self.data_stores = data_stores
         self.deadline = deadline
@@ -156,6 +160,7 @@ class JobRequest(Record):
             "walltime_s": self.walltime_s, "nodes": self.nodes, "ntasks": self.ntasks,
             "cpus_per_task": self.cpus_per_task, "cpus": self.cpus, "mem_mb": self.mem_mb,
             "gpus": self.gpus, "gpu_type": self.gpu_type, "array_tasks": self.array_tasks,
+            "array": self.array,
             "data_class": self.data_class, "data_stores": list(self.data_stores),
             "deadline": q.iso(self.deadline), "deferrable": self.deferrable,
             "begin": q.iso(self.begin), "flags": sorted(self.flags), "origin": dict(self.origin),
@@ -253,6 +258,7 @@ class _Builder:
         if (a := text_opt("array")) is not None:
             try:
                 r.array_tasks = _array_count(a)
+                r.array = a.strip()
             except ValueError as e:
                 raise err("array", str(e)) from None
         for opt, attr in (("begin", "begin"), ("deadline", "deadline")):

@@ -146,7 +146,8 @@ def find_by_token(cluster, job_name: str, token: str) -> str | bool | None:
         return None
     for j in jobs:
         if j.get("name") == job_name and token in str(j.get("comment") or ""):
-            return str(j.get("job_id"))
+            # an array's tasks are listed one by one: the job is the array's own id
+            return str(j.get("array_job_id") or j.get("job_id"))
     return False
 
 

@@ -109,9 +109,6 @@ def job_description(request, plan, comment: str, cwd: str) -> dict:
     """The job of a routed request as slurmrestd takes it (v0.0.38 job_properties): slurmrestd
     does not read the script's #SBATCH lines, so everything greend parsed from them is given here."""
     r = request
-    if r.array_tasks > 1:
-        raise RestError("array jobs are not submitted through slurmrestd by greend: submit it on that "
-                        "centre's login node")
     job: dict = {"name": r.job_name or "greend-job", "comment": comment,
                  "current_working_directory": cwd,
                  "environment": {"PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -119,6 +116,8 @@ def job_description(request, plan, comment: str, cwd: str) -> dict:
                  "nodes": r.nodes, "tasks": r.ntasks, "cpus_per_task": r.cpus_per_task}
     if plan.partition:
         job["partition"] = plan.partition
+    if r.array:
+        job["array"] = r.array  # Slurm's own syntax, "%N" throttle included (v0.0.38 job_properties)
     if r.account:
         job["account"] = r.account
     if r.qos:
@@ -135,7 +134,8 @@ def job_description(request, plan, comment: str, cwd: str) -> dict:
     nice = max(plan.nice, r.nice or 0) if plan.nice is not None else r.nice
     if nice:
         job["nice"] = nice
-    job["standard_output"] = os.path.join(cwd, "slurm-%j.out")
+    # sbatch's default names: slurm-%A_%a.out for an array's tasks (one file each), else slurm-%j.out
+    job["standard_output"] = os.path.join(cwd, "slurm-%A_%a.out" if r.array else "slurm-%j.out")
     return job
 
 

@@ -167,6 +167,43 @@ def test_national_job_goes_through_slurmrestd_as_the_user(tb, user_work, clean):
     assert f"rest-national|{TEST_USER}" in acct.splitlines(), acct
 
 
+def test_array_job_goes_through_slurmrestd(tb, user_work, clean):
+    """An array job (#SBATCH --array=0-2%2) routed to national is submitted through slurmrestd's
+    v0.0.38 `array` field: three tasks of one array, throttle 2, all the test user's, and the
+    running task's own `id -un` is that user."""
+    cfg = rest_config(user_work, tb)
+    script = job_script(user_work, "rest-array",
+                        "#SBATCH -c 8\n#SBATCH -t 10\n#SBATCH -A proj-green\n#SBATCH --array=0-2%2\n"
+                        "id -un > whoami-$SLURM_ARRAY_TASK_ID.txt")
+    shutil.chown(script, TEST_USER, TEST_USER)
+    p = greend_as_user(user_work, cfg, "submit", "--json", script,
+                       env={"SLURM_JWT": token_for(tb, TEST_USER)})
+    assert p.returncode == 0, p.stderr + p.stdout
+    out = json.loads(p.stdout)
+    sub = out["submission"]
+    assert sub["outcome"] == "submitted" and sub["cluster"] == "national", sub
+    assert out["decision"]["request"]["array"] == "0-2%2"
+    assert out["decision"]["request"]["array_tasks"] == 3
+    job_id = int(sub["job_id"])
+    # One 8-CPU task runs at a time on national's 8 CPUs: task 0 runs, and squeue shows the rest as
+    # the array's one pending record "1-2%2" (the throttle came through).
+    deadline = time.monotonic() + 30
+    while True:
+        tasks = {(t.get("array_task_id"), t.get("array_task_string") or "", t["job_state"]): t
+                 for t in tb.jobs("national") if t.get("array_job_id") == job_id}
+        if (0, "", "RUNNING") in tasks or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert set(tasks) == {(0, "", "RUNNING"), (None, "1-2%2", "PENDING")}, tasks
+    assert all(t["user_name"] == TEST_USER and t["name"] == "rest-array" for t in tasks.values())
+    who = user_work / "whoami-0.txt"
+    deadline = time.monotonic() + 30
+    while not (who.exists() and who.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert who.read_text().strip() == TEST_USER
+    tb.run("national", "scancel", str(job_id))
+
+
 def test_rest_without_a_token_is_a_clear_error(tb, user_work, clean):
     cfg = rest_config(user_work, tb, token_file=user_work / "missing-token")
     script = job_script(user_work, "rest-notoken", "#SBATCH -c 8\n#SBATCH -t 10\n#SBATCH -A proj-green")
