@@ -246,7 +246,10 @@ def test_login_node_down_or_hanging_is_bounded(tb, login, user_work, clean):
                            "-A", "proj-green")
         took = time.monotonic() - t0
     err = national_of(json.loads(p.stdout))["state"]["error"]
-    assert "did not answer within 2 s" in err and "clusters.national.slurm" in err, err
+    # greend's own limit, or ssh's ConnectTimeout (the same 2 s) during the banner exchange: which
+    # one fires first is a race; both name the cluster's settings.
+    assert ("did not answer within 2 s" in err or "timed out during banner exchange" in err), err
+    assert "clusters.national.slurm" in err, err
     assert took < 10, took
 
 
