@@ -8,10 +8,13 @@ pydantic, no h11): greend.track uses `Books` in the researcher's process.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 PHASES_PATH = "/api/v1/phases"
 MAX_PHASES = 1000  # per job: the oldest closed phases beyond this are refused, not overwritten
@@ -19,6 +22,7 @@ MAX_NAME = 200  # characters of a phase name
 PER_MINUTE = 600  # phase boundaries a user may post per minute (all their jobs together)
 SLACK_S = 5.0  # a boundary's t may differ from the daemon's clock by this much, no more
 MAX_BODY = 4096
+FORCED_TICK_S = 1.0  # an unknown job's boundary makes the daemon sample now, at most this often
 SOURCES = ("cpu", "dram", "gpu", "memory")
 
 
@@ -242,6 +246,7 @@ class Endpoint:
         self.jobs: dict[str, JobPhases] = {}
         self.lock = threading.Lock()
         self.rate = RateLimit(PER_MINUTE)
+        self.forced = -FORCED_TICK_S
         daemon.monitor.on_checkpoint.append(self.checkpoint)
 
     def post(self, body: bytes, caller, headers) -> tuple[int, str, bytes]:
@@ -262,6 +267,14 @@ class Endpoint:
                                 "retry later")
         key = f"slurm/{cluster}/{job_id}"
         mon = self.daemon.monitor
+        if key not in mon.accounts and time.monotonic() - self.forced >= FORCED_TICK_S:
+            # A job's first boundary often comes before the daemon's next sample has seen the
+            # job: sample now (at most once a FORCED_TICK_S, whoever asks).
+            self.forced = time.monotonic()
+            try:
+                self.daemon.sample()
+            except Exception as e:  # the scheduled sample reports it; the caller gets a 404
+                log.debug("phases: sampling for job %s failed: %s", job_id, e)
         with self.daemon.lock:
             acc = mon.accounts.get(key)
             if acc is None:

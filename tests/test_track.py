@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.fixtures import make_rapl, write_in_place
+from fixtures import make_rapl, write_in_place
 
 GREEND = str(Path(sys.executable).with_name("greend"))
 HEAVY = ("pydantic", "textual", "prometheus_client", "greend.daemon", "greend.notebook",
@@ -128,7 +127,7 @@ def test_a_run_outside_slurm_is_recorded_in_the_ledger_with_its_phases(tmp_path)
     stored = rec["phases"]
     assert [s["name"] for s in stored] == ["train", "eval"]
     assert all(s["end"] is not None for s in stored)
-    assert stored[0]["end"] == pytest.approx(stored[1]["start"])
+    assert 0 <= stored[1]["start"] - stored[0]["end"] < 0.1  # `with` ended train, then eval began
     for s, ph in zip(stored, d["phases"], strict=True):
         assert s["it_energy_j"] == pytest.approx(ph[1], rel=1e-6)
         assert s["carbon_g"] == pytest.approx(ph[2], rel=1e-6)
