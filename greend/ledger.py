@@ -125,7 +125,7 @@ MIGRATIONS: list[str] = [
         seq INTEGER NOT NULL, name TEXT NOT NULL, t_start REAL NOT NULL, t_end REAL,
         cpu_j REAL NOT NULL, dram_j REAL NOT NULL, gpu_j REAL NOT NULL, memory_j REAL NOT NULL,
         facility_j REAL NOT NULL, carbon_g REAL NOT NULL, water_site_l REAL NOT NULL,
-        water_offsite_l REAL NOT NULL,
+        water_offsite_l REAL NOT NULL, cpu_time_ns INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (job_pk, seq)
     ) WITHOUT ROWID;
     """,

@@ -40,6 +40,7 @@ class Books:
     carbon_g: float = 0.0
     water_site_l: float = 0.0
     water_offsite_l: float = 0.0
+    cpu_s: float = 0.0  # the job's CPU time (as of the last reading: not extrapolated)
 
     @property
     def it_j(self) -> float:
@@ -48,33 +49,35 @@ class Books:
     def minus(self, earlier: Books) -> Books:
         """The figures from `earlier` to self (t: the span's length), never negative."""
         return Books(self.t - earlier.t, *(max(0.0, a - b) for a, b in
-                                           zip(self.values(), earlier.values(), strict=True)))
+                                           zip(self.values(), earlier.values(), strict=True)),
+                     cpu_s=max(0.0, self.cpu_s - earlier.cpu_s))
 
     def values(self) -> tuple[float, ...]:
         return (self.cpu_j, self.dram_j, self.gpu_j, self.memory_j, self.facility_j,
                 self.carbon_g, self.water_site_l, self.water_offsite_l)
 
     def scaled(self, k: float, t: float) -> Books:
-        return Books(t, *(v * k for v in self.values()))
+        return Books(t, *(v * k for v in self.values()), cpu_s=self.cpu_s)
 
     @classmethod
     def of_row(cls, row, t: float) -> Books:
         """A ledger row's (JobRow's) cumulative books, as at time t."""
         return cls(t, row.cpu_uj / 1e6, row.dram_uj / 1e6, row.gpu_uj / 1e6, row.memory_uj / 1e6,
-                   row.facility_j, row.carbon_g, row.water_site_l, row.water_offsite_l)
+                   row.facility_j, row.carbon_g, row.water_site_l, row.water_offsite_l,
+                   row.cpu_time_ns / 1e9)
 
     def to_dict(self) -> dict:
         return {"t": self.t, "energy_by_source_j": dict(zip(SOURCES, self.values()[:4], strict=True)),
                 "it_energy_j": self.it_j, "facility_energy_j": self.facility_j,
                 "carbon_g": self.carbon_g, "water_site_l": self.water_site_l,
-                "water_offsite_l": self.water_offsite_l}
+                "water_offsite_l": self.water_offsite_l, "cpu_time_s": self.cpu_s}
 
     @classmethod
     def from_dict(cls, d: dict) -> Books:
         e = d.get("energy_by_source_j") or {}
         return cls(float(d["t"]), *(float(e.get(s, 0.0)) for s in SOURCES),
                    float(d["facility_energy_j"]), float(d["carbon_g"]), float(d["water_site_l"]),
-                   float(d["water_offsite_l"]))
+                   float(d["water_offsite_l"]), float(d.get("cpu_time_s") or 0.0))
 
 
 @dataclass(slots=True)
@@ -89,12 +92,18 @@ class Phase:
         """The phase's record: its figures from start to end (or to `now` while open)."""
         last = self.end or now
         d = last.minus(self.start) if last is not None else Books(0.0)
-        return {"seq": self.seq, "name": self.name, "start": self.start.t,
-                "end": self.end.t if self.end else None, "elapsed_s": d.t,
-                "it_energy_j": d.it_j,
-                "energy_by_source_j": dict(zip(SOURCES, d.values()[:4], strict=True)),
-                "facility_energy_j": d.facility_j, "carbon_g": d.carbon_g,
-                "water_site_l": d.water_site_l, "water_offsite_l": d.water_offsite_l}
+        return phase_json(self.seq, self.name, self.start.t, self.end.t if self.end else None, d)
+
+
+def phase_json(seq: int, name: str, start: float, end: float | None, d: Books) -> dict:
+    """A phase as the job-footprint JSON carries it (docs/json.md, `phases[]`): its span and its
+    figures (d: the books' difference over the span)."""
+    e = dict(zip(SOURCES, d.values()[:4], strict=True))
+    return {"seq": seq, "name": name, "start": start, "end": end,
+            "elapsed_s": (end - start) if end is not None else None, "cpu_time_s": d.cpu_s,
+            "energy_j": {**e, "it": d.it_j, "facility": d.facility_j}, "carbon_g": d.carbon_g,
+            "water_l": {"site": d.water_site_l, "offsite": d.water_offsite_l,
+                        "total": d.water_site_l + d.water_offsite_l}}
 
 
 class TooMany(ValueError):
@@ -130,13 +139,13 @@ class JobPhases:
 # -- the ledger -----------------------------------------------------------------------------------
 PUT_SQL = """
 INSERT INTO job_phases (job_pk, seq, name, t_start, t_end, cpu_j, dram_j, gpu_j, memory_j,
-                        facility_j, carbon_g, water_site_l, water_offsite_l)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                        facility_j, carbon_g, water_site_l, water_offsite_l, cpu_time_ns)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (job_pk, seq) DO UPDATE SET name = excluded.name, t_start = excluded.t_start,
     t_end = excluded.t_end, cpu_j = excluded.cpu_j, dram_j = excluded.dram_j,
     gpu_j = excluded.gpu_j, memory_j = excluded.memory_j, facility_j = excluded.facility_j,
     carbon_g = excluded.carbon_g, water_site_l = excluded.water_site_l,
-    water_offsite_l = excluded.water_offsite_l
+    water_offsite_l = excluded.water_offsite_l, cpu_time_ns = excluded.cpu_time_ns
 """
 
 
@@ -147,7 +156,8 @@ def put(db, job_pk: int, jp: JobPhases, now: Books) -> None:
         if p.written:
             continue
         d = (p.end or now).minus(p.start)
-        rows.append((job_pk, p.seq, p.name, p.start.t, p.end.t if p.end else None, *d.values()))
+        rows.append((job_pk, p.seq, p.name, p.start.t, p.end.t if p.end else None, *d.values(),
+                     round(d.cpu_s * 1e9)))
         if p.end is not None:
             p.written = True
     if rows:
@@ -167,12 +177,9 @@ def of_job(db, job_pk: int) -> list[dict]:
     out = []
     for r in cur.fetchall():
         r = dict(zip(cols, r, strict=True))
-        by = {s: r[f"{s}_j"] for s in SOURCES}
-        out.append({"seq": r["seq"], "name": r["name"], "start": r["t_start"], "end": r["t_end"],
-                    "elapsed_s": (r["t_end"] - r["t_start"]) if r["t_end"] is not None else None,
-                    "it_energy_j": sum(by.values()), "energy_by_source_j": by,
-                    "facility_energy_j": r["facility_j"], "carbon_g": r["carbon_g"],
-                    "water_site_l": r["water_site_l"], "water_offsite_l": r["water_offsite_l"]})
+        d = Books(0.0, r["cpu_j"], r["dram_j"], r["gpu_j"], r["memory_j"], r["facility_j"],
+                  r["carbon_g"], r["water_site_l"], r["water_offsite_l"], r["cpu_time_ns"] / 1e9)
+        out.append(phase_json(r["seq"], r["name"], r["t_start"], r["t_end"], d))
     return out
 
 
@@ -251,6 +258,7 @@ class Endpoint:
 
     def post(self, body: bytes, caller, headers) -> tuple[int, str, bytes]:
         from .http import ApiError, dumps, parse_json
+        from .report import footprint_dict
 
         if caller.uid is None and not caller.admin:
             raise ApiError(403, "phases are taken on the unix socket, where greend knows who asks")
@@ -286,6 +294,8 @@ class Endpoint:
             t_tick = mon.prev.t if mon.prev is not None else t
             books = books_at(acc, t, t_tick, self.daemon.cfg.sampling.interval_s)
             provenance = dict(acc.row.provenance or {})
+            job = footprint_dict(acc.row, [])["job"]
+            factors = [mon.factors.at(t).to_dict()]
         ended = new = None
         if end:
             with self.lock:
@@ -297,7 +307,7 @@ class Endpoint:
                     raise ApiError(400, f"invalid phase boundary: name: {e}") from None
         return 200, "application/json", dumps({
             "cluster": cluster, "job_id": job_id, "t": t, "books": books.to_dict(),
-            "provenance": provenance, "source": "daemon",
+            "provenance": provenance, "source": "daemon", "job": job, "factors": factors,
             "ended": ended.to_dict() if ended is not None else None,
             "phase": {"seq": new.seq, "name": new.name} if new is not None else None})
 

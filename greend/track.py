@@ -39,57 +39,86 @@ class Footprint:
     water_site_l: float
     water_offsite_l: float
     source: str  # "daemon" or "self"
-    provenance: str
-    degraded: list = field(default_factory=list)
+    provenance: str  # measured, modelled or mixed, and how
+    degraded: list = field(default_factory=list)  # what failed (empty: nothing)
+    cpu_time_s: float = 0.0
     start: float | None = None
-    end: float | None = None
+    end: float | None = None  # None while running
+    run: str = ""  # the run's name (a phase's footprint: its run's)
+    phase: str | None = None  # the phase's name, None for the run's own footprint
     project: str | None = None
-    job: dict | None = None
-    factors: list = field(default_factory=list)
-    detail: dict = field(default_factory=dict)  # each source's provenance
+    job: dict = field(default_factory=dict)  # the job (or tracked run) in the ledger
+    factors: list = field(default_factory=list)  # the factor sets in force
+    detail: dict = field(default_factory=dict)  # each energy source's provenance
 
     @property
     def water_l(self) -> float:
         return self.water_site_l + self.water_offsite_l
 
     def to_dict(self) -> dict:
-        """The job-footprint schema's shape (greend/data/job-footprint.schema.json, docs/json.md)."""
+        """The job-footprint schema's shape (greend/data/job-footprint.schema.json, docs/json.md):
+        the job's identity, this run's or phase's figures, and `track` saying which."""
         from .report import SCHEMA_VERSION
 
         e = {s: self.energy_by_source_j.get(s, 0.0) for s in SOURCES}
+        uj = {s: round(v * 1e6) for s, v in e.items()}
+        uj["it"] = sum(uj.values())
         return {
             "schema_version": SCHEMA_VERSION,
-            "job": {**(self.job or {}), "name": self.name, "account": self.project or "",
-                    "start": self.start, "end": self.end,
-                    "state": "ended" if self.end is not None else "running"},
-            "elapsed_s": self.elapsed_s,
+            "job": dict(self.job),
+            "elapsed_s": round(max(0.0, self.elapsed_s), 3),
+            "cpu_time_s": round(self.cpu_time_s, 6),
             "energy_j": {**e, "it": self.it_energy_j, "facility": self.facility_energy_j},
+            "energy_uj": uj,
             "carbon_g": self.carbon_g,
             "water_l": {"site": self.water_site_l, "offsite": self.water_offsite_l,
                         "total": self.water_l},
             "provenance": dict(self.detail),
             "factors": list(self.factors),
-            "source": self.source,
-            "provenance_summary": self.provenance,
-            "degraded": list(self.degraded),
+            "track": {"run": self.run, "phase": self.phase, "project": self.project,
+                      "source": self.source, "provenance": self.provenance,
+                      "degraded": list(self.degraded), "start": self.start, "end": self.end},
         }
 
 
-def _footprint(name: str, start: Books, end: Books, run: Run, *, final: bool) -> Footprint:
+def _job_template(run: Run) -> dict:
+    """The job block when no backend gave one (nothing could be measured)."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = str(os.getuid())
+    t = run._start.t if run._start else time.time()
+    return {"cluster": "", "job_id": "", "node": socket.gethostname(), "kind": "command",
+            "name": run.name or "", "user": user, "account": run.project or "", "partition": "",
+            "state": "running", "command": None, "exit_code": None, "outcome": None,
+            "slurm_state": None, "submit_time": int(t), "first_seen": t, "last_seen": t,
+            "end_time": None, "tier": "", "uid": os.getuid(), "alloc_cpus": None,
+            "alloc_mem_bytes": None, "alloc_gpus": None, "max_mem_bytes": 0}
+
+
+def _footprint(start: Books, end: Books, run: Run, *, final: bool, phase: str | None = None) -> Footprint:
     d = end.minus(start)
     kinds = {p.split(":", 1)[0] for p in run.detail.values() if p}
     kind = "mixed" if len(kinds) > 1 else (kinds.pop() if kinds else "modelled")
-    why = f"{kind}: " + ("the daemon's books of Slurm job " + run.job_label
-                         if run.source == "daemon" else "sampled in this process every "
-                         f"{run.interval_s:g} s (this process and its children)")
+    if run.source == "daemon":
+        why = f"{kind}: the greend daemon's books of Slurm job {run.job_label}"
+    else:
+        why = (f"{kind}: sampled in this process every {run.interval_s:g} s (this process and "
+               "its children)")
     if run.degraded:
         why += "; degraded: " + "; ".join(run.degraded)
     return Footprint(
-        name=name, elapsed_s=d.t, it_energy_j=d.it_j, facility_energy_j=d.facility_j,
+        name=phase if phase is not None else (run.name or "run"), elapsed_s=d.t,
+        it_energy_j=d.it_j, facility_energy_j=d.facility_j,
         energy_by_source_j=dict(zip(SOURCES, d.values()[:4], strict=True)), carbon_g=d.carbon_g,
         water_site_l=d.water_site_l, water_offsite_l=d.water_offsite_l, source=run.source,
-        provenance=why, degraded=list(run.degraded), start=start.t, end=end.t if final else None,
-        project=run.project, job=run.job, factors=list(run.factors), detail=dict(run.detail))
+        provenance=why, degraded=list(run.degraded), cpu_time_s=d.cpu_s, start=start.t,
+        end=end.t if final else None, run=run.name or "run", phase=phase, project=run.project,
+        job=dict(run.job or _job_template(run)), factors=list(run.factors),
+        detail=dict(run.detail))
 
 
 class Phase:
@@ -114,7 +143,7 @@ class Phase:
     @property
     def footprint(self) -> Footprint:
         end = self.end_books or self.run._books_now(exact=False)
-        return _footprint(self.name, self.start_books, end, self.run, final=self.ended)
+        return _footprint(self.start_books, end, self.run, final=self.ended, phase=self.name)
 
     def __enter__(self) -> Phase:
         return self
@@ -235,7 +264,7 @@ class Run:
     def footprint(self) -> Footprint:
         start = self._start or Books(time.time())
         end = self._stop or self._books_now(exact=False)
-        return _footprint(self.name or "run", start, end, self, final=self._stop is not None)
+        return _footprint(start, end, self, final=self._stop is not None)
 
     @property
     def running(self) -> bool:
@@ -361,7 +390,10 @@ class _Daemon:
         status, d = self.client.post(PHASES_PATH, body)
         if status != 200:
             raise RuntimeError(f"greend daemon: HTTP {status}: {d.get('error', '')}")
-        self.run.detail = d.get("provenance") or self.run.detail
+        run = self.run
+        run.detail = d.get("provenance") or run.detail
+        run.job = d.get("job") or run.job
+        run.factors = d.get("factors") or run.factors
         self.last = Books.from_dict(d["books"])
         return self.last
 
@@ -395,7 +427,6 @@ def _choose_backend(run: Run):
                              f"({e}); sampling in this process instead")
             else:
                 run.source = "daemon"
-                run.job = {"cluster": be.cluster or "", "job_id": job_id}
                 run.job_label = f"{be.cluster + '/' if be.cluster else ''}{job_id}"
                 return _Started(be)
     from .track_self import SelfBackend

@@ -136,10 +136,15 @@ class SelfBackend:
         mon.on_checkpoint.append(self._write_phases)
         self.monitor, self.acc = mon, acc
         self.last = Books.of_row(row, t0)
-        self.run.job = {"cluster": cfg.cluster, "job_id": job_id, "node": cfg.node_name}
-        self.run.factors = [_factors_dict(mon.factors.at(t0))]
+        self._job()
+        self.run.factors = [mon.factors.at(t0).to_dict()]
         if self.ledger is not None:
             self._checkpoint()
+
+    def _job(self) -> None:
+        from .report import footprint_dict
+
+        self.run.job = footprint_dict(self.acc.row, [])["job"]
 
     def _write_phases(self, db, written) -> None:
         if self.acc is not None and self.acc.row.pk is not None and \
@@ -222,6 +227,7 @@ class SelfBackend:
                 row.exit_code = 0
                 mon.end(acc.key, b.t, b.t)
                 row.first_seen = min(row.first_seen, self.t_call)
+                self._job()
                 if self.ledger is not None:
                     self._checkpoint()
             finally:
@@ -230,9 +236,3 @@ class SelfBackend:
                     self.ledger.close()
         self.thread.join(5)
         return b
-
-
-def _factors_dict(f) -> dict:
-    from dataclasses import asdict
-
-    return asdict(f)

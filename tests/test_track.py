@@ -30,6 +30,14 @@ def _py(tmp_path: Path, code: str, **env) -> subprocess.CompletedProcess:
                           text=True, env=_env(tmp_path, **env), timeout=120)
 
 
+def check_schema(d: dict) -> None:
+    """d is a valid job-footprint record (greend/data/job-footprint.schema.json)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from greend import report
+
+    jsonschema.Draft202012Validator(json.loads(report.schema_path().read_text())).validate(d)
+
+
 def _jobs(tmp_path: Path) -> list[dict]:
     r = subprocess.run([GREEND, "jobs", "--json"], capture_output=True, text=True,
                        env=_env(tmp_path), timeout=60)
@@ -83,6 +91,7 @@ SCRIPT = """
                       "source": fp.source, "degraded": fp.degraded,
                       "phases": [[q.name, q.footprint.it_energy_j, q.footprint.carbon_g,
                                   q.footprint.elapsed_s] for q in run.phases],
+                      "phase_dicts": [q.footprint.to_dict() for q in run.phases],
                       "again": run.stop() == fp}}))
 """
 
@@ -103,6 +112,7 @@ def test_a_run_outside_slurm_is_recorded_in_the_ledger_with_its_phases(tmp_path)
             time.sleep(0.3)
         assert live[0]["job"]["state"] == "running"
         assert live[0]["phases"][1]["end"] is None  # eval is still open
+        check_schema(live[0])
         out, err = p.communicate(timeout=60)
     finally:
         p.kill()
@@ -110,6 +120,11 @@ def test_a_run_outside_slurm_is_recorded_in_the_ledger_with_its_phases(tmp_path)
     d = json.loads(out.splitlines()[-1])
     assert d["source"] == "self" and d["degraded"] == [] and d["again"]
     assert d["run"]["job"]["account"] == "imaging" and d["run"]["job"]["state"] == "ended"
+    check_schema(d["run"])
+    assert d["run"]["track"]["run"] == "finetune" and d["run"]["track"]["phase"] is None
+    for pd in d["phase_dicts"]:
+        check_schema(pd)
+    assert [pd["track"]["phase"] for pd in d["phase_dicts"]] == ["train", "eval"]
     names = [ph[0] for ph in d["phases"]]
     assert names == ["train", "eval"]
     # Phases are contiguous from the run's first boundary to its stop: they sum to the run's
@@ -119,6 +134,7 @@ def test_a_run_outside_slurm_is_recorded_in_the_ledger_with_its_phases(tmp_path)
     jobs = [j for j in _jobs(tmp_path) if j["job"]["name"] == "finetune"]
     assert len(jobs) == 1
     rec = jobs[0]
+    check_schema(rec)
     assert rec["job"]["state"] == "ended" and rec["job"]["account"] == "imaging"
     assert rec["job"]["kind"] == "command" and "python" in rec["job"]["command"]
     # This process's CPU time and its child's: 0.6 + 0.6 + 0.3 s of busy loops.
@@ -129,12 +145,13 @@ def test_a_run_outside_slurm_is_recorded_in_the_ledger_with_its_phases(tmp_path)
     assert all(s["end"] is not None for s in stored)
     assert 0 <= stored[1]["start"] - stored[0]["end"] < 0.1  # `with` ended train, then eval began
     for s, ph in zip(stored, d["phases"], strict=True):
-        assert s["it_energy_j"] == pytest.approx(ph[1], rel=1e-6)
+        e = s["energy_j"]
+        assert e["it"] == pytest.approx(ph[1], rel=1e-6)
         assert s["carbon_g"] == pytest.approx(ph[2], rel=1e-6)
-        assert s["it_energy_j"] == pytest.approx(sum(s["energy_by_source_j"].values()))
+        assert e["it"] == pytest.approx(e["cpu"] + e["dram"] + e["gpu"] + e["memory"])
     f = rec["factors"][0]
     assert stored[0]["carbon_g"] == pytest.approx(
-        stored[0]["it_energy_j"] / 3.6e6 * f["pue"] * f["carbon_intensity_g_per_kwh"], rel=1e-6)
+        stored[0]["energy_j"]["it"] / 3.6e6 * f["pue"] * f["carbon_intensity_g_per_kwh"], rel=1e-6)
 
 
 def test_decorator_forms_make_one_run_per_call(tmp_path):

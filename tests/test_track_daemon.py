@@ -21,6 +21,7 @@ from daemonproc import (
     wait_for,
 )
 from test_security import as_user, needs_root, public_dir, raw_request, strict_json, users  # noqa: F401
+from test_track import check_schema
 
 pytestmark = [needs_root]
 
@@ -42,7 +43,7 @@ with greend.track("tracked", project="imaging") as run:
     busy(1.5)
 fp = run.footprint
 print(json.dumps({{"source": fp.source, "degraded": fp.degraded, "it": fp.it_energy_j,
-                  "provenance": fp.provenance, "job": fp.job,
+                  "provenance": fp.provenance, "job": fp.job, "dict": fp.to_dict(),
                   "phases": [[p.name, p.footprint.it_energy_j, p.footprint.carbon_g,
                               p.footprint.start, p.footprint.end] for p in run.phases]}}))
 """
@@ -79,7 +80,8 @@ def test_a_run_in_a_job_asks_the_daemon_and_the_job_record_carries_its_phases(no
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["source"] == "daemon" and d["degraded"] == [], d
-    assert d["job"] == {"cluster": "local", "job_id": job}
+    assert (d["job"]["cluster"], d["job"]["job_id"], d["job"]["kind"]) == ("local", job, "slurm")
+    assert d["job"]["user"] == "greendtest" and d["job"]["state"] == "running"
     names = [p[0] for p in d["phases"]]
     assert names == ["one", "two"]
     # Contiguous phases: they sum to the run's books from the first boundary to the stop.
@@ -96,14 +98,16 @@ def test_a_run_in_a_job_asks_the_daemon_and_the_job_record_carries_its_phases(no
             all(p["end"] is not None for p in rec["phases"]) else None
 
     rec = wait_for(record, 30, what="the job's record with its phases")
+    check_schema(rec)
+    check_schema(d["dict"])
     stored = rec["phases"]
     assert [p["name"] for p in stored] == names
     for s, p in zip(stored, d["phases"], strict=True):
-        assert s["it_energy_j"] == pytest.approx(p[1], rel=1e-6)
+        assert s["energy_j"]["it"] == pytest.approx(p[1], rel=1e-6)
         assert s["carbon_g"] == pytest.approx(p[2], rel=1e-6)
         assert (s["start"], s["end"]) == pytest.approx((p[3], p[4]), abs=1e-3)
     total = rec["energy_j"]["it"]
-    phases_j = sum(s["it_energy_j"] for s in stored)
+    phases_j = sum(s["energy_j"]["it"] for s in stored)
     # The phases cover the busy 2.5 s of a job that also started Python: most of its books,
     # never more (within the last interval's extrapolation).
     assert 0.5 * total <= phases_j <= 1.1 * total, (phases_j, total)
