@@ -8,13 +8,10 @@ pydantic, no h11): greend.track uses `Books` in the researcher's process.
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 import time
 from dataclasses import dataclass, field
-
-log = logging.getLogger(__name__)
 
 PHASES_PATH = "/api/v1/phases"
 MAX_PHASES = 1000  # per job: the oldest closed phases beyond this are refused, not overwritten
@@ -282,7 +279,10 @@ class Endpoint:
             try:
                 self.daemon.sample()
             except Exception as e:  # the scheduled sample reports it; the caller gets a 404
-                log.debug("phases: sampling for job %s failed: %s", job_id, e)
+                import logging
+
+                logging.getLogger(__name__).debug("phases: sampling for job %s failed: %s",
+                                                  job_id, e)
         with self.daemon.lock:
             acc = mon.accounts.get(key)
             if acc is None:

@@ -9,19 +9,17 @@ warning. Light to import: the sampler and the configuration load in the sampler'
 
 from __future__ import annotations
 
-import functools
-import json
-import logging
 import os
 import sys
-import threading
 import time
 import types
+from _thread import RLock
 from dataclasses import dataclass, field
 
 from .phases import SOURCES, Books
 
-log = logging.getLogger("greend")
+# json, logging, functools and http.client load where used: `import greend` + greend.track(...)
+# stays within a few milliseconds of the interpreter's own start (bench/bench_track.py).
 
 __all__ = ["Footprint", "Phase", "Run", "track"]
 
@@ -177,7 +175,7 @@ class Run:
         self._backend = None
         self._start: Books | None = None
         self._stop: Books | None = None
-        self._lock = threading.RLock()
+        self._lock = RLock()
         self._warned = False
 
     # -- degrading, never raising -----------------------------------------------------------------
@@ -186,8 +184,10 @@ class Run:
             self.degraded.append(what)
         if not self._warned:
             self._warned = True
-            log.warning("greend.track %s: %s (figures degraded; the run goes on)",
-                        self.name or "run", what)
+            import logging
+
+            logging.getLogger("greend").warning(
+                "greend.track %s: %s (figures degraded; the run goes on)", self.name or "run", what)
 
     def _books_now(self, exact: bool = True, phase: str | None = None, boundary: bool = False) -> Books:
         b = self._backend
@@ -281,6 +281,8 @@ class Run:
         settings = dict(name=self.name or getattr(fn, "__qualname__", None), project=self.project,
                         interval_s=self.interval_s, record=self.record, state_dir=self.state_dir)
 
+        import functools
+
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             with Run(**settings) as run:
@@ -345,6 +347,7 @@ class DaemonClient:
 
     def post(self, target: str, obj: dict) -> tuple[int, dict]:
         import http.client
+        import json
 
         body = json.dumps(obj).encode()
         for attempt in (0, 1):

@@ -6,17 +6,12 @@ the daemon's reach; the configuration loads in the sampler's thread, off the cal
 
 from __future__ import annotations
 
-import logging
 import os
-import shlex
 import sys
 import threading
 import time
-from pathlib import Path
 
 from .phases import Books, JobPhases, put
-
-log = logging.getLogger("greend")
 
 WRITE_EVERY_S = 2.0  # as `greend measure`: the running row is at most this old in the ledger
 
@@ -24,6 +19,8 @@ WRITE_EVERY_S = 2.0  # as `greend measure`: the running row is at most this old 
 def load_config(state_dir=None):
     """The configuration in force (as `greend measure` reads it), with state_dir if given. The one
     place a tracked run reads the configuration: a lighter, cached view replaces it later."""
+    from pathlib import Path
+
     from . import config
 
     path, _ = config.locate(None)
@@ -129,6 +126,8 @@ class SelfBackend:
         row = acc.row
         row.name = run.name or ""
         row.account = run.project or ""
+        import shlex
+
         row.command = shlex.join([sys.executable, *sys.argv])[:4096]
         row.submit_time = int(t0)
         row.meta = {**(row.meta or {}), "idle_rule": cfg.attribution.idle_power,
