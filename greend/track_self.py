@@ -93,8 +93,17 @@ class SelfBackend:
         self.thread = threading.Thread(target=self._main, name="greend-track", daemon=True)
 
     def begin(self) -> Books:
+        import atexit
+
+        # A run still open when the interpreter exits is stopped then, so that its record in the
+        # ledger ends (as `greend measure` ends a command's) instead of staying "running".
+        atexit.register(self._at_exit)
         self.thread.start()
         return Books(self.t_call)
+
+    def _at_exit(self) -> None:
+        if self.run.running:
+            self.run.stop()
 
     # -- the sampler thread ---------------------------------------------------------------------
     def _setup(self) -> None:
@@ -212,6 +221,9 @@ class SelfBackend:
         return self.last or last
 
     def finish(self, phase_open: bool) -> Books:
+        import atexit
+
+        atexit.unregister(self._at_exit)
         self.stopping.set()
         if not self._wait():
             self.thread.join(5)

@@ -229,3 +229,22 @@ def test_nothing_to_measure_still_runs_the_code(tmp_path, monkeypatch, caplog):
     fp = run.footprint
     assert fp.it_energy_j == 0 and fp.degraded and "interval_s" in fp.degraded[0]
     assert p.ended and fp.end is not None
+
+
+def test_a_run_left_open_ends_at_exit_and_phase_names_are_bounded(tmp_path):
+    r = _py(tmp_path, """
+        import greend
+        run = greend.track("left-open")
+        run.start()
+        run.phase("x" * 500)
+        run.phase("tab\\there\\nnewline")
+        print(run.phases[0].name == "x" * 200, run.phases[1].name)
+    """)  # no stop(): the interpreter's exit ends the run
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True tab here newline"
+    rec, = [j for j in _jobs(tmp_path) if j["job"]["name"] == "left-open"]
+    assert rec["job"]["state"] == "ended" and rec["job"]["exit_code"] == 0
+    assert [p["name"] for p in rec["phases"]] == ["x" * 200, "tab here newline"]
+    assert all(p["end"] is not None for p in rec["phases"])
+    check_schema(rec)
+
