@@ -16,18 +16,14 @@ from .phases import Books, JobPhases, put
 WRITE_EVERY_S = 2.0  # as `greend measure`: the running row is at most this old in the ledger
 
 
-def load_config(state_dir=None):
-    """The configuration in force (as `greend measure` reads it), with state_dir if given. The one
-    place a tracked run reads the configuration: a lighter, cached view replaces it later."""
-    from pathlib import Path
-
+def load_config():
+    """The configuration in force, as `greend measure` reads it. The one place a tracked run reads
+    the configuration (a cached view without pydantic can replace it here); the result is only
+    read, never changed."""
     from . import config
 
     path, _ = config.locate(None)
-    cfg = config.load(path)
-    if state_dir is not None:
-        cfg._state_dir_flag = Path(state_dir)
-    return cfg
+    return config.load(path)
 
 
 def _own(procfs: str) -> tuple[int, int]:
@@ -111,12 +107,15 @@ class SelfBackend:
         from .monitor import Monitor
 
         run = self.run
-        cfg = load_config(run.state_dir)
+        cfg = load_config()
         if run.record:
+            from pathlib import Path
+
             from .ledger import Ledger, default_path
 
+            state = Path(run.state_dir) if run.state_dir is not None else cfg.resolved_state_dir()
             try:
-                self.ledger = Ledger(default_path(cfg.resolved_state_dir()))
+                self.ledger = Ledger(default_path(state))
             except Exception as e:
                 run._degrade(f"not recorded in the ledger: {e}")
         tree = _process_tree(str(cfg.paths.procfs), cfg.cluster)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -214,6 +215,12 @@ def test_a_failing_counter_degrades_and_never_raises(tmp_path, monkeypatch, capl
     assert run.stop() == fp  # idempotent
     after = run.phase("after stop")  # degrades, does not raise
     assert after.ended and after.footprint.it_energy_j == 0
+    # Recorded in the ledger of the state_dir given, with both phases, not elsewhere.
+    db = sqlite3.connect(tmp_path / "state" / "ledger.sqlite")
+    (state,), = db.execute("SELECT state FROM jobs WHERE name = 'flaky'").fetchall()
+    names = [r[0] for r in db.execute("SELECT name FROM job_phases ORDER BY seq")]
+    db.close()
+    assert state == "ended" and names == ["good", "bad"]
 
 
 def test_nothing_to_measure_still_runs_the_code(tmp_path, monkeypatch, caplog):
