@@ -175,7 +175,7 @@ def of_job(db, job_pk: int) -> list[dict]:
     for r in cur.fetchall():
         r = dict(zip(cols, r, strict=True))
         d = Books(0.0, r["cpu_j"], r["dram_j"], r["gpu_j"], r["memory_j"], r["facility_j"],
-                  r["carbon_g"], r["water_site_l"], r["water_offsite_l"], r["cpu_time_ns"] / 1e9)
+                  r["carbon_g"], r["water_site_l"], r["water_offsite_l"], (r.get("cpu_time_ns") or 0) / 1e9)
         out.append(phase_json(r["seq"], r["name"], r["t_start"], r["t_end"], d))
     return out
 

@@ -150,6 +150,12 @@ def test_a_run_outside_slurm_is_recorded_in_the_ledger_with_its_phases(tmp_path)
         assert e["it"] == pytest.approx(ph[1], rel=1e-6)
         assert s["carbon_g"] == pytest.approx(ph[2], rel=1e-6)
         assert e["it"] == pytest.approx(e["cpu"] + e["dram"] + e["gpu"] + e["memory"])
+    # `greend jobs CLUSTER/ID` shows the phases under the report.
+    r = subprocess.run([GREEND, "jobs", f"{rec['job']['cluster']}/{rec['job']['job_id']}"],
+                       capture_output=True, text=True, env=_env(tmp_path), timeout=60)
+    assert r.returncode == 0, r.stderr
+    table = r.stdout[r.stdout.index("\nPhases\n"):].splitlines()
+    assert [line.split()[0] for line in table[3:]] == ["train", "eval"]
     f = rec["factors"][0]
     assert stored[0]["carbon_g"] == pytest.approx(
         stored[0]["energy_j"]["it"] / 3.6e6 * f["pue"] * f["carbon_intensity_g_per_kwh"], rel=1e-6)
