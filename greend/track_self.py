@@ -84,6 +84,7 @@ class SelfBackend:
         self.acc = None
         self.jp = JobPhases()
         self.t_call = time.time()
+        self.pid = os.getpid()
         self.error: str | None = None
         self.last: Books | None = None
         self.thread = threading.Thread(target=self._main, name="greend-track", daemon=True)
@@ -98,7 +99,9 @@ class SelfBackend:
         return Books(self.t_call)
 
     def _at_exit(self) -> None:
-        if self.run.running:
+        # Not in a forked child that exits normally: the run, its thread and its ledger
+        # connection are the parent's.
+        if self.run.running and os.getpid() == self.pid:
             self.run.stop()
 
     # -- the sampler thread ---------------------------------------------------------------------

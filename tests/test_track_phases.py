@@ -45,6 +45,20 @@ def test_books_at_adds_the_last_intervals_power_up_to_the_boundary():
     assert books_at(Acc(row(cpu_uj=0, dram_uj=0), 10_000_000), NOW + 1, NOW, 5.0).it_j == 0
 
 
+def test_books_never_go_back():
+    ahead = Books(NOW, cpu_j=10.0, carbon_g=0.2, cpu_s=3.0)  # a boundary extrapolated ahead
+    measured = Books(NOW + 1, cpu_j=9.5, dram_j=1.0, carbon_g=0.19, cpu_s=3.5)
+    b = measured.at_least(ahead)
+    assert (b.t, b.cpu_j, b.dram_j, b.carbon_g, b.cpu_s) == (NOW + 1, 10.0, 1.0, 0.2, 3.5)
+    assert measured.at_least(None) is measured
+    jp = JobPhases()
+    assert jp.last is None
+    jp.boundary("a", ahead)
+    assert jp.last is ahead
+    jp.boundary(None, b)
+    assert jp.last is b
+
+
 def test_contiguous_phases_sum_to_the_books_over_their_span():
     jp = JobPhases()
     b = [Books(NOW + i, cpu_j=10.0 * i * i, carbon_g=0.1 * i, cpu_s=float(i)) for i in range(5)]
