@@ -245,10 +245,11 @@ def key_of(path: str | os.PathLike | None) -> tuple:
 
 
 def _file_of(key: tuple) -> Path:
-    """One file per configuration path and greend installation (so that two installations do not
-    take turns overwriting each other's); the full key is inside it."""
+    """One file per configuration path, greend installation and version, and Python (so that two
+    installations, e.g. nodes sharing a home directory, do not take turns overwriting each other's);
+    the full key is inside it."""
     where = key[-1] if key[-1] == "<embedded default>" else key[-3]
-    name = f"{where}\0{_HERE}".encode("utf-8", "surrogateescape")
+    name = f"{where}\0{_HERE}\0{__version__}\0{sys.version}".encode("utf-8", "surrogateescape")
     return cache_dir() / f"config-{zlib.crc32(name):08x}.snapshot"
 
 
