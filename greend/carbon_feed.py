@@ -16,10 +16,14 @@ import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .collectors import carbon_signal as cs
-from .config import CarbonSeries, Cluster, ClusterFactors, Config, cluster_factors
 from .footprint import Factors
+from .site_factors import CarbonSeries, ClusterFactors, cluster_factors
+
+if TYPE_CHECKING:  # `greend route`'s fast path reads a cached view, without greend.config
+    from .config import Cluster, Config
 
 log = logging.getLogger(__name__)
 

@@ -74,7 +74,7 @@ def cmd_measure(args) -> int:
         argv = argv[1:]
     if not argv:
         return _fail("measure: no command given (usage: greend measure [options] -- CMD ARGS...)")
-    cfg = _load_config(args)
+    cfg = _load_config(args, fast=True)  # the cached view when current: no pydantic
     updates = {}
     if args.interval is not None:
         updates["sampling"] = cfg.sampling.model_copy(update={"measure_interval_s": args.interval})

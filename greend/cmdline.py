@@ -14,13 +14,24 @@ def fail(msg: str, status: int = EXIT_USAGE) -> int:
     return status
 
 
-def load_config(args):
-    from . import config as config_mod
+def load_config(args, *, fast: bool = False):
+    """The configuration the command line names (greend.config_env.locate). fast: the commands
+    that start for every job (measure, route) take the cached read-only view of the validated
+    configuration when it is current (greend.config_cache: no pydantic), else the validated
+    Config; they must read attributes only (and model_copy, node_name, resolved_state_dir)."""
+    from .config_env import locate
 
-    path, _ = config_mod.locate(args.config)
+    path, _ = locate(args.config)
     # Commands that re-read the file (a daemon's SIGHUP) find it in args.config.
     args.config = str(path) if path else None
-    cfg = config_mod.load(path)
+    if fast:
+        from . import config_cache
+
+        cfg = config_cache.load(path)
+    else:
+        from . import config as config_mod
+
+        cfg = config_mod.load(path)
     if getattr(args, "state_dir", None):
         # The flag beats $GREEND_STATE_DIR, which beats the config's state_dir (see --help).
         from pathlib import Path

@@ -5,15 +5,9 @@ Errors name the file, the key and what was expected; `greend config check FILE` 
 
 from __future__ import annotations
 
-import bisect
-import csv
-import logging
 import os
 import re
-import socket
-import threading
 import tomllib
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
@@ -27,19 +21,34 @@ from pydantic import (
     model_validator,
 )
 
-from . import refdata
+from . import config_env, refdata
+from .config_env import (  # noqa: F401 - where the file is looked up; re-exported
+    CONFIG_NAME,
+    SYSCONFDIR_ENV,
+    locate,
+    system_config_path,
+    user_config_path,
+)
 from .errors import ConfigError
-from .footprint import Factors
 from .policy_config import Partition, PolicyConfig, PowerModel, SlurmAccess
+
+# The defaults for a site that has not measured its own factors (docs/methodology.md §3-4) and the
+# factors in force at a time live in greend.site_factors, which the fast paths of `measure` and
+# `route` use without pydantic; re-exported here.
+from .site_factors import (  # noqa: F401
+    DEFAULT_PUE,
+    DEFAULT_PUE_SOURCE,
+    DEFAULT_WUE,
+    DEFAULT_WUE_SOURCE,
+    CarbonSeries,
+    ClusterFactors,
+    FactorsCache,
+    cluster_factors,
+)
 
 DEFAULT_PORT = 9471  # greend's documented default exporter/API port
 DEFAULT_COUNTRY = "FRA"
 
-# Defaults for a site that has not measured its own factors: docs/methodology.md §3-4.
-DEFAULT_PUE = 1.56
-DEFAULT_PUE_SOURCE = "unknown site: Uptime Institute 2024 global survey average"
-DEFAULT_WUE = 1.8
-DEFAULT_WUE_SOURCE = "unknown site: U.S. data-centre average on-site WUE (LBNL 2016)"
 
 
 class _Model(BaseModel):
@@ -381,25 +390,17 @@ class Config(_Model):
             )
         return self
 
+    # The members that depend on the machine are computed by greend.config_env, for the model and
+    # for its cached view (greend.config_cache) alike.
     @property
     def node_name(self) -> str:
-        return self.node or socket.gethostname().split(".")[0]
+        return config_env.node_name_of(self.node)
 
     # `--state-dir` on the command line: beats $GREEND_STATE_DIR, which beats state_dir.
     _state_dir_flag: Path | None = PrivateAttr(default=None)
 
     def resolved_state_dir(self) -> Path:
-        if self._state_dir_flag is not None:
-            return self._state_dir_flag
-        env = os.environ.get("GREEND_STATE_DIR")
-        if env:
-            return Path(env)
-        if self.state_dir is not None:
-            return self.state_dir
-        if os.geteuid() == 0:
-            return Path("/var/lib/greend")
-        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        return Path(base) / "greend"
+        return config_env.state_dir_of(self._state_dir_flag, self.state_dir)
 
 
 def _format_validation_error(source: str, err: ValidationError) -> str:
@@ -424,56 +425,6 @@ def parse(data: dict, source: str = "<config>") -> Config:
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(source, e)) from None
-
-
-# Where a configuration is looked up when none is named. GREEND_SYSCONFDIR moves /etc (tests use a
-# temporary root; a packager may use /usr/local/etc).
-SYSCONFDIR_ENV = "GREEND_SYSCONFDIR"
-CONFIG_NAME = "greend.toml"
-
-
-def system_config_path() -> Path:
-    return Path(os.environ.get(SYSCONFDIR_ENV) or "/etc") / "greend" / CONFIG_NAME
-
-
-def user_config_path() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME")
-    if not base:
-        try:
-            base = str(Path.home() / ".config")
-        except RuntimeError:  # no home (a system service's transient user): no user configuration
-            base = "/nonexistent"
-    return Path(base) / "greend" / CONFIG_NAME
-
-
-def locate(explicit: str | os.PathLike | None = None) -> tuple[Path | None, str]:
-    """The configuration file in force and why: --config, $GREEND_CONFIG, the user's
-    ($XDG_CONFIG_HOME/greend/greend.toml, not for root), the system's (/etc/greend/greend.toml),
-    else (None, ...) for the embedded default. A named file must exist; a conventional one is used
-    only when it does."""
-    if explicit:
-        return Path(explicit), "--config"
-    env = os.environ.get("GREEND_CONFIG")
-    if env:
-        return Path(env), "$GREEND_CONFIG"
-    candidates = [] if os.geteuid() == 0 else [(user_config_path(), "user configuration")]
-    candidates.append((system_config_path(), "system configuration"))
-    unsearchable = []
-    for path, why in candidates:
-        try:
-            path.stat()
-        except FileNotFoundError:
-            continue
-        except PermissionError:
-            unsearchable.append(str(path.parent))  # a directory we may not look into
-            continue
-        except OSError:
-            pass
-        # A file that exists but cannot be read is load()'s clear error, not the default.
-        return path, why
-    looked = ", ".join(str(p) for p, _ in candidates)
-    hidden = f"; cannot look into {', '.join(unsearchable)}" if unsearchable else ""
-    return None, f"embedded default (no --config, no $GREEND_CONFIG, none of {looked}{hidden})"
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -525,161 +476,6 @@ def load(path: str | os.PathLike | None) -> Config:
     for name in cfg.clusters:
         cluster_factors(cfg, name)  # fail now on a bad series, not at first sample
     return cfg
-
-
-class CarbonSeries:
-    """A time series of carbon intensity; the value in force at t is the last point at or before t."""
-
-    def __init__(self, path: Path, max_gap_s: float = 3 * 3600):
-        self.path = path
-        self.max_gap_s = max_gap_s
-        times: list[float] = []
-        values: list[float] = []
-        try:
-            with path.open(encoding="utf-8", newline="") as f:
-                for lineno, row in enumerate(csv.reader(f), 1):
-                    if not row or row[0].startswith("#") or (lineno == 1 and not _isnum(row[-1])):
-                        continue
-                    if len(row) != 2:
-                        raise ConfigError(f"{path}:{lineno}: expected 'timestamp,g_per_kwh'")
-                    try:
-                        ts = datetime.fromisoformat(row[0].strip())
-                    except ValueError:
-                        raise ConfigError(
-                            f"{path}:{lineno}: bad timestamp {row[0]!r}: expected ISO 8601"
-                        ) from None
-                    if ts.tzinfo is None:
-                        ts = ts.replace(tzinfo=UTC)
-                    if not _isnum(row[1]) or float(row[1]) < 0:
-                        raise ConfigError(
-                            f"{path}:{lineno}: bad intensity {row[1]!r}: expected gCO2e/kWh >= 0"
-                        )
-                    times.append(ts.timestamp())
-                    values.append(float(row[1]))
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read carbon intensity series: {e.strerror}") from None
-        if not times:
-            raise ConfigError(f"{path}: carbon intensity series has no data rows")
-        order = sorted(range(len(times)), key=times.__getitem__)
-        self.times = [times[i] for i in order]
-        self.values = [values[i] for i in order]
-
-    @property
-    def source(self) -> str:
-        return f"series {self.path}"
-
-    def at(self, t: float) -> float | None:
-        i = bisect.bisect_right(self.times, t) - 1
-        if i < 0:
-            return None
-        nxt = self.times[i + 1] if i + 1 < len(self.times) else self.times[i] + self.max_gap_s
-        return self.values[i] if t < nxt else None
-
-
-def _isnum(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
-
-
-class ClusterFactors:
-    """Resolves the factors in force for one cluster at a time t."""
-
-    def __init__(self, cluster: Cluster, series: CarbonSeries | None):
-        # series: anything with at(t) -> g/kWh or None, and source (a CarbonSeries, or the live
-        # signal of greend.carbon_feed).
-        self.cluster = cluster
-        self.series = series
-        mix = refdata.country_mix(cluster.country)
-        src = dict(cluster.sources)
-        self.ci_static = cluster.carbon_intensity_g_per_kwh
-        if self.ci_static is None:
-            self.ci_static = mix.carbon_intensity_g_per_kwh
-            src.setdefault("carbon_intensity_g_per_kwh", mix.source)
-        else:
-            src.setdefault("carbon_intensity_g_per_kwh", "site configuration")
-        ewif = cluster.ewif_l_per_kwh
-        if ewif is None:
-            ewif = mix.ewif_l_per_kwh
-            src.setdefault(
-                "ewif_l_per_kwh", f"derived: {refdata.EWIF_SOURCE} on the mix of {mix.source}"
-            )
-        else:
-            src.setdefault("ewif_l_per_kwh", "site configuration")
-        src.setdefault(
-            "pue", DEFAULT_PUE_SOURCE if cluster.pue == DEFAULT_PUE else "site configuration"
-        )
-        src.setdefault(
-            "wue_site_l_per_kwh",
-            DEFAULT_WUE_SOURCE if cluster.wue_site_l_per_kwh == DEFAULT_WUE else "site configuration",
-        )
-        self._static = Factors(cluster.pue, cluster.wue_site_l_per_kwh, ewif, self.ci_static, src)
-        self._cache: dict[float, Factors] = {}
-
-    def at(self, t: float) -> Factors:
-        if self.series is None:
-            return self._static
-        ci = self.series.at(t)
-        if ci is None:
-            return self._static
-        f = self._cache.get(ci)
-        if f is None:
-            src = dict(self._static.sources)
-            src["carbon_intensity_g_per_kwh"] = self.series.source
-            f = Factors(self._static.pue, self._static.wue_site_l_per_kwh,
-                        self._static.ewif_l_per_kwh, ci, src)
-            self._cache[ci] = f
-        return f
-
-
-def cluster_factors(cfg: Config, name: str | None = None) -> ClusterFactors:
-    c = cfg.clusters[name or cfg.cluster]
-    series = CarbonSeries(c.carbon_intensity_series) if c.carbon_intensity_series else None
-    return ClusterFactors(c, series)
-
-
-class FactorsCache:
-    """The ClusterFactors of every cluster of a configuration, built once and built again only when
-    the cluster's configuration (a reload) or its carbon intensity series file (mtime) changes: a
-    scrape must not re-read every cluster's CSV series."""
-
-    def __init__(self) -> None:
-        self._built: dict[str, tuple[Cluster, float | None, ClusterFactors | None]] = {}
-        self._lock = threading.Lock()  # scrapes come from several server threads
-
-    def get(self, cfg: Config) -> dict[str, ClusterFactors]:
-        """Clusters whose series is unreadable are left out (logged once per change of the file)."""
-        with self._lock:
-            return self._get(cfg)
-
-    def _get(self, cfg: Config) -> dict[str, ClusterFactors]:
-        out = {}
-        for name, c in cfg.clusters.items():
-            mtime = _mtime(c.carbon_intensity_series)
-            hit = self._built.get(name)
-            if hit is None or hit[0] is not c or hit[1] != mtime:
-                try:
-                    cf = cluster_factors(cfg, name)
-                except ConfigError as e:
-                    logging.getLogger(__name__).warning("cluster %s: factors unavailable: %s", name, e)
-                    cf = None
-                hit = self._built[name] = (c, mtime, cf)
-            if hit[2] is not None:
-                out[name] = hit[2]
-        for name in self._built.keys() - cfg.clusters.keys():
-            del self._built[name]
-        return out
-
-
-def _mtime(path: Path | None) -> float | None:
-    if path is None:
-        return None
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None
 
 
 def to_toml(cfg: Config) -> str:

@@ -18,14 +18,17 @@ import sys
 import termios
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from greend.collectors.base import JobUsage
 from greend.collectors.procscan import NS_PER_TICK, PAGE, ProcScan
 
-from . import config as config_mod
 from . import units
 from .ledger import JobRow, Ledger
 from .monitor import Monitor
+
+if TYPE_CHECKING:  # a Config or its cached view (greend.config_cache): no pydantic on this path
+    from . import config as config_mod
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from greend.collectors import registry
 from greend.collectors.base import (
@@ -39,7 +40,6 @@ from greend.collectors.procfs import (
 from greend.collectors.procscan import NS_PER_TICK, ProcScan
 from greend.collectors.slurm import SlurmMetadata
 
-from . import config as config_mod
 from . import refdata
 from .attribution import (
     CpuInterval,
@@ -53,7 +53,11 @@ from .attribution import (
 from .errors import ConfigError
 from .footprint import J_PER_KWH, UJ_PER_J, Factors
 from .ledger import JobRow, Ledger
+from .site_factors import cluster_factors
 from .slurmjobs import SlurmLifecycle
+
+if TYPE_CHECKING:  # greend.config (pydantic) is not imported on `greend measure`'s fast path
+    from . import config as config_mod
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +195,7 @@ class Monitor:
         self.node = cfg.node_name
         self.cluster = cfg.cluster
         self.tier = cfg.clusters[cfg.cluster].tier
-        self.factors = config_mod.cluster_factors(cfg)
+        self.factors = cluster_factors(cfg)
         self.record_kinds = set(record_kinds) if record_kinds is not None else None
         self.status: dict[str, CollectorStatus] = {}
         procfs = cfg.paths.procfs

@@ -172,7 +172,8 @@ def _setup(args, *, live: bool):
 
     # The file in force as every command finds it (--config, $GREEND_CONFIG, ~/.config, /etc) and
     # --state-dir beating the environment: greend.cmdline.load_config.
-    cfg = load_config(args)
+    # fast: the cached view of the validated configuration when current (greend.config_cache).
+    cfg = load_config(args, fast=True)
     path = args.config
     site = compile_site(cfg, path)
     ledger_path = site.settings.ledger or default_path(cfg.resolved_state_dir())
@@ -261,7 +262,7 @@ def _sbatch_json(path: str) -> tuple[str | None, list[tuple[str, str | None]]]:
 
 
 def _run(args, body) -> int:
-    from greend.config import ConfigError
+    from greend.errors import ConfigError
 
     from .request import RequestError
 
@@ -322,7 +323,7 @@ def cmd_route(args) -> int:
 
 def _cli_filter(args) -> int:
     """Answer a Slurm cli_filter: never blocks a submission because greend itself failed."""
-    from greend.config import ConfigError
+    from greend.errors import ConfigError
     from greend.ledger import LedgerError
 
     from .request import RequestError

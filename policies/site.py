@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from greend import carbon_feed
-from greend import config as config_mod
 from greend import quantities as q
+from greend.errors import ConfigError
 from greend.footprint import Factors
+from greend.site_factors import cluster_factors
 
 from .carbon import CarbonWindow
 from .records import Record
+
+if TYPE_CHECKING:  # compiled from a Config or its cached view (greend.config_cache)
+    from greend import config as config_mod
 
 
 class PartitionSpec(Record):
@@ -329,7 +334,7 @@ class Site(Record):
         try:
             return self.by_name[name]
         except KeyError:
-            raise config_mod.ConfigError(
+            raise ConfigError(
                 f"unknown cluster {name!r}: the configuration defines {', '.join(self.by_name)}"
             ) from None
 
@@ -352,7 +357,7 @@ def _carbon(cfg: config_mod.Config, name: str, fetch: bool) -> tuple[Factors, Ca
     """A cluster's static factors and carbon window: its live signal (or the fallback it names,
     greend.carbon_feed, cached in the state dir), else its series, else the static value."""
     c = cfg.clusters[name]
-    cf = config_mod.cluster_factors(cfg, name)
+    cf = cluster_factors(cfg, name)
     static = cf.at(-math.inf)  # before any series point: the static factors
     live = carbon_feed.resolve(name, c, static, cf.series,
                                cfg.resolved_state_dir() if c.carbon_signal is not None else None, fetch=fetch)

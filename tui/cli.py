@@ -9,6 +9,7 @@ from pathlib import Path
 
 REFRESH_S = 2.0  # running jobs' rows change every few seconds (the daemon's checkpoints)
 URL_REFRESH_S = 5.0
+PAGE_SIZE = 100  # jobs per page (n / p move by a page)
 
 
 def add_commands(sub) -> None:
@@ -76,11 +77,13 @@ def make_source(args, cfg=None):
             return LedgerSource(args.ledger, cfg)
         from greend.cmdline import load_config as _load_config
 
-        return LedgerSource(args.ledger, config_loader=lambda: _load_config(args))
+        return LedgerSource(args.ledger, config_loader=lambda: _load_config(args, fast=True))
     if cfg is None:
         from greend.cmdline import load_config as _load_config
 
-        cfg = _load_config(args)
+        # The cached view of the validated configuration when current (greend.config_cache): it
+        # only says where the socket and the ledger are, and describes the clusters.
+        cfg = _load_config(args, fast=True)
     sock = default_socket(cfg)
     if sock is not None:
         return SocketSource(sock)
@@ -101,9 +104,15 @@ def cmd_tui(args) -> int:
     except SourceError as e:
         print(f"greend: tui: {e}", file=sys.stderr)
         return 2
-    from .app import GreendApp
+    import time
+
+    from .data import first_query
 
     me = _me()
     user = None if args.all_users else (args.user or me)
-    GreendApp(source, user=user, me=me, refresh_s=args.refresh).run()
+    # The first page is read while Textual is imported (a ledger source does; docs/performance.md).
+    source.prefetch(first_query(user, time.time(), PAGE_SIZE), time.time())
+    from .app import GreendApp
+
+    GreendApp(source, user=user, me=me, refresh_s=args.refresh, page_size=PAGE_SIZE).run()
     return 0

@@ -10,7 +10,6 @@ benchmarked on its own.
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import json
 import sqlite3
 import threading
@@ -18,6 +17,7 @@ import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from greend import budgets, queries
 from greend.ledger import JobRow, Ledger, LedgerError
@@ -43,6 +43,9 @@ from greend.queries import (  # noqa: F401 - the screens import the read model's
     slurm_state,
     water_l,
 )
+
+if TYPE_CHECKING:  # http.client (with email) is imported where an API source connects: ~7 ms of
+    import http.client  # every `greend tui` start on a ledger
 
 SOURCES = ("cpu", "gpu", "dram", "memory")
 
@@ -74,6 +77,19 @@ class DataSource(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional
         pass
+
+    def prefetch(self, q: JobQuery, now: float) -> threading.Thread | None:
+        """Start reading q's page in the background, if this source can keep it for the screen's
+        own first read (`greend tui` calls it before importing Textual); the thread, or None."""
+        return None
+
+
+def first_query(user: str | None, now: float, page_size: int) -> JobQuery:
+    """The jobs screen's query when it opens (tui/jobs.py JobsScreen.query_now with its defaults:
+    tests/test_tui.py checks that they agree)."""
+    from .formatting import DEFAULT_PERIOD, since
+
+    return JobQuery(user=user, since=since(DEFAULT_PERIOD, now), limit=page_size)
 
 
 # -- shared helpers ---------------------------------------------------------------------------
@@ -210,12 +226,12 @@ class LedgerSource(DataSource):
                 self._ledger = None
 
     def _config(self, required: bool):
-        from greend import config as config_mod
+        from greend.errors import ConfigError
 
         if self.cfg is None and self.config_loader is not None:
             try:
                 self.cfg = self.config_loader()
-            except config_mod.ConfigError as e:
+            except ConfigError as e:
                 if required:
                     raise SourceError(str(e)) from None
                 return None
@@ -245,6 +261,21 @@ class LedgerSource(DataSource):
             return page
 
         return self._run(run)
+
+    def prefetch(self, q: JobQuery, now: float) -> threading.Thread:
+        """The first page is read in a thread while the main one imports Textual (SQLite runs
+        without the GIL): the jobs screen's first read then finds it unchanged (_unchanged). A
+        failure is left to that read to report."""
+
+        def run() -> None:
+            try:
+                self.jobs(q, now)
+            except Exception:  # the screen's own read says what is wrong
+                pass
+
+        thread = threading.Thread(target=run, name="greend-tui-prefetch", daemon=True)
+        thread.start()
+        return thread
 
     def job(self, cluster: str, job_id: str) -> JobDetail | None:
         return self._run(lambda db: queries.job_detail(db, cluster, job_id))
@@ -295,6 +326,8 @@ class _ApiSource(DataSource):
     def _where(self) -> str: ...
 
     def _get(self, path: str, params: dict | None = None) -> dict:
+        import http.client
+
         qs = urllib.parse.urlencode({k: v for k, v in (params or {}).items() if v is not None})
         url = self.prefix + path + (f"?{qs}" if qs else "")
         conn = self._connect()
@@ -506,6 +539,8 @@ class UrlSource(_ApiSource):
         self.label = label or f"controller {url}"
 
     def _connect(self) -> http.client.HTTPConnection:
+        import http.client
+
         cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
         return cls(self.host, self.port, timeout=self.timeout)
 
