@@ -18,12 +18,13 @@ WRITE_EVERY_S = 2.0  # as `greend measure`: the running row is at most this old 
 
 def load_config():
     """The configuration in force, as `greend measure` reads it. The one place a tracked run reads
-    the configuration (a cached view without pydantic can replace it here); the result is only
-    read, never changed."""
-    from . import config
+    the configuration; the result is only read, never changed: the cached view of the validated
+    configuration when it is current (greend.config_cache, no pydantic), else the validated load."""
+    from . import config_cache
+    from .config_env import locate
 
-    path, _ = config.locate(None)
-    return config.load(path)
+    path, _ = locate(None)
+    return config_cache.load(path)
 
 
 def _own(procfs: str) -> tuple[int, int]:
