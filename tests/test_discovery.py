@@ -213,3 +213,174 @@ def test_local_mode_is_the_default_and_squeue_stays_an_option(tmp_path):
         config_mod.parse({"slurm": {"discovery": "everything"}})
     with pytest.raises(config_mod.ConfigError, match="lookups_per_minute"):
         config_mod.parse({"slurm": {"lookups_per_minute": 0}})
+
+
+# -- against the real testbed: slurmctld's own counts (sdiag) -------------------------------------
+BURN = """#!/bin/bash
+end=$((SECONDS + {secs}))
+while (( SECONDS < end )); do :; done
+"""
+
+
+@pytest.fixture(scope="module")
+def tb():
+    if os.geteuid() != 0:
+        pytest.skip("the Slurm testbed needs root")
+    from slurmbed import ensure_testbed
+
+    return ensure_testbed()
+
+
+def sdiag(tb, cluster: str, reset: bool = False) -> dict[str, int]:
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_slurm_rpc import sdiag as read
+
+    return read(tb.conf(cluster), reset=reset)
+
+
+def hook_script(spool_dir: Path, action: str) -> str:
+    """slurmd's hook as a site installs it (docs/slurm.md): greend's command, bounded, exit 0."""
+    return (f"#!/bin/sh\ntimeout 10 {sys.executable} -m greend.cli slurmd-hook {action} "
+            f"--spool {spool_dir}/$SLURMD_NODENAME\nexit 0\n")
+
+
+def wait_path(path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("hooks", [True, False], ids=["prolog", "cgroups"])
+def test_testbed_local_discovery_finds_attributes_and_ends_a_job(tb, tmp_path, hooks):
+    """A job of greendtest on site-n2, found by the node (Prolog hook, or its cgroup alone), with
+    the identity and allocation Slurm gave it, ended with Slurm's end time and final state; the
+    node asked slurmctld by id only (sdiag: no REQUEST_JOB_INFO, a few REQUEST_JOB_INFO_SINGLE)."""
+    import contextlib
+
+    from greend.collectors.slurm import from_config
+    from greend.collectors.slurmlocal import FINAL_TRIES
+
+    from greend.ledger import Ledger
+    from greend.monitor import Monitor
+
+    if not tb.uses_cgroups("site"):
+        pytest.skip("the testbed runs without job cgroups on this host")
+    spool = tmp_path / "spool"
+    cfg = config_mod.parse({
+        "cluster": "site", "node": "site-n2", "state_dir": str(tmp_path / "state"),
+        "attribution": {"jobs_from": "cgroup"}, "power": {"rapl": False},
+        "clusters": {"site": {"tier": "site"}},
+        "slurm": {"conf": str(tb.conf("site")), "timeout_s": 10, "spool_dir": str(spool / "site-n2")},
+    })
+    assert cfg.slurm.discovery == "local"
+    meta = from_config(cfg.slurm, "site-n2", Path("/sys/fs/cgroup"), Path("/proc"))
+    meta.on_request = meta.refresh  # in the daemon, a scheduler thread does this
+    ledger = Ledger(tmp_path / "state" / "ledger.sqlite")
+    m = None
+    with contextlib.ExitStack() as stack:
+        if hooks:
+            stack.enter_context(tb.hook("site", "prolog", hook_script(spool, "prolog")))
+            stack.enter_context(tb.hook("site", "epilog", hook_script(spool, "epilog")))
+        sdiag(tb, "site", reset=True)
+        job_id = tb.submit("site", BURN.format(secs=5), extra_args=[
+            "-w", "site-n2", "-c", "2", "--account=proj-local", "-J", "local-job"])
+        try:
+            wait_path(tb.job_cgroup("cpuacct", "site-n2", job_id) / "cpuacct.usage")
+            if hooks:
+                wait_path(spool / "site-n2" / f"{job_id}.prolog", timeout=5)
+            m = Monitor(cfg, ledger, slurm=meta)
+            deadline = time.monotonic() + 60
+            while True:
+                m.tick()
+                m.checkpoint()
+                meta.refresh()  # the daemon's periodic refresh
+                rows = ledger.get_job("site", str(job_id), "site-n2")
+                if rows and rows[0].meta.get("end_time_from") == "slurm":
+                    break
+                assert time.monotonic() < deadline, (rows, meta.status)
+                time.sleep(0.5)
+            rpcs = sdiag(tb, "site")  # before this test's own squeue below
+        finally:
+            tb.run("site", "scancel", str(job_id), check=False)
+            if m is not None:
+                m.close()
+            ledger.close()
+        if hooks:
+            assert (spool / "site-n2" / f"{job_id}.epilog").exists()
+    assert rpcs.get("REQUEST_JOB_INFO", 0) == 0, rpcs
+    assert 1 <= rpcs.get("REQUEST_JOB_INFO_SINGLE", 0) <= 1 + FINAL_TRIES, rpcs
+    assert meta.local.lookups == rpcs["REQUEST_JOB_INFO_SINGLE"]
+    (row,) = rows
+    sq = tb.job("site", job_id)
+    assert row.state == "ended" and row.end_time == sq["end_time"]
+    assert (row.submit_time, row.user, row.uid, row.account, row.partition, row.name, row.alloc_cpus,
+            row.alloc_mem_bytes) == (sq["submit_time"], "greendtest", 4242, "proj-local", "debug",
+                                     "local-job", 2.0, 512 * MIB)
+    assert row.meta["slurm_state"] == "COMPLETED" and "provisional" not in row.meta
+    from greend.report import outcome
+
+    assert outcome(row) == "ok"
+
+
+@pytest.mark.slurm
+def test_testbed_hook_with_greend_broken_leaves_the_node_up(tb, tmp_path):
+    """The Prolog hook cannot write (greend not installed right, spool unusable): the job still
+    runs and completes, the node is not drained."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with tb.hook("site", "prolog", hook_script(blocker, "prolog")), \
+            tb.hook("site", "epilog", hook_script(blocker, "epilog")):
+        job_id = tb.submit("site", "true\n", extra_args=["-w", "site-n2", "-c", "1"])
+        job = tb.wait_state("site", job_id, "COMPLETED", timeout=60)
+    assert job["job_state"] in ("COMPLETED", ["COMPLETED"])
+    state = tb.run("site", "sinfo", "-h", "-n", "site-n2", "-o", "%T").stdout.strip()
+    assert state and "drain" not in state and "down" not in state, state
+
+
+@pytest.mark.slurm
+def test_testbed_unplaceable_jobs_are_asked_by_id_within_the_bound(tb, tmp_path):
+    """Jobs on the node that nothing local describes: slurmctld is asked about them by id, at most
+    the bucket's burst at once (sdiag: REQUEST_JOB_INFO_SINGLE only, never the whole queue)."""
+    tree = make_cgroups(tmp_path / "cg", 1, node="site-n2")
+    job_id = tb.submit("site", "sleep 30\n", extra_args=["-c", "1"])
+    try:
+        tb.wait_started("site", job_id, timeout=30)
+        for j in [job_id, *range(900000, 900009)]:  # one real job, nine slurmctld never had
+            tree.add_job(str(j), uid=0)
+        local = LocalJobs(SlurmCommands(tb.conf("site"), timeout_s=10), tmp_path / "spool",
+                          cgroupfs=tmp_path / "cg", procfs=tmp_path, per_minute=1, burst=4)
+        sdiag(tb, "site", reset=True)
+        first = local.jobs("site-n2")
+        for _ in range(3):
+            local.jobs("site-n2")
+        rpcs = sdiag(tb, "site")
+    finally:
+        tb.run("site", "scancel", str(job_id), check=False)
+    assert [j.job_id for j in first] == [str(job_id)] and first[0].user == "greendtest"
+    assert rpcs.get("REQUEST_JOB_INFO_SINGLE") == 4 and "REQUEST_JOB_INFO" not in rpcs, rpcs
+    assert local.lookups == 4 and local.deferred >= 6
+
+
+@pytest.mark.slurm
+def test_testbed_rpcs_per_node_hour_local_vs_squeue(tb):
+    """bench_slurm_rpc.py's measurement, short: 8 simulated nodes, each refreshing every 5 s while
+    real jobs come and go. squeue mode: one full-queue dump per node per refresh; local mode: none,
+    and by-id questions within the bound (about two per job: at its start and after its end)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import argparse
+
+    from bench_slurm_rpc import run_mode
+
+    args = argparse.Namespace(nodes=8, seconds=20.0, interval=5.0, job_every=2.0, job_seconds=4.0,
+                              lookups_per_minute=12.0, lookup_burst=30)
+    local = run_mode("local", args, tb.conf("site"), tb)
+    squeue = run_mode("squeue", args, tb.conf("site"), tb)
+    refreshes_per_node_hour = 3600 / args.interval
+    assert local["full_queue_rpcs_per_node_hour"] == 0, local
+    assert squeue["full_queue_rpcs_per_node_hour"] >= 0.7 * refreshes_per_node_hour, squeue
+    singles = local["rpcs"].get("REQUEST_JOB_INFO_SINGLE", 0)
+    budget = args.nodes * (args.lookup_burst + args.lookups_per_minute * local["seconds"] / 60)
+    assert 0 < singles <= min(budget, 2 * local["jobs_submitted"] + args.nodes), local
+    assert singles == local["by_id_lookups"] and local["refresh_errors"] == 0
