@@ -22,6 +22,7 @@ from greend.collectors.slurmlocal import (
     scan_job_ids,
     write_record,
 )
+from test_slurm import node  # noqa: F401 - the fixture: a fixture node with a fake Slurm
 
 from greend import config as config_mod
 
@@ -213,6 +214,38 @@ def test_local_mode_is_the_default_and_squeue_stays_an_option(tmp_path):
         config_mod.parse({"slurm": {"discovery": "everything"}})
     with pytest.raises(config_mod.ConfigError, match="lookups_per_minute"):
         config_mod.parse({"slurm": {"lookups_per_minute": 0}})
+
+
+# -- the books: the hook's identity first, slurmctld's key after -----------------------------------
+def test_hook_identity_is_provisional_until_slurmctld_gives_the_submit_time(node):  # noqa: F811
+    """A job the Prolog hook named (no submit time) is accounted under its user and account at once
+    with a provisional key; slurmctld's answer then fixes the same row (by pk), never a second one."""
+    from greend.collectors.slurm import SlurmJob, job_from_json
+    from test_slurm import T0, entry
+
+    answer = [SlurmJob(job_id="42", submit_time=0, state="", user="alice", uid=1000,
+                       account="proj-hook", partition="gpu", name="train", nodes=("n1",), alloc_gpus=1)]
+    node.fake.jobs = lambda n: answer
+    node.slurm.refresh()
+    key = node.jobs.add("42")
+    m = node.monitor()
+    m.tick()
+    node.step(cpu_s={key: 2.0})
+    m.tick()
+    m.checkpoint()
+    (row,) = node.rows("42")
+    assert (row.user, row.account, row.partition, row.alloc_gpus) == ("alice", "proj-hook", "gpu", 1)
+    assert row.submit_time == int(T0) and row.meta["provisional"] and "slurm_state" not in row.meta
+    pk = row.pk
+    answer[:] = [job_from_json(entry(42, 900, start=int(T0) - 50, account="proj-hook"), "n1")]
+    node.slurm.refresh()
+    node.step(cpu_s={key: 2.0})
+    m.tick()
+    m.checkpoint()
+    (row,) = node.rows("42")
+    assert (row.pk, row.submit_time, row.alloc_cpus) == (pk, 900, 2.0)
+    assert "provisional" not in row.meta and row.meta["slurm_state"] == "RUNNING"
+    assert row.cpu_time_ns == 4 * 10**9
 
 
 # -- against the real testbed: slurmctld's own counts (sdiag) -------------------------------------
