@@ -43,6 +43,11 @@ slurmd's messages about the real jobs, the same in both modes."""
 
 def sdiag(conf: Path, reset: bool = False) -> dict[str, int]:
     """RPC counts by message type, from `sdiag`'s text ("by message type" section)."""
+    return {k: v[0] for k, v in sdiag_times(conf, reset).items()}
+
+
+def sdiag_times(conf: Path, reset: bool = False) -> dict[str, tuple[int, int]]:
+    """(count, slurmctld's total time in microseconds) by message type."""
     env = {"SLURM_CONF": str(conf), "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}
     if reset:
         subprocess.run(["sdiag", "-r"], env=env, check=True, capture_output=True, timeout=30)
@@ -50,7 +55,8 @@ def sdiag(conf: Path, reset: bool = False) -> dict[str, int]:
     out = subprocess.run(["sdiag"], env=env, check=True, capture_output=True, text=True,
                          timeout=30).stdout
     part = out.split("by message type", 1)[-1].split("by user", 1)[0]
-    return {m[1]: int(m[2]) for m in re.finditer(r"^\s*(\w+)\s+\(\s*\d+\)\s+count:(\d+)", part, re.M)}
+    return {m[1]: (int(m[2]), int(m[3])) for m in re.finditer(
+        r"^\s*(\w+)\s+\(\s*\d+\)\s+count:(\d+)\s+ave_time:\d+\s+total_time:(\d+)", part, re.M)}
 
 
 class SimNode:
@@ -130,7 +136,8 @@ def run_mode(mode: str, args, conf: Path, tb) -> dict:
                 next_job += args.job_every
             time.sleep(0.1)
         elapsed = time.monotonic() - t_start
-        counts = sdiag(conf)
+        times = sdiag_times(conf)
+        counts = {k: v[0] for k, v in times.items()}
         stop.set()
         for t in threads:
             t.join(timeout=args.interval + 30)
@@ -147,6 +154,9 @@ def run_mode(mode: str, args, conf: Path, tb) -> dict:
         "rpcs": counts, "rpcs_per_node_hour": {k: round(v, 2) for k, v in per_node_hour.items()},
         "agent_rpcs_per_node_hour": round(agent_total / args.nodes / hours, 2),
         "full_queue_rpcs_per_node_hour": round(counts.get("REQUEST_JOB_INFO", 0) / args.nodes / hours, 2),
+        "agent_rpc_ms_per_node_hour": round(sum(times.get(k, (0, 0))[1] for k in AGENT_RPCS)
+                                            / 1000 / args.nodes / hours, 2),
+        "ave_us": {k: round(t / c) for k, (c, t) in times.items() if c},
         "by_id_lookups": lookups, "by_id_deferred": deferred,
     }
 
@@ -183,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:32}" + "".join(f"{r['rpcs_per_node_hour'].get(k, 0):12.2f}" for r in results))
     print(f"{'all the agents can ask':32}"
           + "".join(f"{r['agent_rpcs_per_node_hour']:12.2f}" for r in results))
+    print(f"{'slurmctld ms for them':32}"
+          + "".join(f"{r['agent_rpc_ms_per_node_hour']:12.2f}" for r in results))
+    for r in results:
+        print(f"{r['mode']}: mean time per RPC (us): "
+              + ", ".join(f"{k} {v}" for k, v in r["ave_us"].items() if k in AGENT_RPCS))
     for r in results:
         print(f"{r['mode']}: {r['seconds']:g} s, {r['jobs_submitted']} jobs, by-id lookups "
               f"{r['by_id_lookups']} (deferred {r['by_id_deferred']}), refresh errors {r['refresh_errors']}")
