@@ -533,9 +533,16 @@ class SlurmMetadata:
         self._jobs = {j.job_id: j for j in jobs if self.node in j.nodes}
         self.refreshed_at = started
         self.generation += 1
-        if not st.ok:
-            log.warning("slurm: job metadata available again")
-        st.ok, st.error = True, ""
+        partial = getattr(backend, "error", None)  # local discovery: the node's jobs, slurmctld not
+        if partial is not None:
+            if st.ok:
+                log.warning("slurm: job metadata incomplete: %s", partial)
+            st.ok, st.error = False, str(partial)
+            st.errors_total += 1
+        else:
+            if not st.ok:
+                log.warning("slurm: job metadata available again")
+            st.ok, st.error = True, ""
         self._write_back()
         st.last_duration_s = time.perf_counter() - t0
 

@@ -328,6 +328,8 @@ class LocalJobs:
         self._present: set[str] = set()  # on the node at the last scan
         self._gone: dict[str, float] = {}  # left the node (cgroup gone) at
         self._wanted: set[str] = set()
+        self.error: SlurmError | None = None
+        """Why the last round's by-id questions stopped (the jobs from the node are still given)."""
 
     def describe(self) -> str:
         return (f"local discovery (hooks' spool {self.spool}, job cgroups or process environments; "
@@ -391,10 +393,9 @@ class LocalJobs:
             if job is not None:
                 out.append(job)
         self._forget(hooks, here, now)
+        self.error = error
         if error is not None and not out:
             raise error
-        if error is not None:
-            log.debug("slurm: by-id lookup failed: %s", error)
         return out
 
     def _forget(self, hooks: dict[str, HookRecord], here: set[str], now: float) -> None:

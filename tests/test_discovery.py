@@ -216,6 +216,54 @@ def test_local_mode_is_the_default_and_squeue_stays_an_option(tmp_path):
         config_mod.parse({"slurm": {"lookups_per_minute": 0}})
 
 
+def test_daemon_in_local_mode_with_slurmctld_down(tmp_path, monkeypatch):
+    """The default mode in the daemon: squeue is never run (it would hang here); the job found in
+    its cgroup and named by the Prolog hook is accounted under the hook's identity while slurmctld
+    does not answer, and /healthz says why the metadata is incomplete."""
+    from test_slurm import fake_bin
+
+    from greend.daemon import Daemon
+
+    bindir = fake_bin(tmp_path, squeue="sleep 60", scontrol=(
+        "echo 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2; exit 1"))
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    proc = make_procfs(tmp_path / "proc", ncpu=2)
+    tree = make_cgroups(tmp_path / "cgroup", 2, node="n1")
+    tree.add_job("5", cpu_ns=0)
+    write_record(tmp_path / "spool", "prolog", {
+        "SLURM_JOB_ID": "5", "SLURM_JOB_USER": "alice", "SLURM_JOB_UID": "1001",
+        "SLURM_JOB_ACCOUNT": "proj-x", "SLURM_JOB_PARTITION": "p"}, time.time())
+    cfg = config_mod.parse({
+        "cluster": "c1", "node": "n1", "state_dir": str(tmp_path / "state"),
+        "paths": {"procfs": str(tmp_path / "proc"), "sysfs": str(tmp_path / "sys"),
+                  "cgroupfs": str(tmp_path / "cgroup")},
+        "attribution": {"jobs_from": "cgroup"}, "power": {"rapl": False},
+        "slurm": {"timeout_s": 1, "conf": str(tmp_path / "slurm.conf"), "spool_dir": str(tmp_path / "spool")},
+        "clusters": {"c1": {}},
+    })
+    d = Daemon(cfg, listen="127.0.0.1:0", socket_path=None)
+    try:
+        t0 = time.monotonic()
+        d.slurm.refresh()
+        assert time.monotonic() - t0 < 1  # no squeue: it would have been killed at 1 s
+        d.sample()
+        tree.set_cpu("5", 10**9)
+        proc.advance(100, 100)
+        d.sample()
+        d.checkpoint()
+        h = d.health()
+        assert h["status"] == "degraded"
+        assert any(r.startswith("collector slurm failing: scontrol --local exited 1: ")
+                   and "Unable to contact" in r for r in h["reasons"]), h["reasons"]
+        assert "local discovery" in h["collectors"]["slurm"]["detail"]
+        (row,) = d.ledger.get_job("c1", "5", "n1")
+        assert (row.user, row.uid, row.account, row.partition) == ("alice", 1001, "proj-x", "p")
+        assert row.meta["provisional"] and row.cpu_time_ns == 10**9
+    finally:
+        d.monitor.close()
+        d.ledger.close()
+
+
 # -- the books: the hook's identity first, slurmctld's key after -----------------------------------
 def test_hook_identity_is_provisional_until_slurmctld_gives_the_submit_time(node):  # noqa: F811
     """A job the Prolog hook named (no submit time) is accounted under its user and account at once
