@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -66,6 +67,8 @@ def write_record(spool: Path, kind: str, env: Mapping[str, str], now: float) -> 
     with os.fdopen(fd, "w") as f:
         json.dump(rec, f)
     os.replace(tmp, path)
+    if kind == "prolog":  # an id used again: the previous job's end is not this one's
+        (spool / f"{job_id}.epilog").unlink(missing_ok=True)
     return path
 
 
@@ -118,6 +121,8 @@ def read_spool(spool: Path) -> dict[str, HookRecord]:
     out = {}
     for job_id, kinds in found.items():
         p, ep = kinds.get("prolog"), kinds.get("epilog")
+        if p and ep and ep[1] < p[1]:
+            ep = None  # the end of an earlier job under this id
         out[job_id] = HookRecord(job_id, p[0] if p else None, ep[0] if ep else None,
                                  p[1] if p else (ep[1] if ep else 0.0), ep[1] if ep else None)
     return out
@@ -328,6 +333,7 @@ class LocalJobs:
         self._present: set[str] = set()  # on the node at the last scan
         self._gone: dict[str, float] = {}  # left the node (cgroup gone) at
         self._wanted: set[str] = set()
+        self._lock = threading.Lock()
         self.error: SlurmError | None = None
         """Why the last round's by-id questions stopped (the jobs from the node are still given)."""
 
@@ -338,27 +344,41 @@ class LocalJobs:
 
     def want(self, job_id: str) -> None:
         """A job the books see on the node (found by a collector) that needs its metadata."""
-        self._wanted.add(str(job_id))
+        with self._lock:  # the sampling thread calls this, jobs() runs in the refresh thread
+            self._wanted.add(str(job_id))
 
     def ended_here(self, job_id: str) -> None:
         """The books saw the job leave the node: slurmctld is asked how it ended."""
-        self._wanted.discard(str(job_id))
-        self._gone.setdefault(str(job_id), self.clock())
+        with self._lock:
+            self._wanted.discard(str(job_id))
+            self._gone.setdefault(str(job_id), self.clock())
 
     def jobs(self, node: str) -> list[SlurmJob]:
         now = self.clock()
         hooks = read_spool(self.spool)
         here = scan_job_ids(self.cgroupfs, self.procfs, node)
-        for j in self._present - here:
-            self._gone.setdefault(j, now)
-        self._present = here
-        ids = here | self._wanted | {j for j, r in hooks.items() if r.epilog is None} | set(self._gone)
+        with self._lock:
+            for j in self._present - here:
+                self._gone.setdefault(j, now)
+            for j in here - self._present:
+                if j in self._gone:  # the id is back: another job (ids restart with a new controller)
+                    del self._gone[j]
+                    self._known.pop(j, None)
+            for j, r in hooks.items():
+                k = self._known.get(j)
+                if k is not None and r.epilog is None and r.prolog_t > k.asked_at and (
+                        k.job is None or k.job.ended):
+                    self._known.pop(j)  # a Prolog after the last answer: a new job under this id
+                    self._gone.pop(j, None)
+            self._present = here
+            ids = here | self._wanted | {j for j, r in hooks.items() if r.epilog is None} | set(self._gone)
+            gone = set(self._gone)
         ids |= {j for j, r in hooks.items() if r.epilog_t is not None and now - r.epilog_t < EPILOG_KEEP_S}
         out = []
         error: SlurmError | None = None
         for job_id in sorted(ids, key=int):
             rec = hooks.get(job_id)
-            ended_here = job_id in self._gone or (rec is not None and rec.epilog is not None)
+            ended_here = job_id in gone or (rec is not None and rec.epilog is not None)
             k = self._known.get(job_id)
             # Asked once when it appears, and after it ended here until slurmctld says how it
             # ended (a job slurmctld did not know is not asked about again).
@@ -399,10 +419,11 @@ class LocalJobs:
         return out
 
     def _forget(self, hooks: dict[str, HookRecord], here: set[str], now: float) -> None:
-        for job_id, t in list(self._gone.items()):
-            if now - t > EPILOG_KEEP_S and job_id not in here:
-                del self._gone[job_id]
-                self._known.pop(job_id, None)
+        with self._lock:
+            for job_id, t in list(self._gone.items()):
+                if now - t > EPILOG_KEEP_S and job_id not in here:
+                    del self._gone[job_id]
+                    self._known.pop(job_id, None)
         for job_id, rec in hooks.items():
             old = (rec.epilog_t is not None and now - rec.epilog_t > EPILOG_KEEP_S) or (
                 rec.epilog_t is None and job_id not in here and now - rec.prolog_t > PROLOG_MAX_AGE_S)

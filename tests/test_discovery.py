@@ -124,6 +124,9 @@ def test_hook_writes_a_record_the_daemon_reads(tmp_path):
     assert oct(spool.stat().st_mode & 0o777) == "0o700"
     assert "SECRET" not in (spool / "5.prolog").read_text()
     assert run_hook("epilog", env).returncode == 0
+    assert run_hook("prolog", env).returncode == 0  # the id again: the old epilog goes
+    assert read_spool(spool)["5"].epilog is None
+    assert run_hook("epilog", env).returncode == 0
     (rec,) = read_spool(spool).values()
     assert rec.prolog["SLURM_JOB_USER"] == "alice" and rec.epilog_t >= rec.prolog_t
     # the node's view: identity from the hook (no submit time until slurmctld is asked)
@@ -199,6 +202,12 @@ def test_many_new_jobs_are_asked_about_within_the_bucket(tmp_path):
     jobs = {j.job_id: j for j in local.jobs("site-n1")}
     # 10 s: two tokens, one for the ended job, one for the next new one
     assert jobs["500"].state == "FAILED" and jobs["500"].ended and len(cmds.asked) == 44
+    # the id comes back (slurmctld restarted from 1): another job, asked about afresh
+    tree.add_job("500", uid=os.getuid())
+    answers["500"] = RUNNING.replace("JobId=80001", "JobId=500").replace("11:33:47", "12:00:00")
+    now[0] += 60
+    jobs = {j.job_id: j for j in local.jobs("site-n1")}
+    assert jobs["500"].state == "RUNNING" and jobs["500"].submit_time == epoch("2026-12-01T12:00:00")
     # a job slurmctld does not know (another cluster's, say) is asked about once
     tree.add_job("999", uid=os.getuid())
     for _ in range(3):
