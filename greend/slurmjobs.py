@@ -120,8 +120,11 @@ class SlurmLifecycle:
             meta["start_time"] = info.start_time
         new = {
             "submit_time": row.submit_time if partial else info.submit_time, "user": info.user or row.user,
-            "uid": info.uid if info.uid is not None else row.uid, "account": info.account,
-            "partition": info.partition, "name": info.name,
+            "uid": info.uid if info.uid is not None else row.uid,
+            # the hook gives what slurmd passes on: keep what is known where it gives nothing
+            "account": info.account or row.account if partial else info.account,
+            "partition": info.partition or row.partition if partial else info.partition,
+            "name": info.name or row.name if partial else info.name,
             "alloc_cpus": info.alloc_cpus or row.alloc_cpus,
             "alloc_mem_bytes": info.alloc_mem_bytes or row.alloc_mem_bytes,
             "alloc_gpus": info.alloc_gpus if info.alloc_gpus is not None else row.alloc_gpus,
