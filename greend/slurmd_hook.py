@@ -6,7 +6,6 @@ a failing Prolog drains the node, and greend being down or broken must never do 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -24,8 +23,7 @@ def add_commands(sub) -> None:
                     "SLURM_JOB_PARTITION, ...). Writes one record into the spool directory that "
                     "greend reads ([slurm] spool_dir) and exits 0 whatever happens: a failing "
                     "Prolog would drain the node. slurm.conf names a program without arguments: "
-                    "point Prolog= and Epilog= at a two-line script (docs/slurm.md).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+                    "point Prolog= and Epilog= at a short script (docs/slurm.md).",
     )
     h.add_argument("action", choices=("prolog", "epilog"),
                    help="prolog: the job starts on this node; epilog: it has ended here")
