@@ -36,6 +36,7 @@ FINAL_STATES = frozenset({
 })
 MIB = 1 << 20
 WriteBack = Literal["none", "admin_comment", "comment"]
+Discovery = Literal["local", "squeue"]
 WRITE_BACK_FIELD = {"admin_comment": "AdminComment", "comment": "Comment"}
 
 
@@ -405,7 +406,8 @@ class SlurmMetadata:
 
     def __init__(self, node: str, commands: SlurmCommands, *, use_pyslurm: bool = True,
                  write_back: WriteBack = "none", write_back_interval_s: float = 300.0,
-                 clock: Callable[[], float] = time.time, give_up_s: float = 3600.0):
+                 clock: Callable[[], float] = time.time, give_up_s: float = 3600.0,
+                 local=None):
         self.node = node
         self.commands = commands
         self.use_pyslurm = use_pyslurm
@@ -414,7 +416,11 @@ class SlurmMetadata:
         """How often a running job's footprint so far is written (0: only when it ends)."""
         self.clock = clock
         self.give_up_s = give_up_s
-        self.status = CollectorStatus("slurm", detail=commands.describe())
+        self.local = local
+        """collectors/slurmlocal.py's LocalJobs in local discovery; None: the whole queue from
+        squeue --json (or pyslurm) at each refresh."""
+        self.discovery: Discovery = "squeue" if local is None else "local"
+        self.status = CollectorStatus("slurm", detail=(local or commands).describe())
         self.on_request: Callable[[], None] | None = None
         self.backend = None
         self.slurm_version = ""
@@ -438,6 +444,16 @@ class SlurmMetadata:
 
     def jobs(self) -> dict[str, SlurmJob]:
         return self._jobs
+
+    def want(self, job_id: str) -> None:
+        """A job on this node that the cache does not know yet (local discovery asks about it)."""
+        if self.local is not None:
+            self.local.want(job_id)
+
+    def ended_here(self, job_id: str) -> None:
+        """A job left this node (local discovery then asks slurmctld how it ended)."""
+        if self.local is not None:
+            self.local.ended_here(job_id)
 
     def request(self) -> None:
         """Ask for a refresh soon (a job id was seen that the cache does not know)."""
@@ -473,6 +489,11 @@ class SlurmMetadata:
             self._busy.release()
 
     def _choose_backend(self):
+        if self.local is not None:
+            self.backend = self.local
+            self.status.detail = self.local.describe()
+            log.info("slurm: job metadata from %s", self.status.detail)
+            return self.local
         try:
             self.slurm_version = self.commands.version()
         except SlurmError as e:
@@ -512,9 +533,16 @@ class SlurmMetadata:
         self._jobs = {j.job_id: j for j in jobs if self.node in j.nodes}
         self.refreshed_at = started
         self.generation += 1
-        if not st.ok:
-            log.warning("slurm: job metadata available again")
-        st.ok, st.error = True, ""
+        partial = getattr(backend, "error", None)  # local discovery: the node's jobs, slurmctld not
+        if partial is not None:
+            if st.ok:
+                log.warning("slurm: job metadata incomplete: %s", partial)
+            st.ok, st.error = False, str(partial)
+            st.errors_total += 1
+        else:
+            if not st.ok:
+                log.warning("slurm: job metadata available again")
+            st.ok, st.error = True, ""
         self._write_back()
         st.last_duration_s = time.perf_counter() - t0
 
@@ -523,6 +551,15 @@ class SlurmMetadata:
             pending = list(self._writes.values())
         for w in pending:
             job = self._jobs.get(w.job_id)
+            if self.local is not None and job is not None:
+                # The comment as slurmctld has it now (other nodes write theirs too): one by-id
+                # question per write, which write_back_interval_s bounds.
+                from .slurmlocal import show_job
+
+                try:
+                    job = show_job(self.commands, w.job_id, self.node) or job
+                except SlurmError as e:
+                    log.debug("slurm: job %s not read before writing back: %s", w.job_id, e)
             done = False
             if job is None or job.submit_time != w.submit_time:
                 # The controller no longer (or not yet) knows this job: never write onto another
@@ -574,11 +611,19 @@ def slurm_here(commands: SlurmCommands) -> bool:
     return any(os.path.exists(p) for p in DEFAULT_CONFS)
 
 
-def from_config(scfg, node: str) -> SlurmMetadata | None:
+def from_config(scfg, node: str, cgroupfs: Path = Path("/sys/fs/cgroup"),
+                procfs: Path = Path("/proc")) -> SlurmMetadata | None:
     """The metadata cache of the [slurm] section; None where Slurm is off, or (auto) where this
-    node has no Slurm client with a configuration."""
+    node has no Slurm client with a configuration. Local discovery (the default) looks for the
+    node's jobs under `cgroupfs` and `procfs`."""
     commands = SlurmCommands(scfg.conf, scfg.bin_dir, scfg.timeout_s)
     if scfg.enabled is False or (scfg.enabled == "auto" and not slurm_here(commands)):
         return None
+    local = None
+    if getattr(scfg, "discovery", "squeue") == "local":
+        from .slurmlocal import LocalJobs
+
+        local = LocalJobs(commands, scfg.spool_dir, cgroupfs=cgroupfs, procfs=procfs,
+                          per_minute=scfg.lookups_per_minute, burst=scfg.lookup_burst)
     return SlurmMetadata(node, commands, use_pyslurm=scfg.pyslurm, write_back=scfg.write_back,
-                         write_back_interval_s=scfg.write_back_interval_s)
+                         write_back_interval_s=scfg.write_back_interval_s, local=local)

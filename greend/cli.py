@@ -303,6 +303,7 @@ COMMAND_MODULES = {
     "measure": "greend.cli", "config": "greend.cli", "jobs": "greend.cli",
     "run": "greend.daemon_cli", "controller": "greend.daemon_cli", "metrics-doc": "greend.daemon_cli",
     "report": "greend.slurm_acct_cli", "slurm": "greend.slurm_acct_cli",
+    "slurmd-hook": "greend.slurmd_hook",
     "estimate": "greend.policies.cli", "route": "greend.policies.cli", "submit": "greend.policies.cli",
     "tui": "greend.tui.cli",
     "completion": "greend.clidoc", "man": "greend.clidoc", "share": "greend.clidoc",
@@ -356,9 +357,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from greend.policies import cli as policies_cli
         from greend.tui import cli as tui_cli
 
-        from . import clidoc, daemon_cli, slurm_acct_cli
+        from . import clidoc, daemon_cli, slurm_acct_cli, slurmd_hook
 
-        for module in (daemon_cli, slurm_acct_cli, policies_cli, tui_cli, clidoc):
+        for module in (daemon_cli, slurm_acct_cli, slurmd_hook, policies_cli, tui_cli, clidoc):
             module.add_commands(sub)
     elif only != "greend.cli":
         import importlib

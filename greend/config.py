@@ -194,6 +194,17 @@ class Slurm(_Model):
     Slurm refuses to update a job that has finished; one scontrol call per job each time."""
     pyslurm: bool = True
     """Use pyslurm when it is installed and built for the running Slurm release (else commands)."""
+    discovery: Literal["local", "squeue"] = "local"
+    """How the node learns its jobs. local: from slurmd's Prolog/Epilog hook (`greend slurmd-hook`)
+    and the job cgroups or process environments, asking slurmctld about one job at a time by id
+    (`scontrol show job`), at most lookups_per_minute; squeue: the whole queue (`squeue --json`, or
+    pyslurm) every refresh_s, one full dump per node, which a large cluster's slurmctld feels."""
+    spool_dir: Path = Path("/run/greend/slurm-jobs")
+    """Where `greend slurmd-hook prolog|epilog` leaves its records (root-owned, mode 700)."""
+    lookups_per_minute: Annotated[float, Field(gt=0, le=6000)] = 12.0
+    """Local discovery: by-id questions to slurmctld per minute on average (a token bucket)."""
+    lookup_burst: Annotated[int, Field(ge=1, le=10000)] = 30
+    """Local discovery: by-id questions allowed at once (when many jobs start together)."""
 
 
 class Controller(_Model):

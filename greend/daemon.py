@@ -54,7 +54,8 @@ class Daemon(Service):
         # Jobs the ledger says are running: the monitor's resume closes them after a reboot, in
         # a transaction of its own, and site mode must still send those final records.
         running_before = {r.pk for r in self.ledger.running_jobs(cfg.node_name)}
-        self.slurm = slurm_metadata(cfg.slurm, cfg.node_name)  # None: no Slurm on this node
+        # None: no Slurm on this node
+        self.slurm = slurm_metadata(cfg.slurm, cfg.node_name, cfg.paths.cgroupfs, cfg.paths.procfs)
         self.monitor = Monitor(cfg, self.ledger, slurm=self.slurm)
         self.ended: dict[str, tuple[float, object]] = {}  # key -> (ended at, Account), for /metrics
         self.checkpoint_errors = 0

@@ -64,8 +64,11 @@ class SlurmLifecycle:
             if u.kind != "slurm" or (u.cluster or self.books.cluster) != self.books.cluster:
                 continue
             info = meta.get(u.job_id)
+            # Local discovery: what the node's Prolog hook said (identity, no submit time) until
+            # slurmctld has been asked; the record keeps its provisional identity meanwhile.
+            partial = info is not None and not info.submit_time
             acc = self.books.accounts.get(u.key)
-            if acc is not None and info is not None and not _same_job(acc.row, info):
+            if acc is not None and info is not None and not partial and not _same_job(acc.row, info):
                 # Another job under this id (ids restart when a controller loses its state): close
                 # the old account; the new job's use never goes into it.
                 log.info("job %s: Slurm shows another job under this id (submitted %s); closing "
@@ -73,10 +76,10 @@ class SlurmLifecycle:
                 self.books.end(u.key, acc.row.last_seen, acc.row.last_seen)
                 acc = None
             if acc is None:
-                if info is not None and self._was_ended(u.job_id, info.submit_time):
+                if info is not None and not partial and self._was_ended(u.job_id, info.submit_time):
                     info = None  # a stale entry: that job was already closed here
                 acc = self.books.account_for(u, t)
-                if info is None:
+                if info is None or partial:
                     # Provisional identity until Slurm's metadata arrives (the row is then fixed
                     # by its pk): two jobs' footprints are never merged under an unknown identity.
                     acc.row.submit_time = int(acc.row.first_seen)
@@ -84,7 +87,12 @@ class SlurmLifecycle:
             if info is None:
                 if u.job_id not in self._asked:
                     self._asked.add(u.job_id)
+                    meta.want(u.job_id)
                     ask = True
+                continue
+            if partial:
+                if fresh or acc.row.user != info.user:
+                    self._apply(acc, info)
                 continue
             if fresh or acc.row.submit_time != info.submit_time or "provisional" in (acc.row.meta or {}):
                 self._apply(acc, info)
@@ -102,16 +110,21 @@ class SlurmLifecycle:
 
     def _apply(self, acc: Account, info: SlurmJob) -> None:
         row = acc.row
-        meta = {k: v for k, v in (row.meta or {}).items() if k != "provisional"}
-        meta["slurm_state"] = info.state
+        partial = not info.submit_time  # the Prolog hook's identity: the submit time is not known
+        meta = {k: v for k, v in (row.meta or {}).items() if partial or k != "provisional"}
+        if info.state:
+            meta["slurm_state"] = info.state
         if info.cluster:
             meta["slurm_cluster"] = info.cluster
         if info.start_time:
             meta["start_time"] = info.start_time
         new = {
-            "submit_time": info.submit_time, "user": info.user or row.user,
-            "uid": info.uid if info.uid is not None else row.uid, "account": info.account,
-            "partition": info.partition, "name": info.name,
+            "submit_time": row.submit_time if partial else info.submit_time, "user": info.user or row.user,
+            "uid": info.uid if info.uid is not None else row.uid,
+            # the hook gives what slurmd passes on: keep what is known where it gives nothing
+            "account": info.account or row.account if partial else info.account,
+            "partition": info.partition or row.partition if partial else info.partition,
+            "name": info.name or row.name if partial else info.name,
             "alloc_cpus": info.alloc_cpus or row.alloc_cpus,
             "alloc_mem_bytes": info.alloc_mem_bytes or row.alloc_mem_bytes,
             "alloc_gpus": info.alloc_gpus if info.alloc_gpus is not None else row.alloc_gpus,
@@ -138,6 +151,7 @@ class SlurmLifecycle:
             for k in sorted(self._ended_ids, key=self._ended_ids.__getitem__)[:10000]:
                 del self._ended_ids[k]
         self._asked.discard(row.job_id)
+        self.meta.ended_here(row.job_id)
         self._closing.append(acc)
 
     def _finish(self, t: float, fresh: bool) -> None:

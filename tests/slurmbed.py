@@ -12,8 +12,9 @@ submitted as the unprivileged user greendtest (uid 4242) and run in /tmp.
 
 Accounting: the clusters report to slurmdbd (local and site to one, national to another), so
 `tb.sacct(cluster, job_id)` reads a finished job's record. Hooks: slurmctld's EpilogSlurmctld and
-MailProg run <base>/<cluster>/etc/{epilog-slurmctld,mailprog}.hook when a test installs one
-(`with tb.hook("site", "mailprog", script): ...`), with SLURM_CONF set.
+MailProg, and slurmd's Prolog and Epilog, run <base>/<cluster>/etc/<name>.hook (epilog-slurmctld,
+mailprog, prolog, epilog) when a test installs one (`with tb.hook("site", "mailprog", script): ...`),
+with SLURM_CONF set.
 
 Two testbeds on one host: set GREEND_TESTBED_DIR and GREEND_TESTBED_PORT_BASE (the script's
 own variables; job ids then start at (PORT_BASE - 16800) * 100 + 1, so their cgroups differ).
@@ -290,8 +291,9 @@ class Testbed:
 
     @contextlib.contextmanager
     def hook(self, cluster: str, name: str, script: str):
-        """Install etc/<name>.hook (name: "epilog-slurmctld" or "mailprog") for the block."""
-        if name not in ("epilog-slurmctld", "mailprog"):
+        """Install etc/<name>.hook (name: "epilog-slurmctld", "mailprog", or slurmd's "prolog" and
+        "epilog", run on every node with SLURMD_NODENAME set) for the block."""
+        if name not in ("epilog-slurmctld", "mailprog", "prolog", "epilog"):
             raise ValueError(f"unknown hook {name!r}")
         path = self.base / cluster / "etc" / f"{name}.hook"
         tmp = path.with_suffix(".tmp")

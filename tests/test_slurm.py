@@ -631,7 +631,8 @@ def test_daemon_with_a_broken_squeue_on_path(tmp_path, monkeypatch, squeue, reas
                   "cgroupfs": str(tmp_path / "cgroup")},
         "attribution": {"jobs_from": "cgroup"},
         "power": {"rapl": False},
-        "slurm": {"timeout_s": 1, "conf": str(tmp_path / "slurm.conf")},
+        # the whole-queue mode, which this test is about (local discovery: test_discovery.py)
+        "slurm": {"timeout_s": 1, "conf": str(tmp_path / "slurm.conf"), "discovery": "squeue"},
         "clusters": {"c1": {}},
     })
     d = Daemon(cfg, listen="127.0.0.1:0", socket_path=None)
