@@ -3,10 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("torch", reason="torch is not installed: pip install -e '.[integrations-test]'")
@@ -134,21 +130,3 @@ def test_a_broken_run_never_breaks_training(tmp_path, caplog):
     assert not epoch_entries(trainer.state.log_history, "greend/energy_j")
     warnings = [r for r in caplog.records if r.name == "greend" and r.levelname == "WARNING"]
     assert len(warnings) == 1 and "no counters at all" in warnings[0].getMessage()
-
-
-def test_import_greend_does_not_import_the_integrations():
-    code = ("import sys, greend; bad = [m for m in ('transformers', 'lightning', 'torch', "
-            "'greend.integrations', 'greend.notebook', 'IPython') if m in sys.modules]; print(bad)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
-
-
-def test_missing_library_names_the_package_to_install(tmp_path):
-    # A directory first on sys.path whose `transformers` cannot be imported, as if not installed.
-    (tmp_path / "transformers").mkdir()
-    (tmp_path / "transformers" / "__init__.py").write_text("raise ImportError('no transformers')\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", "import greend.integrations.transformers"],
-                         capture_output=True, text=True, env=env)
-    assert out.returncode != 0
-    assert "pip install transformers" in out.stderr
