@@ -276,6 +276,8 @@ class Api:
                                       strict=True):
             d = report.footprint_dict(r, factors)
             d["series"] = [p.to_dict() for p in series]
+            if detail.node_phases and detail.node_phases[len(records)]:
+                d["phases"] = detail.node_phases[len(records)]  # greend.track's, in order
             if detail.decision is not None:  # the routing decision that submitted the job
                 d["decision"] = detail.decision
             records.append(d)

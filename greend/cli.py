@@ -193,7 +193,8 @@ def cmd_jobs(args) -> int:
         rows = ledger.get_job(cluster or cfg.cluster, job_id)
         if not rows:
             return _fail(f"jobs: no job {args.job!r} in {ledger.path}", 1)
-        out = [report.footprint_dict(r, ledger.factor_sets_of(r.pk)) for r in rows]
+        out = [_with_phases(ledger, r, report.footprint_dict(r, ledger.factor_sets_of(r.pk)))
+               for r in rows]
         if args.json:
             print(json.dumps(out if len(out) > 1 else out[0], indent=2))
         else:
@@ -209,8 +210,8 @@ def cmd_jobs(args) -> int:
         limit=args.limit, per="record"), time.time())
     rows = page.jobs
     if args.json:
-        print(json.dumps([report.footprint_dict(r, ledger.factor_sets_of(r.pk)) for r in rows],
-                         indent=2))
+        print(json.dumps([_with_phases(ledger, r, report.footprint_dict(r, ledger.factor_sets_of(r.pk)))
+                          for r in rows], indent=2))
         return 0
     if not rows:
         print(f"no jobs{' of ' + user if user else ''} in {ledger.path}")
@@ -220,6 +221,16 @@ def cmd_jobs(args) -> int:
                            stale_s=stale_s, now=time.time()):
         print(line)
     return 0
+
+
+def _with_phases(ledger, row, d: dict) -> dict:
+    """A record's JSON with its phases (greend.track's run.phase), when it has any."""
+    from . import phases
+
+    ph = phases.of_job(ledger.db, row.pk)
+    if ph:
+        d["phases"] = ph
+    return d
 
 
 def jobs_table(rows, cluster: str, *, show_user: bool, stale_s: float, now: float) -> list[str]:

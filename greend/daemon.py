@@ -18,7 +18,7 @@ from pathlib import Path
 
 from greend.collectors.slurm import from_config as slurm_metadata
 
-from . import agent, decisions, route_api, sdnotify
+from . import agent, decisions, phases, route_api, sdnotify
 from . import config as config_mod
 from .errors import DaemonError, LedgerError, SiteError
 from .exporter import LedgerMetrics, NodeCollector, Snapshot
@@ -70,9 +70,11 @@ class Daemon(Service):
         self._series_mtime = self._series_mtimes()
         self.node = self.monitor.node
         self.max_body = cfg.daemon.decision_max_bytes  # the one body a node takes: a decision
-        # The only write a node takes over HTTP: routing decisions, from their own users.
+        # The writes a node takes over HTTP: routing decisions from their own users, and phase
+        # boundaries of a user's own running job (greend.track, greend/phases.py).
         self.routes: dict = {("POST", decisions.DECISIONS_PATH): self.post_decision,
-                             ("POST", route_api.ROUTE_PATH): self.post_route}
+                             ("POST", route_api.ROUTE_PATH): self.post_route,
+                             ("POST", phases.PHASES_PATH): phases.Endpoint(self).post}
         self.decision_rate = decisions.RateLimit(cfg.daemon.decisions_per_minute)
         # POST /api/v1/route's policy router, injected by the composition root (daemon_cli.py).
         self.router = None

@@ -117,6 +117,18 @@ MIGRATIONS: list[str] = [
     CREATE INDEX IF NOT EXISTS decisions_job ON decisions (cluster, job_id);
     CREATE INDEX IF NOT EXISTS decisions_user ON decisions (user, t);
     """,
+    # 4: phases of a job or a tracked run (greend.track's run.phase, POST /api/v1/phases):
+    # each phase's figures from its start to its end (t_end NULL: open, figures so far).
+    """
+    CREATE TABLE IF NOT EXISTS job_phases (
+        job_pk INTEGER NOT NULL REFERENCES jobs (pk),
+        seq INTEGER NOT NULL, name TEXT NOT NULL, t_start REAL NOT NULL, t_end REAL,
+        cpu_j REAL NOT NULL, dram_j REAL NOT NULL, gpu_j REAL NOT NULL, memory_j REAL NOT NULL,
+        facility_j REAL NOT NULL, carbon_g REAL NOT NULL, water_site_l REAL NOT NULL,
+        water_offsite_l REAL NOT NULL, cpu_time_ns INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (job_pk, seq)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 

@@ -14,6 +14,7 @@ import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from . import phases
 from .ledger import JobRow
 from .report import SLURM_FAILED, SLURM_OK, outcome_of, slurm_state  # noqa: F401 - read here too
 
@@ -126,6 +127,8 @@ class JobDetail:
     decision: dict | None = None
     node_series: list[list[SeriesPoint]] = field(default_factory=list)
     node_factors: list[list[dict]] = field(default_factory=list)
+    node_phases: list[list[dict]] = field(default_factory=list)
+    """Per record: its phases (greend.track's run.phase, POST /api/v1/phases), in order."""
 
 
 @dataclass(slots=True)
@@ -444,6 +447,7 @@ def job_detail(db: sqlite3.Connection, cluster: str, job_id: str, *, user: str |
         decision_for(db, cluster, job_id, users={r.user for r in rows}),
         node_series=[per_pk[pk] for pk in pks],
         node_factors=[factors_pk[pk] for pk in pks],
+        node_phases=[phases.of_job(db, pk) for pk in pks],
     )
 
 

@@ -19,7 +19,7 @@ def test_migration_3_on_a_ledger_where_submit_created_the_decisions_table(tmp_pa
     db.commit()
     db.close()
     led = Ledger(path)
-    assert led.schema_version == len(MIGRATIONS) == 3
+    assert led.schema_version == len(MIGRATIONS) == 4
     assert led.db.execute("SELECT token FROM decisions").fetchall()[0][0] == "x"
     led.close()
     fresh = Ledger(tmp_path / "fresh.sqlite")
