@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fixtures import make_rapl
+from fixtures import make_rapl, write_in_place
 
 
 def greend_env(monkeypatch, tmp_path: Path) -> Path:
@@ -23,13 +23,13 @@ class BreakableRapl:
     files: list[Path]
 
     def break_counters(self) -> None:
+        # In place (the collector keeps its descriptors open): the next read cannot be parsed.
         for f in self.files:
-            if f.exists():
-                f.unlink()
+            write_in_place(f, "garbage\n")
 
 
 def broken_rapl_config(monkeypatch, tmp_path: Path) -> BreakableRapl:
-    """A configuration whose sysfs is a fake RAPL tree; break_counters() removes its counters."""
+    """A configuration whose sysfs is a fake RAPL tree; break_counters() makes its counters unreadable."""
     rapl = make_rapl(tmp_path / "sys", packages=1, dram=False, mmio=False, psys=False)
     cfg = tmp_path / "greend.toml"
     cfg.write_text(f'[paths]\nsysfs = "{tmp_path / "sys"}"\n')

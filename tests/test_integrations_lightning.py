@@ -36,7 +36,7 @@ class Tiny(pl.LightningModule):
 def fit(tmp_path, *callbacks, module=None, epochs: int = 2):
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    x = torch.randn(64, 8)
+    x = torch.randn(1024, 8)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True)),
                                        batch_size=8)
     logger = pl.loggers.CSVLogger(tmp_path / "logs", name="tiny")
@@ -76,7 +76,7 @@ def test_epochs_logged_to_the_logger_and_totals_at_the_end(tmp_path):
     total = float(totals[0]["greend/total_energy_j"])
     assert total == pytest.approx(cb.footprint.it_energy_j)
     summed = sum(float(r["greend/energy_j"]) for r in epochs)
-    assert 0.5 * total <= summed <= total * 1.0001, (summed, total)
+    assert 0.8 * total <= summed <= total * 1.0001, (summed, total)
 
 
 def test_a_failing_counter_never_breaks_fit(tmp_path, monkeypatch):
