@@ -198,7 +198,7 @@ def cmd_jobs(args) -> int:
         if args.json:
             print(json.dumps(out if len(out) > 1 else out[0], indent=2))
         else:
-            print("\n".join(report.text(d) for d in out), end="")
+            print("\n".join(report.text(d) + _phases_text(d) for d in out), end="")
         return 0
     since = time.time() - args.since_hours * 3600 if args.since_hours else None
     user = None if args.all_users else (args.user or _me())
@@ -231,6 +231,19 @@ def _with_phases(ledger, row, d: dict) -> dict:
     if ph:
         d["phases"] = ph
     return d
+
+
+def _phases_text(d: dict) -> str:
+    """A record's phases under its report (greend.track's run.phase), one line each."""
+    from . import units as u
+
+    lines = [f"\nPhases\n  {'PHASE':28s} {'ELAPSED':>9s} {'IT ENERGY':>10s} {'CO2E':>11s} "
+             f"{'WATER':>9s}"] if d.get("phases") else []
+    for p in d.get("phases", []):
+        el = u.duration(p["elapsed_s"]) if p["elapsed_s"] is not None else "open"
+        lines.append(f"  {p['name'][:28]:28s} {el:>9s} {u.energy(p['energy_j']['it']):>10s} "
+                     f"{u.carbon(p['carbon_g']):>11s} {u.water(p['water_l']['total']):>9s}")
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def jobs_table(rows, cluster: str, *, show_user: bool, stale_s: float, now: float) -> list[str]:

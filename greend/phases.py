@@ -53,6 +53,14 @@ class Books:
         return (self.cpu_j, self.dram_j, self.gpu_j, self.memory_j, self.facility_j,
                 self.carbon_g, self.water_site_l, self.water_offsite_l)
 
+    def at_least(self, other: Books | None) -> Books:
+        """These books, each figure no lower than other's: cumulative books never go back, even
+        when a boundary's extrapolation ran ahead of what the next reading then measured."""
+        if other is None:
+            return self
+        return Books(self.t, *(max(a, b) for a, b in zip(self.values(), other.values(), strict=True)),
+                     cpu_s=max(self.cpu_s, other.cpu_s))
+
     def scaled(self, k: float, t: float) -> Books:
         return Books(t, *(v * k for v in self.values()), cpu_s=self.cpu_s)
 
@@ -111,6 +119,14 @@ class TooMany(ValueError):
 class JobPhases:
     phases: list[Phase] = field(default_factory=list)
     dirty: bool = False
+
+    @property
+    def last(self) -> Books | None:
+        """The books at the latest boundary."""
+        if not self.phases:
+            return None
+        p = self.phases[-1]
+        return p.end or p.start
 
     @property
     def open(self) -> Phase | None:
@@ -175,7 +191,7 @@ def of_job(db, job_pk: int) -> list[dict]:
     for r in cur.fetchall():
         r = dict(zip(cols, r, strict=True))
         d = Books(0.0, r["cpu_j"], r["dram_j"], r["gpu_j"], r["memory_j"], r["facility_j"],
-                  r["carbon_g"], r["water_site_l"], r["water_offsite_l"], r["cpu_time_ns"] / 1e9)
+                  r["carbon_g"], r["water_site_l"], r["water_offsite_l"], (r.get("cpu_time_ns") or 0) / 1e9)
         out.append(phase_json(r["seq"], r["name"], r["t_start"], r["t_end"], d))
     return out
 
@@ -297,8 +313,10 @@ class Endpoint:
             job = footprint_dict(acc.row, [])["job"]
             factors = [mon.factors.at(t).to_dict()]
         ended = new = None
-        if end:
-            with self.lock:
+        with self.lock:
+            jp = self.jobs.get(key)
+            books = books.at_least(jp.last if jp is not None else None)
+            if end:
                 jp = self.jobs.setdefault(key, JobPhases())
                 ended = jp.open
                 try:
@@ -319,7 +337,7 @@ class Endpoint:
                 jp = self.jobs.get(acc.key)
                 if jp is None or acc.row.pk is None:
                     continue
-                now = Books.of_row(acc.row, acc.row.last_seen)
+                now = Books.of_row(acc.row, acc.row.last_seen).at_least(jp.last)
                 done = acc.row.state == "ended"
                 if done and jp.open is not None:
                     jp.boundary(None, now)

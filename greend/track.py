@@ -16,7 +16,7 @@ import types
 from _thread import RLock
 from dataclasses import dataclass, field
 
-from .phases import SOURCES, Books
+from .phases import MAX_NAME, SOURCES, Books
 
 # json, logging, functools and http.client load where used: `import greend` + greend.track(...)
 # stays within a few milliseconds of the interpreter's own start (bench/bench_track.py).
@@ -197,7 +197,7 @@ class Run:
         except Exception as e:  # never into the user's code
             self._degrade(f"{type(e).__name__}: {e}")
         last = self._start or Books(time.time())
-        return Books(time.time(), *last.values()) if b is None else b.last_books(last)
+        return Books(time.time(), *last.values(), cpu_s=last.cpu_s) if b is None else b.last_books(last)
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> Run:
@@ -232,8 +232,10 @@ class Run:
         return self.footprint
 
     def phase(self, name: str) -> Phase:
-        """End the current phase (if any) and start `name`."""
-        name = str(name)
+        """End the current phase (if any) and start `name` (at most MAX_NAME characters, control
+        characters as spaces: what the daemon and the ledger take)."""
+        name = "".join(" " if ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF else c
+                       for c in str(name)).strip()[:MAX_NAME] or "phase"
         with self._lock:
             if self._backend is None:
                 self.start()

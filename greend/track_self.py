@@ -16,18 +16,14 @@ from .phases import Books, JobPhases, put
 WRITE_EVERY_S = 2.0  # as `greend measure`: the running row is at most this old in the ledger
 
 
-def load_config(state_dir=None):
-    """The configuration in force (as `greend measure` reads it), with state_dir if given. The one
-    place a tracked run reads the configuration: a lighter, cached view replaces it later."""
-    from pathlib import Path
-
+def load_config():
+    """The configuration in force, as `greend measure` reads it. The one place a tracked run reads
+    the configuration (a cached view without pydantic can replace it here); the result is only
+    read, never changed."""
     from . import config
 
     path, _ = config.locate(None)
-    cfg = config.load(path)
-    if state_dir is not None:
-        cfg._state_dir_flag = Path(state_dir)
-    return cfg
+    return config.load(path)
 
 
 def _own(procfs: str) -> tuple[int, int]:
@@ -88,13 +84,25 @@ class SelfBackend:
         self.acc = None
         self.jp = JobPhases()
         self.t_call = time.time()
+        self.pid = os.getpid()
         self.error: str | None = None
         self.last: Books | None = None
         self.thread = threading.Thread(target=self._main, name="greend-track", daemon=True)
 
     def begin(self) -> Books:
+        import atexit
+
+        # A run still open when the interpreter exits is stopped then, so that its record in the
+        # ledger ends (as `greend measure` ends a command's) instead of staying "running".
+        atexit.register(self._at_exit)
         self.thread.start()
         return Books(self.t_call)
+
+    def _at_exit(self) -> None:
+        # Not in a forked child that exits normally: the run, its thread and its ledger
+        # connection are the parent's.
+        if self.run.running and os.getpid() == self.pid:
+            self.run.stop()
 
     # -- the sampler thread ---------------------------------------------------------------------
     def _setup(self) -> None:
@@ -102,12 +110,15 @@ class SelfBackend:
         from .monitor import Monitor
 
         run = self.run
-        cfg = load_config(run.state_dir)
+        cfg = load_config()
         if run.record:
+            from pathlib import Path
+
             from .ledger import Ledger, default_path
 
+            state = Path(run.state_dir) if run.state_dir is not None else cfg.resolved_state_dir()
             try:
-                self.ledger = Ledger(default_path(cfg.resolved_state_dir()))
+                self.ledger = Ledger(default_path(state))
             except Exception as e:
                 run._degrade(f"not recorded in the ledger: {e}")
         tree = _process_tree(str(cfg.paths.procfs), cfg.cluster)
@@ -212,6 +223,9 @@ class SelfBackend:
         return self.last or last
 
     def finish(self, phase_open: bool) -> Books:
+        import atexit
+
+        atexit.unregister(self._at_exit)
         self.stopping.set()
         if not self._wait():
             self.thread.join(5)

@@ -325,11 +325,11 @@ def test_disk_full_then_space_again(tmp_path):
             g.start()
             wait_for(lambda: g.job(job), what="the job in the ledger")
             filler = mnt / "filler"
-            with open(filler, "wb") as f:
+            # Unbuffered: a buffered file would raise ENOSPC again when closed, flushing the rest.
+            with open(filler, "wb", buffering=0) as f:
                 try:
                     while True:
                         f.write(b"\0" * 65536)
-                        f.flush()
                 except OSError:
                     pass
             wait_for(lambda: g.reasons("ledger checkpoint failing"), 30,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -149,6 +150,12 @@ def test_a_run_outside_slurm_is_recorded_in_the_ledger_with_its_phases(tmp_path)
         assert e["it"] == pytest.approx(ph[1], rel=1e-6)
         assert s["carbon_g"] == pytest.approx(ph[2], rel=1e-6)
         assert e["it"] == pytest.approx(e["cpu"] + e["dram"] + e["gpu"] + e["memory"])
+    # `greend jobs CLUSTER/ID` shows the phases under the report.
+    r = subprocess.run([GREEND, "jobs", f"{rec['job']['cluster']}/{rec['job']['job_id']}"],
+                       capture_output=True, text=True, env=_env(tmp_path), timeout=60)
+    assert r.returncode == 0, r.stderr
+    table = r.stdout[r.stdout.index("\nPhases\n"):].splitlines()
+    assert [line.split()[0] for line in table[3:]] == ["train", "eval"]
     f = rec["factors"][0]
     assert stored[0]["carbon_g"] == pytest.approx(
         stored[0]["energy_j"]["it"] / 3.6e6 * f["pue"] * f["carbon_intensity_g_per_kwh"], rel=1e-6)
@@ -214,6 +221,12 @@ def test_a_failing_counter_degrades_and_never_raises(tmp_path, monkeypatch, capl
     assert run.stop() == fp  # idempotent
     after = run.phase("after stop")  # degrades, does not raise
     assert after.ended and after.footprint.it_energy_j == 0
+    # Recorded in the ledger of the state_dir given, with both phases, not elsewhere.
+    db = sqlite3.connect(tmp_path / "state" / "ledger.sqlite")
+    (state,), = db.execute("SELECT state FROM jobs WHERE name = 'flaky'").fetchall()
+    names = [r[0] for r in db.execute("SELECT name FROM job_phases ORDER BY seq")]
+    db.close()
+    assert state == "ended" and names == ["good", "bad"]
 
 
 def test_nothing_to_measure_still_runs_the_code(tmp_path, monkeypatch, caplog):
@@ -229,3 +242,22 @@ def test_nothing_to_measure_still_runs_the_code(tmp_path, monkeypatch, caplog):
     fp = run.footprint
     assert fp.it_energy_j == 0 and fp.degraded and "interval_s" in fp.degraded[0]
     assert p.ended and fp.end is not None
+
+
+def test_a_run_left_open_ends_at_exit_and_phase_names_are_bounded(tmp_path):
+    r = _py(tmp_path, """
+        import greend
+        run = greend.track("left-open")
+        run.start()
+        run.phase("x" * 500)
+        run.phase("tab\\there\\nnewline")
+        print(run.phases[0].name == "x" * 200, run.phases[1].name)
+    """)  # no stop(): the interpreter's exit ends the run
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True tab here newline"
+    rec, = [j for j in _jobs(tmp_path) if j["job"]["name"] == "left-open"]
+    assert rec["job"]["state"] == "ended" and rec["job"]["exit_code"] == 0
+    assert [p["name"] for p in rec["phases"]] == ["x" * 200, "tab here newline"]
+    assert all(p["end"] is not None for p in rec["phases"])
+    check_schema(rec)
+
