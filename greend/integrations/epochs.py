@@ -3,6 +3,7 @@ figures as flat metrics for a trainer's logs, and no exception ever reaching the
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,24 @@ def total_metrics(fp: Footprint) -> dict[str, float]:
     return metrics(fp, prefix=f"{PREFIX}total_")
 
 
+def guarded(what: str):
+    """A callback's hook that never raises into the training loop: a failure goes to the
+    callback's `books.failed` (one warning)."""
+
+    def wrap(hook):
+        @functools.wraps(hook)
+        def guarded_hook(self, *args, **kwargs):
+            try:
+                return hook(self, *args, **kwargs)
+            except Exception as exc:
+                self.books.failed(what, exc)
+                return None
+
+        return guarded_hook
+
+    return wrap
+
+
 class EpochBooks:
     """Opens a greend run (or uses the caller's), a phase per epoch, and hands back each epoch's
     metrics. Every call swallows greend's own errors: a failure is logged once and the books go on
@@ -51,7 +70,8 @@ class EpochBooks:
         """The run's final footprint, once training has ended."""
         self._warned = False
 
-    def _failed(self, what: str, exc: BaseException) -> None:
+    def failed(self, what: str, exc: BaseException) -> None:
+        """greend (or the trainer's logging of its figures) failed at `what`: say so, never raise."""
         # One warning per callback: a counter that fails every epoch must not flood the training log.
         if not self._warned:
             self._warned = True
@@ -72,7 +92,7 @@ class EpochBooks:
                 self.run = track(**args)
             self.run.start()  # idempotent: a run the caller gave may already be running
         except Exception as exc:
-            self._failed("starting the run", exc)
+            self.failed("starting the run", exc)
 
     def epoch_begin(self, epoch: int) -> None:
         try:
@@ -80,7 +100,7 @@ class EpochBooks:
                 self.phase = self.run.phase(f"epoch {epoch}")
         except Exception as exc:
             self.phase = None
-            self._failed(f"opening epoch {epoch}", exc)
+            self.failed(f"opening epoch {epoch}", exc)
 
     def epoch_end(self) -> dict[str, float]:
         """The epoch ends: its metrics, or {} when greend could not measure it."""
@@ -91,7 +111,7 @@ class EpochBooks:
             phase.end()
             m = metrics(phase.footprint)
         except Exception as exc:
-            self._failed("closing the epoch", exc)
+            self.failed("closing the epoch", exc)
             return {}
         self.epochs.append(m)
         return m
@@ -107,5 +127,5 @@ class EpochBooks:
             self.footprint = fp
             self.totals = total_metrics(fp)
         except Exception as exc:
-            self._failed("stopping the run", exc)
+            self.failed("stopping the run", exc)
         return self.totals

@@ -51,7 +51,7 @@ class _Hooks:
             # trainer.callback_metrics has them (a ModelCheckpoint may monitor greend/energy_j).
             pl_module.log_dict(m, on_step=False, on_epoch=True)
         except Exception as exc:
-            self.books._failed("logging the epoch", exc)
+            self.books.failed("logging the epoch", exc)
 
     def on_train_end(self, trainer, pl_module) -> None:
         totals = self.books.end()
@@ -61,7 +61,7 @@ class _Hooks:
             for logger in trainer.loggers:
                 logger.log_metrics(totals, step=trainer.global_step)
         except Exception as exc:
-            self.books._failed("logging the totals", exc)
+            self.books.failed("logging the totals", exc)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Training died: stop the run (and its sampling) so that it is recorded as far as it went.

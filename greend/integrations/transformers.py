@@ -10,7 +10,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
         "greend.integrations.transformers needs Hugging Face transformers: pip install transformers"
     ) from exc
 
-from greend.integrations.epochs import EpochBooks
+from greend.integrations.epochs import EpochBooks, guarded
 
 
 class GreendCallback(TrainerCallback):
@@ -46,10 +46,12 @@ class GreendCallback(TrainerCallback):
         self._pending, self._last_log_step = {}, None
         self.books.begin(default_name=_run_name(args))
 
+    @guarded("opening the epoch")
     def on_epoch_begin(self, args, state, control, **kwargs):
         self._flush(state)
         self.books.epoch_begin(_epoch_index(state))
 
+    @guarded("logging the epoch")
     def on_epoch_end(self, args, state, control, **kwargs):
         m = self.books.epoch_end()
         if not m:
@@ -64,6 +66,7 @@ class GreendCallback(TrainerCallback):
             self._pending = m
             control.should_log = True
 
+    @guarded("logging the epoch")
     def on_log(self, args, state, control, logs=None, **kwargs):
         self._last_log_step = state.global_step
         if not self._pending or logs is None:
@@ -75,6 +78,7 @@ class GreendCallback(TrainerCallback):
             history[-1].update(self._pending)
         self._pending = {}
 
+    @guarded("logging the totals")
     def on_train_end(self, args, state, control, **kwargs):
         self._flush(state)
         totals = self.books.end()
