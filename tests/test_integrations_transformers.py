@@ -1,7 +1,12 @@
 """GreendCallback in a real `transformers.Trainer`: a tiny BERT built from a config (1 layer, hidden
-16), a few dozen synthetic samples, 2 epochs on the CPU; no download from the hub."""
+16), 192 synthetic samples, 2 epochs on the CPU; no download from the hub."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +84,16 @@ def test_epochs_logged_positive_and_summing_to_the_run(tmp_path):
         assert 0.8 * total <= summed <= total * 1.0001, (key, summed, total)
     assert [m["greend/energy_j"] for m in cb.epochs] == [e["greend/energy_j"] for e in epochs]
     assert not fp.degraded
+
+    # The run is in the user's ledger, as `greend jobs` shows it: named, booked to the project,
+    # its epochs as phases with the figures the Trainer logged.
+    out = subprocess.run([str(Path(sys.executable).with_name("greend")), "jobs", "--json"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    [rec] = [j for j in json.loads(out.stdout) if j["job"]["name"] == "tiny-bert"]
+    assert rec["job"]["account"] == "tests" and rec["job"]["state"] == "ended"
+    assert [p["name"] for p in rec["phases"]] == ["epoch 0", "epoch 1"]
+    for p, e in zip(rec["phases"], epochs, strict=True):
+        assert p["energy_j"]["it"] == pytest.approx(e["greend/energy_j"], rel=1e-5)
 
 
 def test_epoch_end_on_a_step_already_logged(tmp_path):
