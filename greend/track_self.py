@@ -161,6 +161,18 @@ class SelfBackend:
                 (self.jp.dirty or self.jp.open is not None):
             put(db, self.acc.row.pk, self.jp, Books.of_row(self.acc.row, self.acc.row.last_seen))
 
+    def _coarsen(self) -> None:
+        """As `greend measure`: a long run's stored series keeps about measure.MAX_POINTS points."""
+        from .measure import _coarsen, series_step
+
+        mon, acc = self.monitor, self.acc
+        step = series_step(self.run.interval_s, time.time() - acc.row.first_seen)
+        if step != mon.job_series_step_s:
+            try:
+                _coarsen(mon, self.ledger, acc, step)
+            except Exception as e:
+                self.run._degrade(f"ledger write failed: {e}")
+
     def _checkpoint(self) -> None:
         try:
             self.monitor.checkpoint()
@@ -200,6 +212,7 @@ class SelfBackend:
                 try:
                     self._tick()
                     if self.ledger is not None and time.monotonic() - last_write >= WRITE_EVERY_S:
+                        self._coarsen()
                         self._checkpoint()
                         last_write = time.monotonic()
                 except Exception as e:
@@ -242,6 +255,7 @@ class SelfBackend:
                 row.first_seen = min(row.first_seen, self.t_call)
                 self._job()
                 if self.ledger is not None:
+                    self._coarsen()
                     self._checkpoint()
             finally:
                 mon.close()

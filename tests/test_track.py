@@ -261,3 +261,20 @@ def test_a_run_left_open_ends_at_exit_and_phase_names_are_bounded(tmp_path):
     assert all(p["end"] is not None for p in rec["phases"])
     check_schema(rec)
 
+
+
+def test_a_long_run_keeps_a_bounded_series_as_measure_does(tmp_path):
+    # 0.05 s sampling for 7 s is more than measure.MAX_POINTS (120) points: the stored series
+    # moves to the next coarser step (1 s), the part already stored merged into it.
+    r = _py(tmp_path, """
+        import time, greend
+        with greend.track("long", interval_s=0.05):
+            time.sleep(7)
+    """)
+    assert r.returncode == 0, r.stderr
+    rec, = [j for j in _jobs(tmp_path) if j["job"]["name"] == "long"]
+    assert rec["series_step_s"] == 1
+    db = sqlite3.connect(tmp_path / "state" / "ledger.sqlite")
+    n, = db.execute("SELECT COUNT(*) FROM job_series").fetchone()
+    db.close()
+    assert 0 < n <= 12

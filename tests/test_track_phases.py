@@ -135,9 +135,12 @@ def test_validate_names_the_field():
             validate(body, NOW, "c1")
 
 
+def _nested(children):
+    return st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+
+
 _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=300),
-                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
-                     max_leaves=8)
+                     _nested, max_leaves=8)
 
 
 @settings(max_examples=500, deadline=None)

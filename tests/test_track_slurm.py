@@ -117,9 +117,12 @@ def test_phases_of_a_slurm_job_through_the_daemon(tb, tmp_path, public):
     assert min(epochs) > 0
     assert stored[3]["energy_j"]["it"] < max(epochs)
     # The phases sum to the job's books over their span: the job's books but for the shell and
-    # Python's start before the first boundary, and never more.
+    # Python's start before the first boundary. Not more, but for the last boundary's
+    # extrapolation: the daemon answers a boundary from its last reading plus the last interval's
+    # power up to that instant (at most two 1 s intervals here), which the job's final reading,
+    # on a loaded node, may not reach.
     phases_j = sum(s["energy_j"]["it"] for s in stored)
     total = rec["energy_j"]["it"]
     assert phases_j == pytest.approx(d["it"], rel=0.02)
-    assert 0.6 * total <= phases_j <= 1.05 * total, (phases_j, total)
+    assert 0.6 * total <= phases_j <= 1.15 * total, (phases_j, total)
     assert sum(s["cpu_time_s"] for s in stored) <= rec["cpu_time_s"] + 0.05
