@@ -1,0 +1,163 @@
+"""Records across sites (docs/site-mode.md, "An institute controller"): a site controller forwards
+what it stores to an institute controller exactly as an agent sends to it: the same batches, token,
+outbox and retries (greend.agent's Outbox and Sender; greend.wire's batch format).
+
+The outbox lives in the site ledger and is written in the transaction that stores an agent's batch,
+so a record is stored and queued together or not at all. Each request upstream carries one node's
+records (the institute checks, as for any agent, that a batch's records are its node's), with the
+cluster and node names prefixed by the site's name ("SITE:NAME"): cluster names are not unique
+across sites (the default is "local") and node tables are keyed by node name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from pathlib import Path
+
+from . import __version__
+from . import config as config_mod
+from .agent import MAX_REQUEST_BYTES, MAX_SERIES_PER_BATCH, Outbox, Sender, _job_record
+from .ledger import Ledger
+from .wire import FACTOR_COLS, SERIES_COLS, read_token
+
+log = logging.getLogger(__name__)
+
+SEP = ":"
+NODE_KIND = "node:"  # outbox kind of a node's totals: "node:<name>" (ref 0); jobs use "job"
+
+
+def upstream_settings(c: config_mod.Controller) -> config_mod.Controller:
+    """The [controller] table as the Sender reads it, pointed at the institute."""
+    return c.model_copy(update={"url": c.upstream_url, "token_file": c.upstream_token_file,
+                                "ca_file": c.upstream_ca_file})
+
+
+def upstream_token(c: config_mod.Controller) -> bytes:
+    return read_token(c.upstream_token_file, "controller.upstream_token_file")
+
+
+def site_name(site: str, name: str) -> str:
+    return f"{site}{SEP}{name}"
+
+
+class Forwarder(Sender):
+    """Drains the site ledger's outbox to the institute controller, one node's records a batch."""
+
+    def __init__(self, c: config_mod.Controller, token: bytes, ledger_path: Path):
+        super().__init__(upstream_settings(c), token, ledger_path, cluster=c.site, node="",
+                         outbox=Outbox(monitor=None))
+        self.site = c.site
+
+    def update(self, settings: config_mod.Controller, token: bytes) -> None:
+        self.site = settings.site
+        super().update(upstream_settings(settings), token)
+
+    def queue(self, db: sqlite3.Connection, jobs: list[tuple[int, float]],
+              nodes: dict[str, float]) -> None:
+        """In the store's transaction: jobs (pk, oldest series bucket stored) and nodes (name ->
+        oldest node series bucket stored) to forward."""
+        if jobs:
+            self.outbox.queue(db, jobs)
+        if nodes:
+            now = time.time()
+            db.executemany(
+                "INSERT INTO outbox (kind, ref, seq, series_from, queued) VALUES (?, 0, 1, ?, ?) "
+                "ON CONFLICT (kind, ref) DO UPDATE SET seq = outbox.seq + 1, "
+                "series_from = MIN(outbox.series_from, excluded.series_from)",
+                [(NODE_KIND + n, t, now) for n, t in nodes.items()])
+
+    # One batch: the node of the oldest queued entry, its queued jobs and its totals.
+    def _build(self, led: Ledger) -> tuple[bytes, list[tuple], int, bool]:
+        db = led.db
+        db.execute("BEGIN")  # one consistent snapshot of outbox and books
+        try:
+            total = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            node = self._oldest_node(db)
+            if node is None:
+                return b"", [], 0, False
+            rows = db.execute(
+                "SELECT o.kind, o.ref, o.seq, o.series_from FROM outbox o JOIN jobs j "
+                "ON o.kind = 'job' AND j.pk = o.ref WHERE j.node = ? ORDER BY o.queued, o.ref "
+                "LIMIT ?", (node, self.batch_limit)).fetchall()
+            rows += db.execute("SELECT kind, ref, seq, series_from FROM outbox WHERE kind = ?",
+                               (NODE_KIND + node,)).fetchall()
+            records, nodes, items, factor_ids = [], [], [], set()
+            budget, size = MAX_SERIES_PER_BATCH, 0
+            for r in rows:
+                kind, ref, seq, start = r["kind"], r["ref"], r["seq"], r["series_from"]
+                if kind == "job":
+                    series = db.execute(
+                        "SELECT * FROM job_series WHERE job_pk = ? AND t_start >= ? "
+                        "ORDER BY t_start LIMIT ?", (ref, start, budget + 1)).fetchall()
+                    out = _job_record(db.execute("SELECT * FROM jobs WHERE pk = ?", (ref,)).fetchone())
+                    out["cluster"] = site_name(self.site, out["cluster"])
+                    out["node"] = site_name(self.site, node)
+                    out["series"] = [{c: x[c] for c in SERIES_COLS} for x in series[:budget]]
+                else:
+                    series = db.execute(
+                        "SELECT t_start, t_end, energy_uj, unattributed_uj FROM node_series "
+                        "WHERE node = ? AND t_start >= ? ORDER BY t_start LIMIT ?",
+                        (node, start, budget + 1)).fetchall()
+                    totals = db.execute(
+                        "SELECT domain, source, provenance, energy_uj, unattributed_uj, idle_uj "
+                        "FROM node_totals WHERE node = ?", (node,)).fetchall()
+                    out = {"node": site_name(self.site, node), "totals": [dict(t) for t in totals],
+                           "series": [dict(x) for x in series[:budget]]}
+                sent = series[:budget]
+                done = len(series) <= budget
+                resend_from = series[budget]["t_start"] if not done else (
+                    sent[-1]["t_start"] if sent else start)
+                n = len(json.dumps(out, separators=(",", ":")))
+                if items and size + n > MAX_REQUEST_BYTES:
+                    break
+                size += n
+                budget -= len(sent)
+                if kind == "job":
+                    factor_ids.update(x["factor_set"] for x in out["series"])
+                    records.append(out)
+                else:
+                    nodes.append(out)
+                items.append((kind, ref, seq, done, resend_from))
+                if budget <= 0:
+                    break
+            factor_sets = []
+            if factor_ids:
+                marks = ",".join("?" * len(factor_ids))
+                for f in db.execute(f"SELECT * FROM factor_sets WHERE id IN ({marks})",
+                                    sorted(factor_ids)):
+                    d = {c: f[c] for c in FACTOR_COLS}
+                    d["sources"] = json.loads(d["sources"])
+                    factor_sets.append(d)
+        finally:
+            db.execute("COMMIT")
+        truncated = len(items) < total or not all(it[3] for it in items)
+        batch = {"agent": {"cluster": self.site, "node": site_name(self.site, node),
+                           "version": __version__},
+                 "factor_sets": factor_sets, "records": records, "nodes": nodes}
+        return json.dumps(batch, separators=(",", ":")).encode(), items, len(records), truncated
+
+    def _oldest_node(self, db: sqlite3.Connection) -> str | None:
+        """The node of the oldest outbox entry (None: the outbox is empty). An entry whose job is
+        gone from the books (none should be) is dropped: there is nothing to send."""
+        while True:
+            row = db.execute("SELECT kind, ref FROM outbox ORDER BY queued, kind, ref "
+                             "LIMIT 1").fetchone()
+            if row is None:
+                return None
+            if row["kind"].startswith(NODE_KIND):
+                return row["kind"][len(NODE_KIND):]
+            job = db.execute("SELECT node FROM jobs WHERE pk = ?", (row["ref"],)).fetchone() \
+                if row["kind"] == "job" else None
+            if job is not None:
+                return job["node"]
+            db.execute("DELETE FROM outbox WHERE kind = ? AND ref = ?", (row["kind"], row["ref"]))
+
+
+def from_config(c: config_mod.Controller, ledger_path: Path) -> Forwarder | None:
+    """The forwarder of a controller with upstream_url set, else None. SiteError on a bad token."""
+    if not c.upstream_url:
+        return None
+    return Forwarder(c, upstream_token(c), ledger_path)
