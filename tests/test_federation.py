@@ -121,7 +121,9 @@ def servers(tmp_path_factory):
 def test_national_prometheus_has_only_recording_rule_series_labelled_by_site(servers):
     national, proms = servers
     names = national.label_values("__name__")
-    assert names and all(RECORDED.fullmatch(n) or n.startswith(("up", "scrape_")) for n in names), names
+    assert names and all(re.fullmatch(r"(cluster|account):greend_\w+:\w+", n)
+                         or n.startswith(("up", "scrape_")) for n in names), names
+    assert not national.query("count(user:greend_job_carbon_grams:increase5m)")  # stays at the sites
     assert not national.query("count(greend_node_energy_joules_total)")
     assert national.label_values("site", match="cluster:greend_node_energy_joules:rate5m") == sorted(SITES)
     # On a site's own Prometheus the external label is not seen: the Site variable is empty there
