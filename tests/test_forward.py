@@ -136,6 +136,19 @@ def test_two_sites_forward_to_an_institute_which_survives_an_outage(tmp_path):
             wait_for(lambda: not lyon.reasons("upstream") and not paris.reasons("upstream"), 15,
                      what="the sites' upstream is reported up again")
             assert metric_value(paris.metrics(), "greend_outbox_records") == 0
+
+            # Killed while forwarding: a burst of 40 nodes' records is on its way (one request a
+            # node) when the institute dies; what it had not acknowledged is sent again.
+            for i in range(40):
+                post(lyon, f"b{i:02d}", [record(str(200 + j), f"b{i:02d}", 2) for j in range(5)], 100 * i)
+            wait_for(lambda: 0 < books(institute)["jobs"][0] - 6 < 200, 15, every=0.02,
+                     what="the burst half forwarded")
+            institute.kill9()
+            partial = books(institute)["jobs"][0] - 6
+            institute.start()
+            wait_for(caught_up, 30, what=lambda: f"institute {books(institute)} == sites "
+                     f"{summed(lyon, paris)}")
+            assert books(institute)["jobs"][0] == 6 + 200, partial
             for s in sites.values():
                 assert s.stop() == 0
         assert institute.stop() == 0
