@@ -20,6 +20,7 @@ from pathlib import Path
 from . import __version__
 from . import config as config_mod
 from .agent import MAX_REQUEST_BYTES, MAX_SERIES_PER_BATCH, Outbox, Sender, _job_record
+from .http import client_tls
 from .ledger import Ledger
 from .wire import FACTOR_COLS, SERIES_COLS, read_token
 
@@ -154,6 +155,15 @@ class Forwarder(Sender):
             if job is not None:
                 return job["node"]
             db.execute("DELETE FROM outbox WHERE kind = ? AND ref = ?", (row["kind"], row["ref"]))
+
+
+def check_files(c: config_mod.Controller) -> None:
+    """For `greend config check`: the upstream token and CA files, as the controller loads them
+    at start. SiteError naming the key otherwise."""
+    if c.upstream_url:
+        upstream_token(c)
+        if c.upstream_url.startswith("https://"):
+            client_tls(c.upstream_ca_file, "controller.upstream_ca_file")
 
 
 def from_config(c: config_mod.Controller, ledger_path: Path) -> Forwarder | None:

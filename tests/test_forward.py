@@ -7,9 +7,10 @@ sites' books, with each record's cluster and node named after its site; an insti
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
-from daemonproc import Greend, metric_value, request, token_file, wait_for
+from daemonproc import Greend, greend_argv, metric_value, request, token_file, wait_for
 
 from greend import config
 
@@ -166,3 +167,18 @@ def test_upstream_config_errors_name_the_key():
         with pytest.raises(config.ConfigError) as e:
             config.parse({"controller": c})
         assert words in str(e.value), (change, str(e.value))
+
+
+def test_config_check_reads_the_upstream_token(tmp_path):
+    cfg = tmp_path / "greend.toml"
+    missing = tmp_path / "institute.token"
+    cfg.write_text(f'[controller]\nsite = "lyon"\nupstream_url = "http://inst:9472"\n'
+                   f'upstream_token_file = "{missing}"\n')
+    r = subprocess.run([*greend_argv(), "config", "check", str(cfg)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0, r.stderr
+    assert f"controller.upstream_token_file {missing}: no such file" in r.stderr, r.stderr
+    token_file(missing, INSTITUTE_TOKEN)
+    r = subprocess.run([*greend_argv(), "config", "check", str(cfg)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
