@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 SEP = ":"
 NODE_KIND = "node:"  # outbox kind of a node's totals: "node:<name>" (ref 0); jobs use "job"
+WINDOW = 4  # a batch looks for its node's entries among the oldest WINDOW x batch_records
 
 
 def upstream_settings(c: config_mod.Controller) -> config_mod.Controller:
@@ -70,21 +71,16 @@ class Forwarder(Sender):
                 "series_from = MIN(outbox.series_from, excluded.series_from)",
                 [(NODE_KIND + n, t, now) for n, t in nodes.items()])
 
-    # One batch: the node of the oldest queued entry, its queued jobs and its totals.
+    # One batch: the node of the oldest queued entry, with its entries among the oldest WINDOW
+    # (a bounded read per batch, however long an outage made the outbox).
     def _build(self, led: Ledger) -> tuple[bytes, list[tuple], int, bool]:
         db = led.db
         db.execute("BEGIN")  # one consistent snapshot of outbox and books
         try:
             total = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-            node = self._oldest_node(db)
+            node, rows = self._oldest_node(db)
             if node is None:
                 return b"", [], 0, False
-            rows = db.execute(
-                "SELECT o.kind, o.ref, o.seq, o.series_from FROM outbox o JOIN jobs j "
-                "ON o.kind = 'job' AND j.pk = o.ref WHERE j.node = ? ORDER BY o.queued, o.ref "
-                "LIMIT ?", (node, self.batch_limit)).fetchall()
-            rows += db.execute("SELECT kind, ref, seq, series_from FROM outbox WHERE kind = ?",
-                               (NODE_KIND + node,)).fetchall()
             records, nodes, items, factor_ids = [], [], [], set()
             budget, size = MAX_SERIES_PER_BATCH, 0
             for r in rows:
@@ -140,21 +136,27 @@ class Forwarder(Sender):
                  "factor_sets": factor_sets, "records": records, "nodes": nodes}
         return json.dumps(batch, separators=(",", ":")).encode(), items, len(records), truncated
 
-    def _oldest_node(self, db: sqlite3.Connection) -> str | None:
-        """The node of the oldest outbox entry (None: the outbox is empty). An entry whose job is
-        gone from the books (none should be) is dropped: there is nothing to send."""
-        while True:
-            row = db.execute("SELECT kind, ref FROM outbox ORDER BY queued, kind, ref "
-                             "LIMIT 1").fetchone()
-            if row is None:
-                return None
-            if row["kind"].startswith(NODE_KIND):
-                return row["kind"][len(NODE_KIND):]
-            job = db.execute("SELECT node FROM jobs WHERE pk = ?", (row["ref"],)).fetchone() \
-                if row["kind"] == "job" else None
-            if job is not None:
-                return job["node"]
-            db.execute("DELETE FROM outbox WHERE kind = ? AND ref = ?", (row["kind"], row["ref"]))
+    def _oldest_node(self, db: sqlite3.Connection) -> tuple[str | None, list[sqlite3.Row]]:
+        """The node of the oldest outbox entry and its entries among the oldest WINDOW x
+        batch_records (at most batch_records jobs). An entry whose job is gone from the books
+        (none should be) is dropped: there is nothing to send."""
+        window = db.execute(
+            "SELECT o.kind, o.ref, o.seq, o.series_from, j.node FROM (SELECT * FROM outbox "
+            "ORDER BY queued, kind, ref LIMIT ?) o LEFT JOIN jobs j ON o.kind = 'job' AND j.pk = o.ref "
+            "ORDER BY o.queued, o.kind, o.ref", (WINDOW * self.batch_limit,)).fetchall()
+        node, rows, jobs = None, [], 0
+        for r in window:
+            name = r["kind"][len(NODE_KIND):] if r["kind"].startswith(NODE_KIND) else r["node"]
+            if name is None:
+                db.execute("DELETE FROM outbox WHERE kind = ? AND ref = ?", (r["kind"], r["ref"]))
+                continue
+            if node is None:
+                node = name
+            if name != node or (r["kind"] == "job" and jobs >= self.batch_limit):
+                continue
+            jobs += r["kind"] == "job"
+            rows.append(r)
+        return node, rows
 
 
 def check_files(c: config_mod.Controller) -> None:

@@ -84,8 +84,10 @@ def test_two_sites_forward_to_an_institute_which_survives_an_outage(tmp_path):
     with institute:
         institute.start()
         up = f"http://127.0.0.1:{institute.port}"
+        # batch_records = 3: a node's 5 jobs take two requests, and a batch looks for its node's
+        # entries among the oldest 12 only (forward.WINDOW x 3).
         sites = {name: controller(tmp_path / name, site_tok, site=name, upstream_url=up,
-                                  upstream_token_file=str(inst_tok))
+                                  upstream_token_file=str(inst_tok), batch_records=3)
                  for name in ("lyon", "paris")}
         with sites["lyon"], sites["paris"]:
             for s in sites.values():
