@@ -7,6 +7,7 @@ sites' books, with each record's cluster and node named after its site; an insti
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 
 import pytest
@@ -184,3 +185,35 @@ def test_config_check_reads_the_upstream_token(tmp_path):
     r = subprocess.run([*greend_argv(), "config", "check", str(cfg)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_reload_keeps_forwarding_and_refuses_to_switch_it_off(tmp_path):
+    site_tok = token_file(tmp_path / "site.token", SITE_TOKEN)
+    inst_tok = token_file(tmp_path / "institute.token", INSTITUTE_TOKEN)
+    institute = controller(tmp_path / "institute", inst_tok)
+    site = controller(tmp_path / "lyon", site_tok, site="lyon",
+                      upstream_url=f"http://127.0.0.1:{institute.port}", upstream_token_file=str(inst_tok))
+    with institute, site:
+        site.start()
+        post(site, "n1", [record("101", "n1", 1)], 5000)
+        wait_for(lambda: site.reasons("upstream: controller unreachable"), 15,
+                 what="the site says its institute is unreachable")
+        # A new institute token, read on SIGHUP: the institute (started with it) accepts the site.
+        new_tok = token_file(tmp_path / "institute2.token", INSTITUTE_TOKEN + "-2")
+        site.cfg["controller"]["upstream_token_file"] = str(new_tok)
+        site.write_config()
+        site.signal(signal.SIGHUP)
+        institute.args = ["--socket", "", "--token-file", str(new_tok)]
+        institute.start()
+        wait_for(lambda: books(institute)["jobs"][0] == 1, 30, what="the record forwarded")
+        assert not site.reasons("upstream")
+        # Switching forwarding off is refused (a restart does it); forwarding goes on.
+        site.cfg["controller"]["upstream_url"] = ""
+        site.write_config()
+        site.signal(signal.SIGHUP)
+        wait_for(lambda: site.reasons("needs a restart"), 10, what="the reload refused")
+        post(site, "n1", [record("101", "n1", 2)], 6000)
+        wait_for(lambda: books(institute) == books(site), 30, what="still forwarding")
+        assert site.stop() == 0
+        assert institute.stop() == 0
