@@ -1,7 +1,11 @@
 """Site overview, for admins: power and energy by tier, cluster and node; carbon and water; the
 unattributed and idle share; routing decisions; budgets used per account.
 
-`tier` is a target label set in the Prometheus scrape config (dashboards/prometheus/prometheus.yml).
+`tier` is a target label set in the Prometheus scrape config (dashboards/prometheus/prometheus.yml);
+`site` is each site Prometheus's external label, which a national Prometheus federating the sites'
+recording-rule series sees (dashboards/prometheus/prometheus-national.yml, docs/metrics.md). The
+first row ("Sites") and the variables read recording-rule series only, so they answer on a site
+Prometheus and on the national one; the rows below need the node series of a site Prometheus.
 Node-level carbon and water apply the factors in force now (from greend_factor_*) to node energy;
 the per-job counters carry the exact figures, computed by greend with the factors in force at the time.
 """
@@ -32,8 +36,10 @@ from .builders import (
 
 UID = "greend-site-overview"
 
-N = 'tier=~"$tier", cluster=~"$cluster", node=~"$node"'
-C = 'tier=~"$tier", cluster=~"$cluster"'
+N = 'site=~"$site", tier=~"$tier", cluster=~"$cluster", node=~"$node"'
+C = 'site=~"$site", tier=~"$tier", cluster=~"$cluster"'
+A = 'site=~"$site", cluster=~"$cluster"'  # the per-account rules have no tier
+CLUSTER_E = f"cluster:greend_node_energy_joules:rate5m{{{C}}}"
 NODE_E = f"greend_node_energy_joules_total{{{N}}}"
 UNATTR = f"greend_node_unattributed_energy_joules_total{{{N}}}"
 IDLE = f"greend_node_idle_energy_joules_total{{{N}}}"
@@ -47,10 +53,48 @@ def build():
     b = Board(UID, "greend: site overview",
               "Power, energy, carbon and water of the site by tier, cluster and node; the share not "
               "attributed to jobs; routing decisions and budgets.", tags=["admin"])
-    b.variable(label_variable("tier", "tier", "greend_node_energy_joules_total", "Tier"))
-    b.variable(label_variable("cluster", "cluster", 'greend_node_energy_joules_total{tier=~"$tier"}',
-                              "Cluster"))
+    # Site, tier and cluster from a recording rule: a national Prometheus has them too.
+    b.variable(label_variable("site", "site", "cluster:greend_node_energy_joules:rate5m", "Site"))
+    b.variable(label_variable("tier", "tier", 'cluster:greend_node_energy_joules:rate5m{site=~"$site"}',
+                              "Tier"))
+    b.variable(label_variable("cluster", "cluster", 'cluster:greend_node_energy_joules:rate5m'
+                              '{site=~"$site", tier=~"$tier"}', "Cluster"))
     b.variable(label_variable("node", "node", f"greend_node_energy_joules_total{{{C}}}", "Node"))
+
+    b.row("Sites (recording rules: also on a national Prometheus)")
+    b.panel(timeseries_panel(
+        "IT power by site and tier", WATT,
+        query(f"sum by (site, tier) ({CLUSTER_E})", "{{site}} {{tier}}"), stack=True,
+        description="From cluster:greend_node_energy_joules:rate5m. `site` is each site "
+        "Prometheus's external label (empty on a site's own Prometheus)."))
+    b.panel(timeseries_panel(
+        "Carbon emission rate by site", CARBON_PER_HOUR,
+        query(f"sum by (site) (cluster:greend_node_carbon_grams:rate5m{{{C}}}) * 3600", "{{site}}"),
+        stack=True, description="Node energy x PUE x carbon intensity in force, per site."))
+    b.panel(timeseries_panel(
+        "Water consumption rate by site", LITRE_PER_HOUR,
+        query(f"sum by (site) (cluster:greend_node_water_litres:rate5m{{{C}}}) * 3600", "{{site}}"),
+        stack=True, width=8))
+    b.panel(timeseries_panel(
+        "Share not attributed to jobs, by site", RATIO,
+        query(f"sum by (site) (cluster:greend_node_unattributed_energy_joules:rate5m{{{C}}}) / "
+              f"sum by (site) ({CLUSTER_E})", "{{site}}"), width=8))
+    b.panel(timeseries_panel(
+        "Jobs' carbon by site and account", CARBON,
+        query(f"sum by (site, account) (account:greend_job_carbon_grams:increase5m{{{A}}})",
+              "{{site}} {{account}}"), stack=True, width=8,
+        description="Grams CO2e of the account's jobs per 5 minutes (account:...:increase5m), "
+        "exact: the factors in force when the energy was used."))
+    b.panel(table_panel(
+        "Jobs by site, cluster and account, last 5 minutes", ["site", "cluster", "account"],
+        [Column("IT energy", KWH, f"sum by (site, cluster, account) "
+                f"(account:greend_job_energy_joules:increase5m{{{A}}}) / {J_PER_KWH}"),
+         Column("Carbon", CARBON, f"sum by (site, cluster, account) "
+                f"(account:greend_job_carbon_grams:increase5m{{{A}}})"),
+         Column("Water", LITRE, f"sum by (site, cluster, account) "
+                f"(account:greend_job_water_litres:increase5m{{{A}}})")],
+        "From the account:...:increase5m rules (the last day: the :increase1d rules, the "
+        "footprints dashboard and the ledger).", sort_by="Carbon"))
 
     b.row("Power and energy")
     b.panel(stat_panel("IT power", WATT, query(f"sum(rate({NODE_E}[$__rate_interval]))"),
@@ -132,11 +176,13 @@ def build():
         "Attributed to jobs over the time range, exact (factors in force at the time).", width=6))
     b.panel(timeseries_panel(
         "Carbon emission rate by cluster", CARBON_PER_HOUR,
-        query(f"sum by (cluster) (cluster:greend_node_carbon_grams:rate5m{{{C}}}) * 3600", "{{cluster}}"),
+        query(f"sum by (site, cluster) (cluster:greend_node_carbon_grams:rate5m{{{C}}}) * 3600",
+              "{{site}} {{cluster}}"),
         stack=True, description="From the recording rule cluster:greend_node_carbon_grams:rate5m."))
     b.panel(timeseries_panel(
         "Water consumption rate by cluster", LITRE_PER_HOUR,
-        query(f"sum by (cluster) (cluster:greend_node_water_litres:rate5m{{{C}}}) * 3600", "{{cluster}}"),
+        query(f"sum by (site, cluster) (cluster:greend_node_water_litres:rate5m{{{C}}}) * 3600",
+              "{{site}} {{cluster}}"),
         stack=True, description="From the recording rule cluster:greend_node_water_litres:rate5m."))
     b.panel(timeseries_panel(
         "Carbon intensity in force", CARBON_INTENSITY,

@@ -126,6 +126,7 @@ def cmd_measure(args) -> int:
 # -- config -----------------------------------------------------------------------------------
 def cmd_config_check(args) -> int:
     from . import config as config_mod
+    from . import forward
     from .errors import SiteError
     from .wire import check_files
 
@@ -139,6 +140,7 @@ def cmd_config_check(args) -> int:
         print(f"warning: {w}", file=sys.stderr)
     try:
         check_files(cfg)  # what `greend run` and `greend controller` would refuse at start
+        forward.check_files(cfg.controller)
     except SiteError as e:
         return _fail(f"config check: {path or 'embedded default'}: {e}")
     if args.json:

@@ -251,13 +251,25 @@ class Controller(_Model):
     ca_file: Path | None = None
     """Agents: PEM CA certificate(s) that an https:// url's certificate must chain to (default:
     the system's trusted CAs)."""
+    # Records across sites (docs/site-mode.md, "An institute controller"; greend/forward.py).
+    site: str = ""
+    """Controller: this site's name. With upstream_url, forwarded cluster and node names become
+    "SITE:NAME", so that two sites' clusters (both "local", say) stay apart upstream."""
+    upstream_url: str = ""
+    """Controller: base URL of an institute controller this one forwards what it stores to, as an
+    agent does (same batches, token, outbox, retries; send_interval_s, batch_records, timeout_s,
+    backoff_max_s apply). Empty: no forwarding."""
+    upstream_token_file: Path | None = None
+    """Controller: the institute's token (required with upstream_url); same rules as token_file."""
+    upstream_ca_file: Path | None = None
+    """Controller: PEM CA certificate(s) for an https:// upstream_url (default: the system's)."""
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
         return _check_listen(v)
 
-    @field_validator("url")
+    @field_validator("url", "upstream_url")
     @classmethod
     def _url(cls, v: str) -> str:
         if not v:
@@ -277,6 +289,17 @@ class Controller(_Model):
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("controller.tls_cert_file and controller.tls_key_file go together: "
                              "set both (HTTPS) or neither (plain HTTP)")
+        if self.upstream_url:
+            if self.upstream_token_file is None:
+                raise ValueError("controller.upstream_url is set but controller.upstream_token_file "
+                                 "is not: the institute controller authenticates with its token")
+            if not self.site:
+                raise ValueError('controller.upstream_url is set but controller.site is not: name '
+                                 'this site (e.g. site = "lyon"); forwarded records carry it')
+        if self.site and (":" in self.site or len(self.site) > 64 or not self.site.isprintable()
+                          or self.site != self.site.strip()):
+            raise ValueError(f"controller.site {self.site!r}: expected a short name without ':' "
+                             "or surrounding spaces (it prefixes cluster and node names upstream)")
         return self
 
 

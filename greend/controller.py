@@ -15,7 +15,7 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from pydantic import ValidationError
 
-from . import __version__, decisions, route_api
+from . import __version__, decisions, forward, route_api
 from . import config as config_mod
 from .errors import ApiError, DaemonError, LedgerError, SiteError
 from .exporter import LedgerMetrics
@@ -103,6 +103,10 @@ class Controller(Service):
             cfg, self.state_dir)
         self.max_body = cfg.controller.max_body_bytes
         self.ledger_metrics = LedgerMetrics(self.ledger_path, lambda: self.cfg.policy.budgets)
+        try:  # what is stored goes on to an institute controller ([controller] upstream_url)
+            self.forwarder = forward.from_config(cfg.controller, self.ledger_path)
+        except SiteError as e:
+            raise DaemonError(str(e)) from None
         self.routes = {("POST", RECORDS_PATH): self.ingest,
                        ("POST", decisions.DECISIONS_PATH): self.post_decision,
                        ("POST", route_api.ROUTE_PATH): self.post_route}
@@ -200,6 +204,7 @@ class Controller(Service):
 
     def _store(self, batch: BatchIn) -> tuple[int, int]:
         accepted = stale = 0
+        upstream: list[tuple[int, float]] = []  # (pk, oldest bucket) to forward, if forwarding
         with self.write_lock, self.ledger.transaction() as db:
             db.executemany("INSERT OR IGNORE INTO factor_sets VALUES (?, ?, ?, ?, ?, ?, ?)", [
                 (f.id, f.pue, f.wue_site_l_per_kwh, f.ewif_l_per_kwh, f.carbon_intensity_g_per_kwh,
@@ -218,6 +223,7 @@ class Controller(Service):
                     stale += 1  # the controller holds a newer or final record
                     continue
                 accepted += 1
+                upstream.append((row[0], min((s.t_start for s in r.series), default=r.last_seen)))
                 if r.series:
                     pk = row[0]
                     db.executemany(_UPSERT_SERIES, [
@@ -232,6 +238,10 @@ class Controller(Service):
                     (n.node, s.t_start, s.t_end, s.energy_uj, s.unattributed_uj) for s in n.series])
             for d in batch.decisions:
                 decisions.store(db, decisions.validate(d))
+            if self.forwarder is not None:
+                self.forwarder.queue(db, upstream, {n.node: min((s.t_start for s in n.series),
+                                                                default=time.time())
+                                                    for n in batch.nodes})
         if batch.decisions:
             self.ledger_metrics.invalidate()
         return accepted, stale
@@ -254,7 +264,8 @@ class Controller(Service):
 
     # -- views ----------------------------------------------------------------------------------
     def metric_collectors(self):
-        return [self, self.ledger_metrics]
+        extra = [self.forwarder] if self.forwarder is not None else []
+        return [self, self.ledger_metrics, *extra]
 
     def collect(self):
         now = time.time()
@@ -301,6 +312,10 @@ class Controller(Service):
             reasons.append(f"ledger: cannot store records: {self.ledger_error}")
         if self.config_error:
             reasons.append(self.config_error)
+        upstream = {}
+        if self.forwarder is not None:
+            reasons += [r.replace("site: ", "upstream: ", 1) for r in self.forwarder.health_reasons()]
+            upstream = {"upstream": self.forwarder.status()}
         with self.stats_lock:
             agents = [{"cluster": c, "node": n, "last_seen": a["last_seen"],
                        "age_s": round(now - a["last_seen"], 3),
@@ -317,11 +332,14 @@ class Controller(Service):
             "agents_reporting": sum(1 for a in agents if a["reporting"]),
             "agents": agents,
             **counts,
+            **upstream,
         }
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self.serve(tls=self.tls)
+        if self.forwarder is not None:
+            self.forwarder.start()
         if self.tls is None and not is_loopback(self.listen[0]):
             log.warning("controller: listening on %s without TLS: the site token and the records "
                         "cross the network in clear; set controller.tls_cert_file and "
@@ -357,6 +375,9 @@ class Controller(Service):
             c = new.controller
             if (c.tls_cert_file is None) != (self.tls is None):
                 raise SiteError("switching TLS on or off needs a restart")
+            if bool(c.upstream_url) != (self.forwarder is not None):
+                raise SiteError("switching controller.upstream_url on or off needs a restart")
+            upstream = forward.upstream_token(c) if c.upstream_url else b""
             if c.tls_cert_file is not None:
                 self._tls(new)  # loadable? (raises SiteError naming the file)
                 # Renewed certificates: new handshakes use them, open connections keep theirs.
@@ -367,6 +388,8 @@ class Controller(Service):
             return
         self.cfg, self.token = new, token
         self.max_body = new.controller.max_body_bytes
+        if self.forwarder is not None:
+            self.forwarder.update(new.controller, upstream)
         if hasattr(self.router, "reload"):
             self.router.reload(new)
         self.config_error = ""
@@ -378,6 +401,10 @@ class Controller(Service):
 
     def shutdown(self) -> None:
         self.stop_serving()
+        if self.forwarder is not None:  # what is not sent stays in the outbox for the next start
+            self.forwarder.stop()
+            self.forwarder.drain()
+            self.forwarder.close()
         if hasattr(self.router, "close"):
             self.router.close()
         self._close_ledger_metrics()

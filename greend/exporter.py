@@ -327,4 +327,20 @@ def metrics_markdown() -> str:
     for name, (kind, help_, labels) in sorted({**METRICS, **wire.METRICS}.items()):
         shown = name + "_info" if kind == "info" else name
         lines.append(f"| `{shown}` | {kind} | {', '.join(labels) or '-'} | {help_} |")
+    lines += [
+        "",
+        "A site controller that forwards to an institute controller (`[controller] upstream_url`, "
+        "docs/site-mode.md) also exports the `greend_outbox_*` metrics, about its upstream.",
+        "",
+        "## A national view",
+        "",
+        "Each site's Prometheus records greend's recording rules (dashboards/prometheus/rules) and "
+        "carries a `site` external label (dashboards/prometheus/prometheus.yml). A national "
+        "Prometheus federates from every site, with `honor_labels: true`, the per-cluster and "
+        "per-account rules only (`match[]={__name__=~\"(cluster|account):greend_.+\"}`, "
+        "dashboards/prometheus/prometheus-national.yml): every series keeps its site's `site` "
+        "label, per-node, per-job and per-user series stay at the sites. The site overview "
+        "dashboard's Site variable and \"Sites\" row answer on it (tests/test_federation.py); "
+        "docs/scale.md gives the series counts and samples per second.",
+    ]
     return "\n".join(lines) + "\n"
