@@ -192,9 +192,11 @@ class Controller(_Model):
     `greend controller`, which keeps the site's ledger. Agents read url and token_file and the
     send_* keys; the controller reads token_file, listen, state_dir, socket and the limits."""
 
-    url: str = ""
-    """Agents: base URL of the site controller, e.g. "http://ctl.example.org:9472". Empty: this
-    node keeps its records to itself (no site mode)."""
+    url: str | list[str] = ""
+    """Agents: base URL of the site controller, e.g. "http://ctl.example.org:9472", or a list of
+    the URLs of several controllers sharing one site database (controller.database), tried in
+    order: a connection error, a timeout or an HTTP 5xx moves on to the next. Empty: this node
+    keeps its records to itself (no site mode)."""
     token_file: Path | None = None
     """Both sides: file holding the site's shared secret; must be readable by its owner only
     (chmod 600), owned by root or greend's user. Required with url, and for the controller."""
@@ -231,6 +233,29 @@ class Controller(_Model):
     ca_file: Path | None = None
     """Agents: PEM CA certificate(s) that an https:// url's certificate must chain to (default:
     the system's trusted CAs)."""
+    database: str = "sqlite"
+    """Controller: where the site ledger lives. "sqlite" (default): a file in state_dir, one
+    controller. A database server shared by several controllers: "mysql+pymysql://USER@HOST:PORT/DB"
+    (MariaDB/MySQL) or "postgresql+psycopg://USER@HOST:PORT/DB", with greend's `sitedb` extra
+    installed. No password in the URL: see database_password_file (docs/site-mode.md)."""
+    database_password_file: Path | None = None
+    """Controller: file holding the database user's password (chmod 600, like token_file)."""
+
+    @property
+    def urls(self) -> list[str]:
+        """The controllers' URLs, in the order agents try them ([] without site mode)."""
+        if isinstance(self.url, list):
+            return list(self.url)
+        return [self.url] if self.url else []
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, v: str) -> str:
+        if v == "sqlite":
+            return v
+        from .sitedb import check_url
+
+        return check_url(v)
 
     @field_validator("listen")
     @classmethod
@@ -239,7 +264,25 @@ class Controller(_Model):
 
     @field_validator("url")
     @classmethod
-    def _url(cls, v: str) -> str:
+    def _url(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError('expected at least one URL, or "" for no site mode')
+            out = []
+            for i, u in enumerate(v):
+                try:
+                    out.append(cls._one_url(u))
+                except ValueError as e:
+                    raise ValueError(f"url[{i}] {u!r}: {e}") from None
+                if not out[-1]:
+                    raise ValueError(f"url[{i}]: empty")
+            if len(set(out)) != len(out):
+                raise ValueError("a URL is listed twice")
+            return out
+        return cls._one_url(v)
+
+    @staticmethod
+    def _one_url(v: str) -> str:
         if not v:
             return v
         u = _http_url(v)
@@ -285,7 +328,25 @@ class CarbonSignal(_Model):
 
     @field_validator("url")
     @classmethod
-    def _url(cls, v: str) -> str:
+    def _url(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError('expected at least one URL, or "" for no site mode')
+            out = []
+            for i, u in enumerate(v):
+                try:
+                    out.append(cls._one_url(u))
+                except ValueError as e:
+                    raise ValueError(f"url[{i}] {u!r}: {e}") from None
+                if not out[-1]:
+                    raise ValueError(f"url[{i}]: empty")
+            if len(set(out)) != len(out):
+                raise ValueError("a URL is listed twice")
+            return out
+        return cls._one_url(v)
+
+    @staticmethod
+    def _one_url(v: str) -> str:
         if not v:
             return v
         u = _http_url(v)

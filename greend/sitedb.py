@@ -1,0 +1,565 @@
+"""The site ledger's storage (docs/site-mode.md, "The site database"): the controller's batches of
+records stored with the same idempotent rules in SQLite (the default: greend.ledger's file) or in a
+database server (MariaDB/MySQL or PostgreSQL) through SQLAlchemy Core.
+
+The rules, the same on every engine: per (cluster, job_id, submit_time, node), a final record wins
+over any partial and, among records of the same kind, the latest (last_seen) wins; an equal one is
+a resend and changes nothing; an older one is stale and ignored. A job's series bucket, a node's
+totals and its series buckets only move forward (t_end, energy). A record first sent without its
+submit time (0) moves to its full identity when the agent learns it.
+
+SQLAlchemy and the drivers (the `sitedb` extra) are imported only by a controller configured for a
+server (`controller.database`): a node and a SQLite controller never load them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+from . import decisions
+from .errors import LedgerError, SiteError
+from .ledger import Ledger, default_path
+from .wire import JOB_COLS, SERIES_COLS
+
+log = logging.getLogger(__name__)
+
+SQLITE = "sqlite"
+DIALECTS = {"mysql+pymysql": "mysql", "mariadb+pymysql": "mysql", "postgresql+psycopg": "postgresql"}
+IDENT_MAX = 255  # cluster, job_id, node, factor set ids on a server: MariaDB's 3072-byte key limit
+SERVER_SCHEMA_VERSION = 1  # len(_server_migrations()); stored in greend_schema
+DEADLOCK_RETRIES = 3
+
+_KEY = ("cluster", "job_id", "submit_time", "node")
+_KEEP = ("cluster", "job_id", "submit_time", "node", "first_seen")
+
+# -- SQLite (the default): the rules as SQLite statements ---------------------------------------------
+
+
+def _upsert_sql() -> str:
+    cols = ", ".join(JOB_COLS)
+    marks = ", ".join(f":{c}" for c in JOB_COLS)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in JOB_COLS if c not in _KEEP)
+    # A final record wins over any partial; among records of the same kind, the latest wins. An
+    # equal one is a resend: rewriting it changes nothing.
+    return (f"INSERT INTO jobs ({cols}) VALUES ({marks}) "
+            f"ON CONFLICT (cluster, job_id, submit_time, node) DO UPDATE SET {updates} "
+            "WHERE (excluded.state = 'ended', excluded.last_seen) >= (jobs.state = 'ended', jobs.last_seen) "
+            "RETURNING pk")
+
+
+_UPSERT_JOB = _upsert_sql()
+_ADOPT_PROVISIONAL = (
+    "UPDATE jobs SET submit_time = ?1 WHERE cluster = ?2 AND job_id = ?3 AND node = ?4 "
+    "AND submit_time = 0 AND first_seen = ?5 AND NOT EXISTS (SELECT 1 FROM jobs WHERE "
+    "cluster = ?2 AND job_id = ?3 AND node = ?4 AND submit_time = ?6)")
+_UPSERT_SERIES = (
+    f"INSERT INTO job_series (job_pk, {', '.join(SERIES_COLS)}) "
+    f"VALUES (?, {', '.join('?' * len(SERIES_COLS))}) "
+    "ON CONFLICT (job_pk, t_start, factor_set) DO UPDATE SET t_end = excluded.t_end, "
+    "cpu_uj = excluded.cpu_uj, dram_uj = excluded.dram_uj, gpu_uj = excluded.gpu_uj, "
+    "memory_uj = excluded.memory_uj, cpu_time_ns = excluded.cpu_time_ns, "
+    "carbon_g = excluded.carbon_g, water_site_l = excluded.water_site_l, "
+    "water_offsite_l = excluded.water_offsite_l WHERE excluded.t_end >= job_series.t_end")
+_UPSERT_NODE_TOTAL = (
+    "INSERT INTO node_totals VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node, domain) DO UPDATE SET "
+    "source = excluded.source, provenance = excluded.provenance, energy_uj = excluded.energy_uj, "
+    "unattributed_uj = excluded.unattributed_uj, idle_uj = excluded.idle_uj "
+    "WHERE excluded.energy_uj >= node_totals.energy_uj")
+_UPSERT_NODE_SERIES = (
+    "INSERT INTO node_series VALUES (?, ?, ?, ?, ?) ON CONFLICT (node, t_start) DO UPDATE SET "
+    "t_end = excluded.t_end, energy_uj = excluded.energy_uj, "
+    "unattributed_uj = excluded.unattributed_uj WHERE excluded.t_end >= node_series.t_end")
+
+NODE_TOTAL_COLS = ("node", "domain", "source", "provenance", "energy_uj", "unattributed_uj", "idle_uj")
+NODE_SERIES_COLS = ("node", "t_start", "t_end", "energy_uj", "unattributed_uj")
+FACTOR_COLS = ("id", "pue", "wue_site_l_per_kwh", "ewif_l_per_kwh", "carbon_intensity_g_per_kwh",
+               "sources", "first_used")
+
+
+def _get(o, k):
+    return o[k] if isinstance(o, dict) else getattr(o, k)
+
+
+class SqliteSite:
+    """The site ledger in SQLite (greend.ledger), written by one controller process."""
+
+    engine = SQLITE
+
+    def __init__(self, state_dir: Path):
+        self.path = default_path(state_dir)
+        self.ledger = Ledger(self.path)
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    @property
+    def schema_version(self) -> int:
+        return self.ledger.schema_version
+
+    def check(self, records) -> str:
+        return ""
+
+    def store(self, factor_sets, records, nodes=(), decided=()) -> tuple[int, int]:
+        """Store one batch in one transaction: (records accepted, records stale). Items are the
+        wire's objects (greend.wire) or dicts with the same keys."""
+        accepted = stale = 0
+        with self.ledger.transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO factor_sets VALUES (?, ?, ?, ?, ?, ?, ?)", [
+                tuple(_factor_row(f)[c] for c in FACTOR_COLS) for f in factor_sets])
+            for r in records:
+                g = r.__getitem__ if isinstance(r, dict) else r.__getattribute__
+                if g("submit_time") and g("kind") == "slurm":
+                    # The agent learnt the job's submit time after sending it with none (0): its
+                    # record moves to the full identity, as it did in the agent's ledger.
+                    db.execute(_ADOPT_PROVISIONAL, (g("submit_time"), g("cluster"), g("job_id"),
+                                                    g("node"), g("first_seen"), g("submit_time")))
+                vals = _job_row(r)
+                row = db.execute(_UPSERT_JOB, vals).fetchone()
+                if row is None:
+                    stale += 1  # the controller holds a newer or final record
+                    continue
+                accepted += 1
+                series = g("series")
+                if series:
+                    pk = row[0]
+                    db.executemany(_UPSERT_SERIES, [
+                        (pk, *(_get(s, c) for c in SERIES_COLS)) for s in series])
+            for n in nodes:
+                node = _get(n, "node")
+                db.executemany(_UPSERT_NODE_TOTAL, [
+                    (node, *(_get(t, c) for c in NODE_TOTAL_COLS[1:])) for t in _get(n, "totals")])
+                db.executemany(_UPSERT_NODE_SERIES, [
+                    (node, *(_get(s, c) for c in NODE_SERIES_COLS[1:])) for s in _get(n, "series")])
+            for d in decided:
+                decisions.store(db, d)
+        return accepted, stale
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+def _job_row(r) -> dict:
+    vals = {c: _get(r, c) for c in JOB_COLS}
+    for c in ("provenance", "meta"):
+        v = vals[c]
+        vals[c] = v if isinstance(v, str) else json.dumps(v or {}, sort_keys=True)
+    return vals
+
+
+def _factor_row(f) -> dict:
+    d = {c: _get(f, c) for c in FACTOR_COLS}
+    if not isinstance(d["sources"], str):
+        d["sources"] = json.dumps(d["sources"], sort_keys=True)
+    return d
+
+
+# -- the database URL -----------------------------------------------------------------------------------
+def check_url(url: str) -> str:
+    """controller.database as written: "sqlite", or DRIVER://USER@HOST[:PORT]/DATABASE with a
+    driver of DIALECTS and no password (that comes from database_password_file). ValueError
+    otherwise (the config's validator turns it into a message naming the key)."""
+    if url == SQLITE:
+        return url
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in DIALECTS:
+        raise ValueError(f'expected "sqlite" or a URL starting {", ".join(d + "://" for d in DIALECTS)}'
+                         ', e.g. "postgresql+psycopg://greend@db.example.org:5432/greend"')
+    netloc, slash, dbname = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if ":" in userinfo:
+        raise ValueError("a password does not belong in the URL (it would show in logs and "
+                         "`greend config show`): put it in controller.database_password_file")
+    if not at or not userinfo:
+        raise ValueError("expected a user: DRIVER://USER@HOST[:PORT]/DATABASE")
+    if not host:
+        raise ValueError("expected a host: DRIVER://USER@HOST[:PORT]/DATABASE")
+    if not slash or not dbname.split("?")[0]:
+        raise ValueError("expected a database name: DRIVER://USER@HOST[:PORT]/DATABASE")
+    return url
+
+
+def dialect_of(url: str) -> str:
+    return SQLITE if url == SQLITE else DIALECTS[url.split("://", 1)[0]]
+
+
+def read_password(path: Path | None) -> str | None:
+    """The database password from its file (owner-only, like the site token), or None."""
+    if path is None:
+        return None
+    from .wire import read_token
+
+    return read_token(path, "controller.database_password_file").decode()
+
+
+def open_site(settings, state_dir: Path):
+    """The controller's site ledger as configured (controller.database): SqliteSite or ServerSite.
+    LedgerError (cannot open, schema newer than this greend) or SiteError (password file)."""
+    if settings.database == SQLITE:
+        return SqliteSite(state_dir)
+    return ServerSite(settings.database, read_password(settings.database_password_file))
+
+
+# -- database servers ---------------------------------------------------------------------------------
+def _tables(sa):
+    """The site ledger's tables on a server, as SQLAlchemy Core metadata: the same columns as the
+    SQLite ledger's (greend.ledger MIGRATIONS 1 and 3, without the node-only outbox/counters)."""
+    from sqlalchemy.dialects import mysql
+
+    md = sa.MetaData()
+    big = sa.BigInteger
+    dbl = sa.Double
+    ident = sa.String(IDENT_MAX)
+    name = sa.String(256)
+    long_text = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+    opts = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+
+    col = sa.Column
+
+    sa.Table("factor_sets", md,
+             col("id", ident, primary_key=True), col("pue", dbl, nullable=False),
+             col("wue_site_l_per_kwh", dbl, nullable=False), col("ewif_l_per_kwh", dbl, nullable=False),
+             col("carbon_intensity_g_per_kwh", dbl, nullable=False),
+             col("sources", long_text, nullable=False), col("first_used", dbl, nullable=False), **opts)
+    jobs = sa.Table(
+        "jobs", md,
+        col("pk", big, primary_key=True, autoincrement=True),
+        col("cluster", ident, nullable=False), col("job_id", ident, nullable=False),
+        col("submit_time", big, nullable=False, server_default="0"), col("node", ident, nullable=False),
+        col("kind", name, nullable=False), col("name", sa.Text, nullable=False),
+        col("user", name, nullable=False, server_default=""), col("uid", big),
+        col("account", name, nullable=False, server_default=""),
+        col("partition", name, nullable=False, server_default=""),
+        col("state", sa.String(16), nullable=False), col("tier", name, nullable=False, server_default=""),
+        col("alloc_cpus", dbl), col("alloc_mem_bytes", big), col("alloc_gpus", big),
+        col("first_seen", dbl, nullable=False), col("last_seen", dbl, nullable=False),
+        col("end_time", dbl),
+        *(col(c, big, nullable=False, server_default="0")
+          for c in ("cpu_time_ns", "cpu_uj", "dram_uj", "gpu_uj", "memory_uj")),
+        *(col(c, dbl, nullable=False, server_default="0")
+          for c in ("facility_j", "carbon_g", "water_site_l", "water_offsite_l")),
+        col("max_mem_bytes", big, nullable=False, server_default="0"),
+        col("provenance", long_text, nullable=False), col("command", long_text),
+        col("exit_code", sa.Integer), col("meta", long_text, nullable=False),
+        sa.UniqueConstraint("cluster", "job_id", "submit_time", "node", name="jobs_identity"), **opts)
+    sa.Index("jobs_user", jobs.c.user, jobs.c.last_seen)
+    sa.Index("jobs_account", jobs.c.account, jobs.c.last_seen)
+    sa.Index("jobs_state", jobs.c.state, jobs.c.node)
+    sa.Index("jobs_last_seen", jobs.c.last_seen)
+    sa.Table("job_series", md,
+             col("job_pk", big, sa.ForeignKey("jobs.pk"), primary_key=True),
+             col("t_start", dbl, primary_key=True), col("t_end", dbl, nullable=False),
+             col("factor_set", ident, primary_key=True),
+             *(col(c, big, nullable=False) for c in ("cpu_uj", "dram_uj", "gpu_uj", "memory_uj",
+                                                     "cpu_time_ns")),
+             *(col(c, dbl, nullable=False) for c in ("carbon_g", "water_site_l", "water_offsite_l")),
+             **opts)
+    sa.Table("node_totals", md,
+             col("node", ident, primary_key=True), col("domain", ident, primary_key=True),
+             col("source", name, nullable=False), col("provenance", sa.Text, nullable=False),
+             *(col(c, big, nullable=False) for c in ("energy_uj", "unattributed_uj", "idle_uj")), **opts)
+    sa.Table("node_series", md,
+             col("node", ident, primary_key=True), col("t_start", dbl, primary_key=True),
+             col("t_end", dbl, nullable=False),
+             *(col(c, big, nullable=False) for c in ("energy_uj", "unattributed_uj")), **opts)
+    dec = sa.Table(
+        "decisions", md,
+        col("id", big, primary_key=True, autoincrement=True),
+        col("token", sa.String(200), nullable=False, unique=True), col("t", dbl, nullable=False),
+        col("user", name, nullable=False), col("uid", big, nullable=False), col("script", sa.Text),
+        col("job_name", sa.Text, nullable=False), col("account", sa.Text, nullable=False),
+        col("outcome", sa.String(32), nullable=False), col("cluster", ident), col("tier", sa.String(32)),
+        col("partition", name), col("job_id", sa.String(4096).with_variant(sa.Text(), "mysql", "mariadb")),
+        col("begin", dbl), col("nice", big), col("energy_j", dbl), col("carbon_g", dbl),
+        col("water_l", dbl), col("tried", long_text, nullable=False),
+        col("decision", long_text, nullable=False), **opts)
+    sa.Index("decisions_job", dec.c.cluster, dec.c.t)
+    sa.Index("decisions_user", dec.c.user, dec.c.t)
+    return md
+
+
+def _server_migrations(sa):
+    """Schema versions on a server, in order: each a function of (connection, metadata). Version 1
+    is the SQLite ledger's schema 3 less the node-only tables. A later change appends a function
+    here (and the SQLite ledger its own script in greend.ledger.MIGRATIONS)."""
+    def v1(conn, md):
+        md.create_all(conn)
+
+    return [v1]
+
+
+class ServerSite:
+    """The site ledger on MariaDB/MySQL or PostgreSQL; several controllers may share it."""
+
+    def __init__(self, url: str, password: str | None = None, *, pool_size: int = 4):
+        try:
+            import sqlalchemy as sa
+        except ImportError:
+            raise SiteError("controller.database names a database server: install greend's "
+                            "`sitedb` extra (pip install 'greend[sitedb]')") from None
+        self.sa = sa
+        self.url_text = check_url(url)
+        self.dialect = dialect_of(url)
+        u = sa.engine.make_url(url)
+        if password is not None:
+            u = u.set(password=password)
+        args = {"connect_timeout": 10}
+        self.engine = sa.create_engine(u, pool_size=pool_size, max_overflow=4, pool_pre_ping=True,
+                                       pool_recycle=3600, isolation_level="READ COMMITTED",
+                                       connect_args=args)
+        self.md = _tables(sa)
+        self.t = self.md.tables
+        q = self.engine.dialect.identifier_preparer.quote
+        self.q = q
+        self._build_sql()
+        self._migrate()
+
+    def describe(self) -> str:
+        return self.url_text  # never the password: it is not in the configured URL
+
+    # -- errors ---------------------------------------------------------------------------------------
+    def _error(self, what: str, e: Exception) -> LedgerError:
+        orig = getattr(e, "orig", None) or e
+        msg = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+        return LedgerError(f"site database {self.url_text}: {what}: {msg}")
+
+    def _is_deadlock(self, e: Exception) -> bool:
+        orig = getattr(e, "orig", None)
+        code = getattr(orig, "sqlstate", None) or ""
+        args = getattr(orig, "args", ())
+        return code in ("40P01", "40001") or (bool(args) and args[0] in (1213, 1205))
+
+    # -- schema ---------------------------------------------------------------------------------------
+    @property
+    def schema_version(self) -> int:
+        with self.engine.connect() as conn:
+            return self._version(conn)
+
+    def _version(self, conn) -> int:
+        sa = self.sa
+        if not sa.inspect(conn).has_table("greend_schema"):
+            return 0
+        v = conn.execute(sa.text("SELECT MAX(version) FROM greend_schema")).scalar()
+        return int(v or 0)
+
+    def _migrate(self) -> None:
+        sa = self.sa
+        steps = _server_migrations(sa)
+        try:
+            with self.engine.begin() as conn:
+                # Several controllers starting together: one migrates, the others wait for it.
+                if self.dialect == "postgresql":
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(74727365)"))
+                else:
+                    conn.execute(sa.text("SELECT GET_LOCK('greend_schema', 60)"))
+                try:
+                    conn.execute(sa.text(
+                        "CREATE TABLE IF NOT EXISTS greend_schema (version INTEGER NOT NULL "
+                        "PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)"))
+                    v = self._version(conn)
+                    if v > len(steps):
+                        raise LedgerError(
+                            f"site database {self.url_text}: schema version {v} is newer than this "
+                            f"greend understands ({len(steps)}): upgrade greend")
+                    for i, step in enumerate(steps[v:], start=v + 1):
+                        log.info("site database %s: migrating schema to version %d", self.url_text, i)
+                        step(conn, self.md)
+                        conn.execute(sa.text("INSERT INTO greend_schema VALUES (:v, :t)"),
+                                     {"v": i, "t": time.time()})
+                finally:
+                    if self.dialect != "postgresql":
+                        conn.execute(sa.text("SELECT RELEASE_LOCK('greend_schema')"))
+        except LedgerError:
+            raise
+        except sa.exc.SQLAlchemyError as e:
+            raise self._error("cannot open", e) from None
+
+    # -- statements -----------------------------------------------------------------------------------
+    def _upsert(self, table: str, cols, key, cond: str | None, set_cols, last=()) -> str:
+        """INSERT ... upsert of `cols` into `table` on conflict of `key`, updating set_cols when
+        cond holds (cond written with {new}c and {old}c for the incoming and stored values).
+        MySQL applies its SET list left to right, each seeing the columns already assigned: the
+        columns that cond reads (`last`) are assigned last, in that order, so that cond keeps its
+        first value through the list (see the proof in _build_sql)."""
+        q = self.q
+        names = ", ".join(q(c) for c in cols)
+        marks = ", ".join(f":{c}" for c in cols)
+        head = f"INSERT INTO {q(table)} ({names}) VALUES ({marks})"
+        if self.dialect == "postgresql":
+            if not set_cols:
+                return f"{head} ON CONFLICT ({', '.join(q(c) for c in key)}) DO NOTHING"
+            sets = ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in set_cols)
+            where = ""
+            if cond:
+                where = " WHERE " + _rule(cond, lambda c: f"EXCLUDED.{q(c)}",
+                                          lambda c: f"{q(table)}.{q(c)}")
+            return f"{head} ON CONFLICT ({', '.join(q(c) for c in key)}) DO UPDATE SET {sets}{where}"
+        if not set_cols:
+            k = q(key[0])
+            return f"{head} ON DUPLICATE KEY UPDATE {k} = {k}"
+        order = [c for c in set_cols if c not in last] + [c for c in last if c in set_cols]
+        if cond is None:
+            sets = ", ".join(f"{q(c)} = VALUES({q(c)})" for c in order)
+        else:
+            # VALUES(c): the incoming row; a bare column: the stored row, as assigned so far.
+            c_my = _rule(cond, lambda c: f"VALUES({q(c)})", q)
+            sets = ", ".join(f"{q(c)} = IF({c_my}, VALUES({q(c)}), {q(c)})" for c in order)
+        return f"{head} ON DUPLICATE KEY UPDATE {sets}"
+
+    def _build_sql(self) -> None:
+        sa = self.sa
+        job_sets = [c for c in JOB_COLS if c not in _KEEP]
+        # The rule: (incoming is final, incoming last_seen) >= (stored is final, stored last_seen).
+        # On MySQL, state and last_seen are assigned last (last_seen, then state): if the rule held,
+        # after last_seen := new it still holds (new final >= old final); if not, nothing moved.
+        rule = ("({new}state = 'ended', {new}last_seen) >= ({old}state = 'ended', {old}last_seen)")
+        self.sql_job = sa.text(self._upsert("jobs", JOB_COLS, _KEY, rule, job_sets,
+                                            last=("last_seen", "state")))
+        scols = ("job_pk", *SERIES_COLS)
+        self.sql_series = sa.text(self._upsert(
+            "job_series", scols, ("job_pk", "t_start", "factor_set"), "{new}t_end >= {old}t_end",
+            [c for c in SERIES_COLS if c not in ("t_start", "factor_set")], last=("t_end",)))
+        self.sql_node_total = sa.text(self._upsert(
+            "node_totals", NODE_TOTAL_COLS, ("node", "domain"), "{new}energy_uj >= {old}energy_uj",
+            NODE_TOTAL_COLS[2:], last=("energy_uj",)))
+        self.sql_node_series = sa.text(self._upsert(
+            "node_series", NODE_SERIES_COLS, ("node", "t_start"), "{new}t_end >= {old}t_end",
+            NODE_SERIES_COLS[2:], last=("t_end",)))
+        self.sql_factor = sa.text(self._upsert("factor_sets", FACTOR_COLS, ("id",), None, ()))
+        dcols = decisions._COLS
+        self.sql_decision = sa.text(self._upsert(
+            "decisions", dcols, ("token",), "{old}user = {new}user",
+            [c for c in dcols if c not in ("token", "user", "uid")]))
+        self.sql_adopt = sa.text("UPDATE jobs SET submit_time = :new WHERE pk = :pk AND submit_time = 0")
+        self.sql_lookup = sa.text(
+            "SELECT pk, cluster, job_id, node, submit_time, first_seen, state, last_seen FROM jobs "
+            "WHERE cluster = :c AND node = :n AND job_id IN :ids").bindparams(
+                sa.bindparam("ids", expanding=True))
+
+    # -- storing --------------------------------------------------------------------------------------
+    def check(self, records) -> str:
+        """What this database cannot take that the wire allows (identities over IDENT_MAX)."""
+        for i, r in enumerate(records):
+            for c in ("cluster", "job_id", "node"):
+                if len(_get(r, c)) > IDENT_MAX:
+                    return (f"records[{i}].{c}: over {IDENT_MAX} characters (the site database's "
+                            "limit)")
+            for j, s in enumerate(_get(r, "series")):
+                if len(_get(s, "factor_set")) > IDENT_MAX:
+                    return f"records[{i}].series[{j}].factor_set: over {IDENT_MAX} characters"
+        return ""
+
+    def store(self, factor_sets, records, nodes=(), decided=()) -> tuple[int, int]:
+        """As SqliteSite.store; a deadlock with another controller is retried here."""
+        sa = self.sa
+        for attempt in range(DEADLOCK_RETRIES + 1):
+            try:
+                with self.engine.begin() as conn:
+                    return self._store(conn, factor_sets, records, nodes, decided)
+            except sa.exc.DBAPIError as e:
+                if attempt < DEADLOCK_RETRIES and self._is_deadlock(e):
+                    log.info("site database: deadlock with another writer, retrying the batch")
+                    time.sleep(0.05 * (attempt + 1))
+                    continue
+                raise self._error("cannot store records", e) from None
+            except sa.exc.SQLAlchemyError as e:
+                raise self._error("cannot store records", e) from None
+        raise AssertionError("unreachable")
+
+    def _store(self, conn, factor_sets, records, nodes, decided) -> tuple[int, int]:
+        if factor_sets:
+            conn.execute(self.sql_factor, [_factor_row(f) for f in factor_sets])
+        # Records of one identity sent twice in one batch go in successive rounds, so that each
+        # statement touches an identity once and the second sees the first, as in SQLite.
+        rounds: list[list] = []
+        seen: dict[tuple, int] = {}
+        for r in sorted(records, key=lambda r: (_get(r, "cluster"), _get(r, "job_id"),
+                                                _get(r, "node"))):
+            k = tuple(_get(r, c) for c in _KEY)
+            i = seen.get(k, -1) + 1
+            seen[k] = i
+            if i == len(rounds):
+                rounds.append([])
+            rounds[i].append(r)
+        accepted = stale = 0
+        for rnd in rounds:
+            self._adopt(conn, rnd)
+            rows = [_job_row(r) for r in rnd]
+            conn.execute(self.sql_job, rows)
+            stored = {(c, j, int(s), n): (pk, state, float(ls))
+                      for pk, c, j, n, s, _fs, state, ls in self._lookup(conn, rnd)}
+            series = []
+            for r, v in zip(rnd, rows, strict=True):
+                pk, state, last_seen = stored[tuple(v[c] for c in _KEY)]
+                # After the upsert the stored record is the incoming one (accepted) or one that
+                # the rule ranks strictly higher (stale): compare the rule's two fields.
+                if (state == "ended", last_seen) != (v["state"] == "ended", v["last_seen"]):
+                    stale += 1
+                    continue
+                accepted += 1
+                for s in _get(r, "series"):
+                    d = {c: _get(s, c) for c in SERIES_COLS}
+                    d["job_pk"] = pk
+                    series.append(d)
+            if series:
+                conn.execute(self.sql_series, series)
+        totals, nseries = [], []
+        for n in nodes:
+            node = _get(n, "node")
+            totals += [{"node": node, **{c: _get(t, c) for c in NODE_TOTAL_COLS[1:]}}
+                       for t in _get(n, "totals")]
+            nseries += [{"node": node, **{c: _get(s, c) for c in NODE_SERIES_COLS[1:]}}
+                        for s in _get(n, "series")]
+        if totals:
+            conn.execute(self.sql_node_total, totals)
+        if nseries:
+            conn.execute(self.sql_node_series, nseries)
+        for d in decided:
+            conn.execute(self.sql_decision, d)
+        return accepted, stale
+
+    def _lookup(self, conn, records) -> list:
+        """The stored jobs sharing (cluster, job_id, node) with `records`: rows of (pk, cluster,
+        job_id, node, submit_time, first_seen, state, last_seen). One indexed query per
+        (cluster, node) (a batch comes from one node) and thousand job ids."""
+        groups: dict[tuple, set] = {}
+        for r in records:
+            groups.setdefault((_get(r, "cluster"), _get(r, "node")), set()).add(_get(r, "job_id"))
+        out = []
+        for (cluster, node), ids in groups.items():
+            ids = sorted(ids)
+            for i in range(0, len(ids), 1000):
+                out += conn.execute(self.sql_lookup, {"c": cluster, "n": node,
+                                                      "ids": ids[i:i + 1000]}).all()
+        return out
+
+    def _adopt(self, conn, records) -> None:
+        """The provisional (submit_time 0) record of a job whose submit time is now known takes
+        that identity, unless the full identity is already stored (as _ADOPT_PROVISIONAL)."""
+        want = [r for r in records if _get(r, "submit_time") and _get(r, "kind") == "slurm"]
+        if not want:
+            return
+        by: dict[tuple, list] = {}
+        for pk, c, j, n, s, fs, _state, _ls in self._lookup(conn, want):
+            by.setdefault((c, j, n), []).append([pk, int(s), float(fs)])
+        for r in want:
+            rows = by.get((_get(r, "cluster"), _get(r, "job_id"), _get(r, "node")), [])
+            new = _get(r, "submit_time")
+            if any(s == new for _, s, _ in rows):
+                continue
+            for row in rows:
+                if row[1] == 0 and row[2] == _get(r, "first_seen"):
+                    conn.execute(self.sql_adopt, {"new": new, "pk": row[0]})
+                    row[1] = new
+                    break
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _rule(cond: str, new, old) -> str:
+    """A rule written with {new}COLUMN and {old}COLUMN, in a dialect's words."""
+    return re.sub(r"\{(new|old)\}(\w+)", lambda m: (new if m[1] == "new" else old)(m[2]), cond)
