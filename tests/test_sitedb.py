@@ -1,0 +1,236 @@
+"""The site ledger on SQLite, MariaDB and PostgreSQL (greend.sitedb): the same upsert rules on the
+three engines, the server schema and its version, and a real `greend controller` ingesting into
+each, with exact totals. The servers are real (tests/sitedb_servers.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from daemonproc import Greend, free_port, request, token_file
+
+from greend import sitedb
+from greend.errors import LedgerError
+from greend.ledger import Ledger
+
+pytest.importorskip("sqlalchemy", reason="greend[sitedb] is not installed")
+pytest_plugins = ["sitedb_servers"]  # real servers' fixtures: site_db, server_db, pg_db
+
+TOKEN = "site-token-sitedb-0123456789"
+FACTORS = {"id": "fs1", "pue": 1.3, "wue_site_l_per_kwh": 1.1, "ewif_l_per_kwh": 2.2,
+           "carbon_intensity_g_per_kwh": 50.0, "sources": {"pue": "test"}, "first_used": 1.0}
+
+
+def rec(job: str, last_seen: float, state: str = "running", *, node: str = "n1", cpu_uj: int | None = None,
+        submit_time: int = 100, first_seen: float = 10.0, series: tuple = (), **kw) -> dict:
+    d = {"cluster": "c1", "job_id": job, "node": node, "kind": "slurm", "state": state,
+         "first_seen": first_seen, "last_seen": last_seen, "submit_time": submit_time, "name": "train",
+         "user": "alice", "uid": 1001, "account": "proj", "partition": "gpu", "tier": "site",
+         "alloc_cpus": 4.0, "alloc_mem_bytes": 1 << 30, "alloc_gpus": 1, "end_time": None,
+         "cpu_time_ns": 7, "cpu_uj": int(last_seen * 1000) if cpu_uj is None else cpu_uj,
+         "dram_uj": 1, "gpu_uj": 2, "memory_uj": 3, "facility_j": 0.5, "carbon_g": 0.25,
+         "water_site_l": 0.125, "water_offsite_l": 0.0625, "max_mem_bytes": 5,
+         "provenance": {"cpu": "measured"}, "command": None, "exit_code": None,
+         "meta": {"k": "v"}, "series": [ser(*s) for s in series]}
+    d.update(kw)
+    return d
+
+
+def ser(t_start: float, t_end: float, cpu_uj: int) -> dict:
+    return {"t_start": t_start, "t_end": t_end, "factor_set": "fs1", "cpu_uj": cpu_uj, "dram_uj": 0,
+            "gpu_uj": 0, "memory_uj": 0, "cpu_time_ns": 0, "carbon_g": 0.5, "water_site_l": 0.0,
+            "water_offsite_l": 0.0}
+
+
+def node(energy_uj: int, t_end: float) -> dict:
+    return {"node": "n1",
+            "totals": [{"domain": "cpu", "source": "rapl", "provenance": "measured",
+                        "energy_uj": energy_uj, "unattributed_uj": 1, "idle_uj": 2}],
+            "series": [{"t_start": 0.0, "t_end": t_end, "energy_uj": energy_uj, "unattributed_uj": 1}]}
+
+
+def open_site(db, state_dir):
+    """The site ledger of `db`; for SQLite, the controller's in state_dir."""
+    if db.kind == "sqlite":
+        return sitedb.SqliteSite(state_dir)
+    return sitedb.ServerSite(db.url, db.password)
+
+
+def query(site, sql: str) -> list[tuple]:
+    if isinstance(site, sitedb.SqliteSite):
+        return [tuple(r) for r in site.ledger.db.execute(sql)]
+    with site.engine.connect() as c:
+        return [tuple(r) for r in c.execute(site.sa.text(sql))]
+
+
+def jobs(site) -> dict:
+    return {(r[0], r[1], int(r[2])): (r[3], float(r[4]), int(r[5]))
+            for r in query(site, "SELECT node, job_id, submit_time, state, last_seen, cpu_uj FROM jobs")}
+
+
+def test_the_upsert_rules_are_the_same_on_every_engine(site_db, tmp_path):
+    site = open_site(site_db, tmp_path)
+    try:
+        st = lambda recs, nodes=(): site.store([FACTORS], recs, nodes)  # noqa: E731
+        assert st([rec("1", 20.0, series=[(0, 10, 5)]), rec("2", 20.0)]) == (2, 0)
+        # Sent twice: stored once, and an equal resend is accepted (it changes nothing).
+        assert st([rec("1", 20.0, series=[(0, 10, 5)])]) == (1, 0)
+        # An older partial never overwrites a newer one.
+        assert st([rec("1", 15.0, cpu_uj=1)]) == (0, 1)
+        # A final record wins over any partial, even one seen later...
+        assert st([rec("2", 18.0, "ended", cpu_uj=777)]) == (1, 0)
+        # ...and no partial overwrites it, however new.
+        assert st([rec("2", 99.0, cpu_uj=1)]) == (0, 1)
+        # The same identity twice in one batch: in order, as if sent one after the other.
+        assert st([rec("3", 30.0), rec("3", 25.0), rec("3", 40.0)]) == (2, 1)
+        # Identities are compared exactly: case and non-ASCII characters make other jobs.
+        assert st([rec("1", 20.0, node="N1"), rec("1", 20.0, node="n1\u00e9")]) == (2, 0)
+        # A series bucket only moves forward.
+        assert st([rec("1", 21.0, series=[(0, 12, 9)])]) == (1, 0)
+        assert st([rec("1", 22.0, series=[(0, 11, 1)])]) == (1, 0)
+        st([], [node(500, 10.0)])
+        st([], [node(400, 9.0)])  # older node totals: ignored
+        got = jobs(site)
+        assert got == {
+            ("n1", "1", 100): ("running", 22.0, 22000), ("n1", "2", 100): ("ended", 18.0, 777),
+            ("n1", "3", 100): ("running", 40.0, 40000), ("N1", "1", 100): ("running", 20.0, 20000),
+            ("n1\u00e9", "1", 100): ("running", 20.0, 20000)}
+        assert query(site, "SELECT t_start, t_end, cpu_uj FROM job_series") == [(0.0, 12.0, 9)]
+        assert query(site, "SELECT energy_uj FROM node_totals") == [(500,)]
+        assert query(site, "SELECT t_end, energy_uj FROM node_series") == [(10.0, 500)]
+        assert query(site, "SELECT COUNT(*) FROM factor_sets") == [(1,)]
+        # The stored text is the sent JSON, key order normalised.
+        assert json.loads(query(site, "SELECT meta FROM jobs WHERE job_id = '2'")[0][0]) == {"k": "v"}
+    finally:
+        site.close()
+
+
+def test_a_provisional_submit_time_is_adopted_on_every_engine(site_db, tmp_path):
+    site = open_site(site_db, tmp_path)
+    try:
+        # Sent before the agent knew the submit time (0), then with it: one job, moved.
+        assert site.store([FACTORS], [rec("7", 20.0, submit_time=0, series=[(0, 10, 5)])]) == (1, 0)
+        assert site.store([FACTORS], [rec("7", 30.0, submit_time=555)]) == (1, 0)
+        assert jobs(site) == {("n1", "7", 555): ("running", 30.0, 30000)}
+        assert query(site, "SELECT COUNT(*) FROM job_series") == [(1,)]
+        # Another run of the same job id (another first_seen) is not adopted into it.
+        site.store([FACTORS], [rec("8", 20.0, submit_time=0, first_seen=1.0)])
+        site.store([FACTORS], [rec("8", 30.0, submit_time=9, first_seen=2.0)])
+        assert {k for k in jobs(site) if k[1] == "8"} == {("n1", "8", 0), ("n1", "8", 9)}
+    finally:
+        site.close()
+
+
+def test_the_server_schema_has_the_sqlite_ledgers_columns(server_db, tmp_path):
+    import sqlalchemy as sa
+
+    url, pw = server_db.url, server_db.password
+    site = sitedb.ServerSite(url, pw)
+    led = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        insp = sa.inspect(site.engine)
+        for table in ("factor_sets", "jobs", "job_series", "node_totals", "node_series", "decisions"):
+            want = [r[1] for r in led.db.execute(f"PRAGMA table_info({table})")]
+            assert [c["name"] for c in insp.get_columns(table)] == want, table
+        assert site.schema_version == sitedb.SERVER_SCHEMA_VERSION
+        # A second controller opening the same database finds it migrated: nothing to do.
+        again = sitedb.ServerSite(url, pw)
+        assert again.schema_version == sitedb.SERVER_SCHEMA_VERSION
+        again.close()
+        # A database migrated by a newer greend is refused, with the reason.
+        with site.engine.begin() as c:
+            c.execute(sa.text("INSERT INTO greend_schema VALUES (99, 0)"))
+        with pytest.raises(LedgerError, match=r"schema version 99 is newer than this greend"):
+            sitedb.ServerSite(url, pw)
+    finally:
+        site.close()
+        led.close()
+
+
+def test_a_wrong_password_is_a_clear_error_without_the_password(pg_db):
+    url = pg_db.url
+    with pytest.raises(LedgerError) as e:
+        sitedb.ServerSite(url, "not-the-password")
+    msg = str(e.value)
+    assert url in msg and "password" in msg and "not-the-password" not in msg
+
+
+def test_the_database_url_is_checked_in_the_config():
+    from greend import config
+
+    ok = config.Controller(database="postgresql+psycopg://greend@db:5432/greend")
+    assert ok.database.startswith("postgresql")
+    for bad, words in [("mysql://greend@db/greend", "expected \"sqlite\" or a URL"),
+                       ("postgresql+psycopg://greend:secret@db/greend", "database_password_file"),
+                       ("postgresql+psycopg://db/greend", "expected a user"),
+                       ("mysql+pymysql://greend@db", "expected a database name")]:
+        with pytest.raises(ValueError, match="database") as e:
+            config.Controller(database=bad)
+        assert words in str(e.value)
+        assert "secret" not in str(e.value).split("input_value")[0]
+
+
+# -- through a real controller --------------------------------------------------------------------
+def controller(home, tok, db, **extra) -> Greend:
+    return Greend(home, command="controller", config={"controller": {**db.settings(), **extra}},
+                  args=["--socket", "", "--token-file", str(tok)])
+
+
+def post(port: int, recs: list[dict], node_name: str = "n1", nodes=()) -> dict:
+    body = {"agent": {"cluster": "c1", "node": node_name, "version": "test"},
+            "factor_sets": [FACTORS], "records": recs, "nodes": list(nodes)}
+    st, _, data = request(port, "POST", "/api/v1/records", json.dumps(body).encode(),
+                          {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    assert st == 200, data
+    return json.loads(data)
+
+
+def test_a_real_controller_ingests_into_each_engine_exactly(site_db, tmp_path):
+    tok = token_file(tmp_path / "token", TOKEN)
+    with controller(tmp_path / "ctl", tok, site_db) as ctl:
+        ctl.start()
+        n = 1200
+        first = [rec(str(i), 20.0, cpu_uj=i, series=[(0, 10, i), (10, 20, 1)]) for i in range(n)]
+        assert post(ctl.port, first[:700]) == {"accepted": 700, "stale": 0, "records": 700}
+        assert post(ctl.port, first[700:]) == {"accepted": 500, "stale": 0, "records": 500}
+        # Newer totals for half, a stale resend for the rest, and a final record.
+        newer = [rec(str(i), 30.0, cpu_uj=2 * i) for i in range(0, n, 2)]
+        older = [rec(str(i), 15.0, cpu_uj=0) for i in range(1, n, 2)]
+        assert post(ctl.port, newer + older) == {"accepted": n // 2, "stale": n // 2, "records": n}
+        assert post(ctl.port, [rec("1", 25.0, "ended", cpu_uj=10**12)])["accepted"] == 1
+        st, d = ctl.get("/healthz")
+        assert st == 200 and d["status"] == "ok" and d["records_received"] == 2 * n + 1
+        ctl.stop()
+    site = open_site(site_db, ctl.state)
+    try:
+        want = sum(2 * i for i in range(0, n, 2)) + sum(i for i in range(3, n, 2)) + 10**12
+        assert query(site, "SELECT COUNT(*), SUM(cpu_uj) FROM jobs") == [(n, want)]
+        assert query(site, "SELECT COUNT(*), SUM(cpu_uj) FROM job_series") == [
+            (2 * n, sum(range(n)) + n)]
+    finally:
+        site.close()
+
+
+def test_a_controller_refuses_an_identity_the_server_cannot_key(pg_db, tmp_path):
+    tok = token_file(tmp_path / "token", TOKEN)
+    with controller(tmp_path / "ctl", tok, pg_db) as ctl:
+        ctl.start()
+        body = {"agent": {"cluster": "c1", "node": "n1", "version": "t"},
+                "records": [rec("x" * 256, 20.0)]}
+        st, _, data = request(ctl.port, "POST", "/api/v1/records", json.dumps(body).encode(),
+                              {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        assert st == 400 and b"records[0].job_id: over 255 characters" in data
+
+
+def test_a_controller_with_an_unreachable_database_says_so(tmp_path):
+    tok = token_file(tmp_path / "token", TOKEN)
+    pw = "a-password-0123"
+    db = {"database": f"postgresql+psycopg://greend@127.0.0.1:{free_port()}/greend",
+          "database_password_file": str(token_file(tmp_path / "pw", pw))}
+    ctl = Greend(tmp_path / "ctl", command="controller", config={"controller": db},
+                 args=["--socket", "", "--token-file", str(tok)])
+    ctl.start(wait=False)
+    assert ctl.proc.wait(60) != 0
+    log = ctl.log()
+    assert "site database postgresql+psycopg://greend@127.0.0.1" in log and "cannot open" in log
+    assert "Traceback" not in log and pw not in log
