@@ -19,7 +19,7 @@ from . import __version__, decisions
 from . import config as config_mod
 from .errors import GreendError
 from .http import client_tls
-from .httpclient import RetryingHTTPConnection, RetryingHTTPSConnection
+from .httpclient import RetryingHTTPConnection, RetryingHTTPSConnection, connect_retrying
 from .ledger import Ledger, LedgerError
 from .wire import FACTOR_COLS, JOB_COLS, METRICS, RECORDS_PATH, SERIES_COLS
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 MAX_SERIES_PER_BATCH = 20000  # series buckets in one request (a long job after a long outage)
 MAX_REQUEST_BYTES = 4 << 20  # an agent splits batches above this (the controller accepts 8 MiB)
 BACKOFF_START_S = 1.0
+FAILOVER_CONNECT_S = 2.0  # with other controllers to try, a refused connect is retried this long
 DRAIN_ON_EXIT_S = 5.0
 
 
@@ -70,6 +71,20 @@ class Outbox:
         that stored it."""
         db.execute("INSERT INTO outbox (kind, ref, seq, series_from, queued) VALUES ('decision', ?, 1, 0, ?) "
                    "ON CONFLICT (kind, ref) DO UPDATE SET seq = outbox.seq + 1", (ident, time.time()))
+
+
+class _HTTP(RetryingHTTPConnection):
+    connect_s: float | None = None
+
+    def connect(self) -> None:
+        connect_retrying(super(RetryingHTTPConnection, self).connect, self.connect_s or self.timeout)
+
+
+class _HTTPS(RetryingHTTPSConnection):
+    connect_s: float | None = None
+
+    def connect(self) -> None:
+        connect_retrying(super(RetryingHTTPSConnection, self).connect, self.connect_s or self.timeout)
 
 
 class _SendFailed(GreendError):
@@ -327,10 +342,12 @@ class Sender:
             u = urlsplit(self.url)
             timeout = min(self.settings.timeout_s, self.timeout_cap)
             if u.scheme == "https":
-                self.conn = RetryingHTTPSConnection(u.hostname, u.port, timeout=timeout,
-                                                    context=check_tls(self.settings))
+                self.conn = _HTTPS(u.hostname, u.port, timeout=timeout,
+                                   context=check_tls(self.settings))
             else:
-                self.conn = RetryingHTTPConnection(u.hostname, u.port, timeout=timeout)
+                self.conn = _HTTP(u.hostname, u.port, timeout=timeout)
+            if len(self.settings.urls) > 1:  # another controller may answer at once
+                self.conn.connect_s = min(timeout, FAILOVER_CONNECT_S)
         return self.conn
 
     def _close_conn(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -32,6 +33,9 @@ DIALECTS = {"mysql+pymysql": "mysql", "mariadb+pymysql": "mysql", "postgresql+ps
 IDENT_MAX = 255  # cluster, job_id, node, factor set ids on a server: MariaDB's 3072-byte key limit
 SERVER_SCHEMA_VERSION = 1  # len(_server_migrations()); stored in greend_schema
 DEADLOCK_RETRIES = 3
+# Tests only (tests/test_sitedb_failover.py): hold each batch's transaction open this long before
+# its commit, so that a test can kill a controller mid-batch.
+_HOLD_COMMIT_S = float(os.environ.get("GREEND_TEST_HOLD_COMMIT_S") or 0)
 
 _KEY = ("cluster", "job_id", "submit_time", "node")
 _KEEP = ("cluster", "job_id", "submit_time", "node", "first_seen")
@@ -519,6 +523,10 @@ class ServerSite:
             conn.execute(self.sql_node_series, nseries)
         for d in decided:
             conn.execute(self.sql_decision, d)
+        if _HOLD_COMMIT_S:
+            log.warning("test hook: holding the commit of %d record(s) for %g s", len(records),
+                        _HOLD_COMMIT_S)
+            time.sleep(_HOLD_COMMIT_S)
         return accepted, stale
 
     def _lookup(self, conn, records) -> list:
