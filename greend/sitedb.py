@@ -456,13 +456,17 @@ class ServerSite:
                     return f"records[{i}].series[{j}].factor_set: over {IDENT_MAX} characters"
         return ""
 
-    def store(self, factor_sets, records, nodes=(), decided=()) -> tuple[int, int]:
-        """As SqliteSite.store; a deadlock with another controller is retried here."""
+    def store(self, factor_sets, records, nodes=(), decided=(), *, migrating: bool = False
+              ) -> tuple[int, int]:
+        """As SqliteSite.store; a deadlock with another controller is retried here. migrating:
+        records are copied as they are (the source adopted what it could), and the series of a
+        stale record too (each bucket keeps its own forward-only rule): the buckets of a job
+        that agents already sent newer totals of to the target are not lost."""
         sa = self.sa
         for attempt in range(DEADLOCK_RETRIES + 1):
             try:
                 with self.engine.begin() as conn:
-                    return self._store(conn, factor_sets, records, nodes, decided)
+                    return self._store(conn, factor_sets, records, nodes, decided, migrating)
             except sa.exc.DBAPIError as e:
                 if attempt < DEADLOCK_RETRIES and self._is_deadlock(e):
                     log.info("site database: deadlock with another writer, retrying the batch")
@@ -473,7 +477,7 @@ class ServerSite:
                 raise self._error("cannot store records", e) from None
         raise AssertionError("unreachable")
 
-    def _store(self, conn, factor_sets, records, nodes, decided) -> tuple[int, int]:
+    def _store(self, conn, factor_sets, records, nodes, decided, migrating=False) -> tuple[int, int]:
         if factor_sets:
             conn.execute(self.sql_factor, [_factor_row(f) for f in factor_sets])
         # Records of one identity sent twice in one batch go in successive rounds, so that each
@@ -490,7 +494,8 @@ class ServerSite:
             rounds[i].append(r)
         accepted = stale = 0
         for rnd in rounds:
-            self._adopt(conn, rnd)
+            if not migrating:
+                self._adopt(conn, rnd)
             rows = [_job_row(r) for r in rnd]
             conn.execute(self.sql_job, rows)
             stored = {(c, j, int(s), n): (pk, state, float(ls))
@@ -502,8 +507,10 @@ class ServerSite:
                 # the rule ranks strictly higher (stale): compare the rule's two fields.
                 if (state == "ended", last_seen) != (v["state"] == "ended", v["last_seen"]):
                     stale += 1
-                    continue
-                accepted += 1
+                    if not migrating:
+                        continue
+                else:
+                    accepted += 1
                 for s in _get(r, "series"):
                     d = {c: _get(s, c) for c in SERIES_COLS}
                     d["job_pk"] = pk
@@ -571,3 +578,65 @@ class ServerSite:
 def _rule(cond: str, new, old) -> str:
     """A rule written with {new}COLUMN and {old}COLUMN, in a dialect's words."""
     return re.sub(r"\{(new|old)\}(\w+)", lambda m: (new if m[1] == "new" else old)(m[2]), cond)
+
+
+# -- migration of a SQLite site ledger ------------------------------------------------------------------
+def migrate_sqlite(src: Path, site: ServerSite, *, batch: int = 1000, progress=None) -> dict:
+    """Copy a SQLite site ledger (a controller's) into a server database with the same upserts,
+    so that a re-run, or a run after agents already sent newer records there, changes nothing
+    the rules would not. progress(table, done, total) after each batch. The summary: per table,
+    the rows read and, for jobs, those stored and those stale (the target's were newer)."""
+    led = Ledger(src, readonly=True)  # LedgerError: missing, not a ledger, a newer schema
+    db = led.db
+    try:
+        def count(table):
+            return db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        has_decisions = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'decisions'").fetchone()
+        out = {"from": str(src), "to": site.describe(), "schema_version": led.schema_version,
+               "factor_sets": count("factor_sets"), "jobs": count("jobs"), "jobs_stored": 0,
+               "jobs_stale": 0, "job_series": count("job_series"), "node_totals": count("node_totals"),
+               "node_series": count("node_series"),
+               "decisions": count("decisions") if has_decisions else 0}
+        factors = [dict(r) for r in db.execute("SELECT * FROM factor_sets")]
+        site.store(factors, [])
+        done, last = 0, -1
+        while True:
+            jobs = [dict(r) for r in db.execute(
+                "SELECT * FROM jobs WHERE pk > ? ORDER BY pk LIMIT ?", (last, batch))]
+            if not jobs:
+                break
+            last = jobs[-1]["pk"]
+            series: dict[int, list] = {}
+            marks = ",".join("?" * len(jobs))
+            for r in db.execute(f"SELECT * FROM job_series WHERE job_pk IN ({marks})",
+                                [j["pk"] for j in jobs]):
+                series.setdefault(r["job_pk"], []).append(dict(r))
+            for j in jobs:
+                j["series"] = series.get(j["pk"], [])
+            stored, stale = site.store([], jobs, migrating=True)
+            out["jobs_stored"] += stored
+            out["jobs_stale"] += stale
+            done += len(jobs)
+            if progress:
+                progress("jobs", done, out["jobs"])
+        for n in [r[0] for r in db.execute("SELECT DISTINCT node FROM node_totals UNION "
+                                            "SELECT DISTINCT node FROM node_series")]:
+            totals = [dict(r) for r in db.execute("SELECT * FROM node_totals WHERE node = ?", (n,))]
+            rows = [dict(r) for r in db.execute(
+                "SELECT * FROM node_series WHERE node = ? ORDER BY t_start", (n,))]
+            for i in range(0, max(len(rows), 1), batch * 10):
+                site.store([], [], [{"node": n, "totals": totals if i == 0 else [],
+                                     "series": rows[i:i + batch * 10]}])
+        if progress:
+            progress("nodes", out["node_series"], out["node_series"])
+        if has_decisions:
+            rows = [dict(r) for r in db.execute("SELECT * FROM decisions ORDER BY id")]
+            for r in rows:
+                r.pop("id")
+            for i in range(0, len(rows), batch):
+                site.store([], [], decided=rows[i:i + batch])
+            if progress:
+                progress("decisions", len(rows), len(rows))
+        return out
+    finally:
+        led.close()
