@@ -146,6 +146,22 @@ class SqliteSite:
         self.ledger.close()
 
 
+def _fields(o) -> dict:
+    """A wire object's fields (a pydantic model keeps them in __dict__), or the dict itself."""
+    return o if isinstance(o, dict) else o.__dict__
+
+
+_PROV, _META = JOB_COLS.index("provenance"), JOB_COLS.index("meta")
+
+
+def _job_tuple(r: dict) -> tuple:
+    row = [r[c] for c in JOB_COLS]
+    for i in (_PROV, _META):
+        if not isinstance(row[i], str):
+            row[i] = json.dumps(row[i] or {}, sort_keys=True)
+    return tuple(row)
+
+
 def _job_row(r) -> dict:
     vals = {c: _get(r, c) for c in JOB_COLS}
     for c in ("provenance", "meta"):
@@ -390,7 +406,7 @@ class ServerSite:
         first value through the list (see the proof in _build_sql)."""
         q = self.q
         names = ", ".join(q(c) for c in cols)
-        marks = ", ".join(f":{c}" for c in cols)
+        marks = ", ".join(["%s"] * len(cols))  # the drivers' own (format) style: exec_driver_sql
         head = f"INSERT INTO {q(table)} ({names}) VALUES ({marks})"
         if self.dialect == "postgresql":
             if not set_cols:
@@ -420,23 +436,24 @@ class ServerSite:
         # On MySQL, state and last_seen are assigned last (last_seen, then state): if the rule held,
         # after last_seen := new it still holds (new final >= old final); if not, nothing moved.
         rule = ("({new}state = 'ended', {new}last_seen) >= ({old}state = 'ended', {old}last_seen)")
-        self.sql_job = sa.text(self._upsert("jobs", JOB_COLS, _KEY, rule, job_sets,
-                                            last=("last_seen", "state")))
+        # Statements in the driver's words, run with exec_driver_sql and rows of tuples: the
+        # ingest's hot path skips SQLAlchemy's per-row parameter processing.
+        self.sql_job = self._upsert("jobs", JOB_COLS, _KEY, rule, job_sets, last=("last_seen", "state"))
         scols = ("job_pk", *SERIES_COLS)
-        self.sql_series = sa.text(self._upsert(
+        self.sql_series = self._upsert(
             "job_series", scols, ("job_pk", "t_start", "factor_set"), "{new}t_end >= {old}t_end",
-            [c for c in SERIES_COLS if c not in ("t_start", "factor_set")], last=("t_end",)))
-        self.sql_node_total = sa.text(self._upsert(
+            [c for c in SERIES_COLS if c not in ("t_start", "factor_set")], last=("t_end",))
+        self.sql_node_total = self._upsert(
             "node_totals", NODE_TOTAL_COLS, ("node", "domain"), "{new}energy_uj >= {old}energy_uj",
-            NODE_TOTAL_COLS[2:], last=("energy_uj",)))
-        self.sql_node_series = sa.text(self._upsert(
+            NODE_TOTAL_COLS[2:], last=("energy_uj",))
+        self.sql_node_series = self._upsert(
             "node_series", NODE_SERIES_COLS, ("node", "t_start"), "{new}t_end >= {old}t_end",
-            NODE_SERIES_COLS[2:], last=("t_end",)))
-        self.sql_factor = sa.text(self._upsert("factor_sets", FACTOR_COLS, ("id",), None, ()))
+            NODE_SERIES_COLS[2:], last=("t_end",))
+        self.sql_factor = self._upsert("factor_sets", FACTOR_COLS, ("id",), None, ())
         dcols = decisions._COLS
-        self.sql_decision = sa.text(self._upsert(
+        self.sql_decision = self._upsert(
             "decisions", dcols, ("token",), "{old}user = {new}user",
-            [c for c in dcols if c not in ("token", "user", "uid")]))
+            [c for c in dcols if c not in ("token", "user", "uid")])
         self.sql_adopt = sa.text("UPDATE jobs SET submit_time = :new WHERE pk = :pk AND submit_time = 0")
         self.sql_lookup = sa.text(
             "SELECT pk, cluster, job_id, node, submit_time, first_seen, state, last_seen FROM jobs "
@@ -478,15 +495,16 @@ class ServerSite:
         raise AssertionError("unreachable")
 
     def _store(self, conn, factor_sets, records, nodes, decided, migrating=False) -> tuple[int, int]:
+        run = conn.exec_driver_sql
         if factor_sets:
-            conn.execute(self.sql_factor, [_factor_row(f) for f in factor_sets])
+            run(self.sql_factor, [tuple(_factor_row(f)[c] for c in FACTOR_COLS) for f in factor_sets])
         # Records of one identity sent twice in one batch go in successive rounds, so that each
-        # statement touches an identity once and the second sees the first, as in SQLite.
+        # statement touches an identity once and the second sees the first, as in SQLite. Sorted:
+        # two controllers lock rows in the same order (fewer deadlocks).
         rounds: list[list] = []
         seen: dict[tuple, int] = {}
-        for r in sorted(records, key=lambda r: (_get(r, "cluster"), _get(r, "job_id"),
-                                                _get(r, "node"))):
-            k = tuple(_get(r, c) for c in _KEY)
+        for r in sorted(map(_fields, records), key=lambda r: (r["cluster"], r["job_id"], r["node"])):
+            k = (r["cluster"], r["job_id"], r["submit_time"], r["node"])
             i = seen.get(k, -1) + 1
             seen[k] = i
             if i == len(rounds):
@@ -496,40 +514,36 @@ class ServerSite:
         for rnd in rounds:
             if not migrating:
                 self._adopt(conn, rnd)
-            rows = [_job_row(r) for r in rnd]
-            conn.execute(self.sql_job, rows)
+            run(self.sql_job, [_job_tuple(r) for r in rnd])
             stored = {(c, j, int(s), n): (pk, state, float(ls))
                       for pk, c, j, n, s, _fs, state, ls in self._lookup(conn, rnd)}
             series = []
-            for r, v in zip(rnd, rows, strict=True):
-                pk, state, last_seen = stored[tuple(v[c] for c in _KEY)]
+            for r in rnd:
+                pk, state, last_seen = stored[(r["cluster"], r["job_id"], r["submit_time"], r["node"])]
                 # After the upsert the stored record is the incoming one (accepted) or one that
                 # the rule ranks strictly higher (stale): compare the rule's two fields.
-                if (state == "ended", last_seen) != (v["state"] == "ended", v["last_seen"]):
+                if (state == "ended", last_seen) != (r["state"] == "ended", r["last_seen"]):
                     stale += 1
                     if not migrating:
                         continue
                 else:
                     accepted += 1
-                for s in _get(r, "series"):
-                    d = {c: _get(s, c) for c in SERIES_COLS}
-                    d["job_pk"] = pk
-                    series.append(d)
+                for x in r["series"]:
+                    x = _fields(x)
+                    series.append((pk, *(x[c] for c in SERIES_COLS)))
             if series:
-                conn.execute(self.sql_series, series)
+                run(self.sql_series, series)
         totals, nseries = [], []
-        for n in nodes:
-            node = _get(n, "node")
-            totals += [{"node": node, **{c: _get(t, c) for c in NODE_TOTAL_COLS[1:]}}
-                       for t in _get(n, "totals")]
-            nseries += [{"node": node, **{c: _get(s, c) for c in NODE_SERIES_COLS[1:]}}
-                        for s in _get(n, "series")]
+        for n in map(_fields, nodes):
+            node = n["node"]
+            totals += [(node, *(t[c] for c in NODE_TOTAL_COLS[1:])) for t in map(_fields, n["totals"])]
+            nseries += [(node, *(x[c] for c in NODE_SERIES_COLS[1:])) for x in map(_fields, n["series"])]
         if totals:
-            conn.execute(self.sql_node_total, totals)
+            run(self.sql_node_total, totals)
         if nseries:
-            conn.execute(self.sql_node_series, nseries)
+            run(self.sql_node_series, nseries)
         for d in decided:
-            conn.execute(self.sql_decision, d)
+            run(self.sql_decision, tuple(d[c] for c in decisions._COLS))
         if _HOLD_COMMIT_S:
             log.warning("test hook: holding the commit of %d record(s) for %g s", len(records),
                         _HOLD_COMMIT_S)
