@@ -33,6 +33,7 @@ DIALECTS = {"mysql+pymysql": "mysql", "mariadb+pymysql": "mysql", "postgresql+ps
 IDENT_MAX = 255  # cluster, job_id, node, factor set ids on a server: MariaDB's 3072-byte key limit
 SERVER_SCHEMA_VERSION = 1  # len(_server_migrations()); stored in greend_schema
 DEADLOCK_RETRIES = 3
+MULTI_ROWS = 1000  # rows per multi-row INSERT on PostgreSQL (at most 65535 parameters)
 # Tests only (tests/test_sitedb_failover.py): hold each batch's transaction open this long before
 # its commit, so that a test can kill a controller mid-batch.
 _HOLD_COMMIT_S = float(os.environ.get("GREEND_TEST_HOLD_COMMIT_S") or 0)
@@ -334,6 +335,7 @@ class ServerSite:
         self.t = self.md.tables
         q = self.engine.dialect.identifier_preparer.quote
         self.q = q
+        self.unnest: dict[str, tuple] = {}  # PostgreSQL: statement -> (its unnest form, casts)
         self._build_sql()
         self._migrate()
 
@@ -409,14 +411,19 @@ class ServerSite:
         marks = ", ".join(["%s"] * len(cols))  # the drivers' own (format) style: exec_driver_sql
         head = f"INSERT INTO {q(table)} ({names}) VALUES ({marks})"
         if self.dialect == "postgresql":
-            if not set_cols:
-                return f"{head} ON CONFLICT ({', '.join(q(c) for c in key)}) DO NOTHING"
-            sets = ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in set_cols)
-            where = ""
-            if cond:
-                where = " WHERE " + _rule(cond, lambda c: f"EXCLUDED.{q(c)}",
-                                          lambda c: f"{q(table)}.{q(c)}")
-            return f"{head} ON CONFLICT ({', '.join(q(c) for c in key)}) DO UPDATE SET {sets}{where}"
+            sql = self._upsert_pg(table, cols, key, cond, set_cols, head)
+            cast = {sa_t: n for sa_t, n in ((self.sa.Double, "float8"), (self.sa.BigInteger, "int8"),
+                                              (self.sa.Integer, "int4"))}
+            types = []
+            for c in cols:
+                t = self.t[table].c[c].type
+                types.append(next((n for k, n in cast.items() if isinstance(t, k)), "text"))
+            arrays = ", ".join(f"%b::{t}[]" for t in types)  # %b: binary arrays, dumped in C
+            # A binary array holds one type: a column's values are made that type (1 -> 1.0).
+            conv = [float if t == "float8" else int if t in ("int8", "int4") else None for t in types]
+            self.unnest[sql] = (sql.replace(f"VALUES ({marks})", f"SELECT * FROM unnest({arrays})", 1),
+                                conv)
+            return sql
         if not set_cols:
             k = q(key[0])
             return f"{head} ON DUPLICATE KEY UPDATE {k} = {k}"
@@ -428,6 +435,16 @@ class ServerSite:
             c_my = _rule(cond, lambda c: f"VALUES({q(c)})", q)
             sets = ", ".join(f"{q(c)} = IF({c_my}, VALUES({q(c)}), {q(c)})" for c in order)
         return f"{head} ON DUPLICATE KEY UPDATE {sets}"
+
+    def _upsert_pg(self, table, cols, key, cond, set_cols, head) -> str:
+        q = self.q
+        if not set_cols:
+            return f"{head} ON CONFLICT ({', '.join(q(c) for c in key)}) DO NOTHING"
+        sets = ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in set_cols)
+        where = ""
+        if cond:
+            where = " WHERE " + _rule(cond, lambda c: f"EXCLUDED.{q(c)}", lambda c: f"{q(table)}.{q(c)}")
+        return f"{head} ON CONFLICT ({', '.join(q(c) for c in key)}) DO UPDATE SET {sets}{where}"
 
     def _build_sql(self) -> None:
         sa = self.sa
@@ -494,10 +511,35 @@ class ServerSite:
                 raise self._error("cannot store records", e) from None
         raise AssertionError("unreachable")
 
+    def _many(self, conn, sql: str, rows: list[tuple], key=None, newer=None) -> None:
+        """Run an upsert for many rows. PostgreSQL: one INSERT ... SELECT FROM unnest(arrays),
+        an array a column (one small statement, prepared once, instead of one per row); a
+        statement may not touch a row twice there, so rows of one key (key(row)) are first
+        reduced to the one the rule keeps when they are applied in order (newer(new, kept)).
+        MariaDB: PyMySQL's executemany sends multi-row INSERTs, applied in order."""
+        if sql not in self.unnest:
+            conn.exec_driver_sql(sql, rows)
+            return
+        unnest, conv = self.unnest[sql]
+        if key is not None:
+            kept: dict = {}
+            for r in rows:
+                k = key(r)
+                if k not in kept or newer(r, kept[k]):
+                    kept[k] = r
+            rows = list(kept.values())
+        for i in range(0, len(rows), MULTI_ROWS):
+            cols = []
+            for f, c in zip(conv, zip(*rows[i:i + MULTI_ROWS], strict=True), strict=True):
+                cols.append(list(c) if f is None else [v if v is None else f(v) for v in c])
+            conn.exec_driver_sql(unnest, tuple(cols))
+
     def _store(self, conn, factor_sets, records, nodes, decided, migrating=False) -> tuple[int, int]:
         run = conn.exec_driver_sql
         if factor_sets:
-            run(self.sql_factor, [tuple(_factor_row(f)[c] for c in FACTOR_COLS) for f in factor_sets])
+            self._many(conn, self.sql_factor, [tuple(_factor_row(f)[c] for c in FACTOR_COLS)
+                                               for f in factor_sets],
+                       key=lambda r: r[0], newer=lambda new, old: False)
         # Records of one identity sent twice in one batch go in successive rounds, so that each
         # statement touches an identity once and the second sees the first, as in SQLite. Sorted:
         # two controllers lock rows in the same order (fewer deadlocks).
@@ -514,7 +556,7 @@ class ServerSite:
         for rnd in rounds:
             if not migrating:
                 self._adopt(conn, rnd)
-            run(self.sql_job, [_job_tuple(r) for r in rnd])
+            self._many(conn, self.sql_job, [_job_tuple(r) for r in rnd])  # one key once a round
             stored = {(c, j, int(s), n): (pk, state, float(ls))
                       for pk, c, j, n, s, _fs, state, ls in self._lookup(conn, rnd)}
             series = []
@@ -531,17 +573,20 @@ class ServerSite:
                 for x in r["series"]:
                     x = _fields(x)
                     series.append((pk, *(x[c] for c in SERIES_COLS)))
-            if series:
-                run(self.sql_series, series)
+            if series:  # (job_pk, t_start, ..., factor_set at 3, t_end at 2): t_end only moves on
+                self._many(conn, self.sql_series, series, key=lambda r: (r[0], r[1], r[3]),
+                           newer=lambda new, old: new[2] >= old[2])
         totals, nseries = [], []
         for n in map(_fields, nodes):
             node = n["node"]
             totals += [(node, *(t[c] for c in NODE_TOTAL_COLS[1:])) for t in map(_fields, n["totals"])]
             nseries += [(node, *(x[c] for c in NODE_SERIES_COLS[1:])) for x in map(_fields, n["series"])]
-        if totals:
-            run(self.sql_node_total, totals)
-        if nseries:
-            run(self.sql_node_series, nseries)
+        if totals:  # (node, domain, source, provenance, energy_uj, ...)
+            self._many(conn, self.sql_node_total, totals, key=lambda r: r[:2],
+                       newer=lambda new, old: new[4] >= old[4])
+        if nseries:  # (node, t_start, t_end, ...)
+            self._many(conn, self.sql_node_series, nseries, key=lambda r: r[:2],
+                       newer=lambda new, old: new[2] >= old[2])
         for d in decided:
             run(self.sql_decision, tuple(d[c] for c in decisions._COLS))
         if _HOLD_COMMIT_S:

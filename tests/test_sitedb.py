@@ -88,9 +88,15 @@ def test_the_upsert_rules_are_the_same_on_every_engine(site_db, tmp_path):
         # A series bucket only moves forward.
         assert st([rec("1", 21.0, series=[(0, 12, 9)])]) == (1, 0)
         assert st([rec("1", 22.0, series=[(0, 11, 1)])]) == (1, 0)
+        # One column, ints and floats (and None) in one batch: each engine stores numbers.
+        assert st([rec("4", 20.0, alloc_cpus=4, first_seen=3), rec("5", 20.0, alloc_cpus=None),
+                   rec("6", 20.0, alloc_cpus=4.5)]) == (3, 0)
+        assert sorted(query(site, "SELECT job_id, alloc_cpus, first_seen FROM jobs WHERE job_id "
+                                  "IN ('4', '5', '6')")) == [("4", 4.0, 3.0), ("5", None, 10.0),
+                                                             ("6", 4.5, 10.0)]
         st([], [node(500, 10.0)])
         st([], [node(400, 9.0)])  # older node totals: ignored
-        got = jobs(site)
+        got = {k: v for k, v in jobs(site).items() if k[1] not in ("4", "5", "6")}
         assert got == {
             ("n1", "1", 100): ("running", 22.0, 22000), ("n1", "2", 100): ("ended", 18.0, 777),
             ("n1", "3", 100): ("running", 40.0, 40000), ("N1", "1", 100): ("running", 20.0, 20000),
