@@ -136,7 +136,25 @@ def start_controller(tmp: Path, name: str, tok: Path, database: dict) -> tuple[s
             time.sleep(0.1)
 
 
-def run_one(args, tmp: Path, tok: Path, label: str, database: dict, controllers: int) -> bool:
+def tree_cpu_s(pid: int | None) -> float:
+    """CPU seconds of a process and its children (a database server and its backends)."""
+    if pid is None:
+        return 0.0
+    total = 0.0
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            f = (p / "stat").read_bytes().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(p.name) == pid or int(f[1]) == pid:
+            total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def run_one(args, tmp: Path, tok: Path, label: str, database: dict, controllers: int,
+            server_pid: int | None = None) -> bool:
     procs = []
     try:
         for i in range(controllers):
@@ -150,8 +168,10 @@ def run_one(args, tmp: Path, tok: Path, label: str, database: dict, controllers:
             bodies = batches(n, args.batch, args.agents, tt, args.series)
             size = sum(len(b) for bs in bodies for b in bs)
             c0 = sum(cpu_s(p.pid) for p, _ in procs)
+            s0 = tree_cpu_s(server_pid)
             wall, accepted, errors, lat = post_all(ports, bodies)
             used = sum(cpu_s(p.pid) for p, _ in procs) - c0
+            server = tree_cpu_s(server_pid) - s0
             if errors:
                 print(f"  {phase}: {len(errors)} errors, e.g. {errors[0]}")
                 return False
@@ -159,8 +179,8 @@ def run_one(args, tmp: Path, tok: Path, label: str, database: dict, controllers:
             p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
             print(f"  {phase:<26} {n / wall:8.0f} records/s  ({wall:.2f} s, {accepted} stored, "
                   f"p99 batch {p99 * 1000:.0f} ms, {size / wall / 1e6:.1f} MB/s of JSON, "
-                  f"controller CPU {used:.2f} s = {n / max(used, 1e-9):.0f} records per CPU-second)",
-                  flush=True)
+                  f"controller CPU {used:.2f} s = {n / max(used, 1e-9):.0f} records per CPU-second"
+                  + (f", database server CPU {server:.2f} s" if server_pid else "") + ")", flush=True)
         return True
     finally:
         for p, _ in procs:
@@ -204,7 +224,7 @@ def main() -> int:
             pw.chmod(0o600)
             for c in counts:
                 database = {"database": server.new_database(), "database_password_file": str(pw)}
-                if not run_one(args, tmp, tok, db, database, c):
+                if not run_one(args, tmp, tok, db, database, c, server.proc.pid):
                     return 1
         return 0
     finally:

@@ -269,7 +269,6 @@ def _tables(sa):
     sa.Index("jobs_user", jobs.c.user, jobs.c.last_seen)
     sa.Index("jobs_account", jobs.c.account, jobs.c.last_seen)
     sa.Index("jobs_state", jobs.c.state, jobs.c.node)
-    sa.Index("jobs_last_seen", jobs.c.last_seen)
     sa.Table("job_series", md,
              col("job_pk", big, sa.ForeignKey("jobs.pk"), primary_key=True),
              col("t_start", dbl, primary_key=True), col("t_end", dbl, nullable=False),

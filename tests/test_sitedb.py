@@ -247,3 +247,25 @@ def test_a_controller_with_an_unreachable_database_says_so(tmp_path):
     log = ctl.log()
     assert "site database postgresql+psycopg://greend@127.0.0.1" in log and "cannot open" in log
     assert "Traceback" not in log and pw not in log
+
+
+def test_nodes_and_a_sqlite_controller_never_import_the_database_drivers(tmp_path):
+    """The `sitedb` extra stays off compute nodes' import path: only a controller configured for a
+    server loads SQLAlchemy and its drivers."""
+    import subprocess
+    import sys
+
+    tok = token_file(tmp_path / "token", TOKEN)
+    code = f"""
+import sys
+from greend import agent, cli, config, daemon, controller, wire
+cfg = config.parse({{"controller": {{"state_dir": {str(tmp_path / 'ctl')!r}, "token_file": {str(tok)!r},
+                                    "listen": "127.0.0.1:0", "socket": ""}}}})
+c = controller.Controller(cfg)
+c.site.store([], [])
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("sqlalchemy", "pymysql", "psycopg"))
+print(c.site.engine, loaded)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "sqlite []"
