@@ -19,7 +19,7 @@ from . import __version__, decisions, route_api, sitedb
 from . import config as config_mod
 from .errors import ApiError, DaemonError, LedgerError, SiteError
 from .exporter import LedgerMetrics
-from .http import bearer_ok, default_socket, dumps, is_loopback, parse_listen, server_tls
+from .http import bearer_ok, default_socket, dumps, is_loopback, parse_json, parse_listen, server_tls
 from .ledger import Ledger, default_path
 from .service import Service
 from .wire import METRICS, RECORDS_PATH, BatchIn, read_token, validation_message
@@ -192,10 +192,34 @@ class Controller(Service):
         """POST /api/v1/decisions from an agent (site token), into the site's ledger."""
         if not bearer_ok(headers, self.token):
             self.count_reject("auth")
+        if not isinstance(self.site, sitedb.SqliteSite):
+            return self._post_decision_server(body, headers)
         out = decisions.post(body, caller, headers, self.ledger, self.write_lock,
                              token_only=self.token or b"", max_bytes=self.cfg.daemon.decision_max_bytes)
         self.ledger_metrics.invalidate()
         return out
+
+    def _post_decision_server(self, body: bytes, headers) -> tuple[int, str, bytes]:
+        """As decisions.post with the site token, stored in the server database."""
+        if not bearer_ok(headers, self.token):
+            raise ApiError(401, "decisions are taken from agents presenting the site token")
+        ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype and ctype != "application/json":
+            raise ApiError(415, f"Content-Type {ctype!r}: expected application/json")
+        limit = self.cfg.daemon.decision_max_bytes
+        if len(body) > limit:
+            raise ApiError(413, f"a decision is at most {limit} bytes (daemon.decision_max_bytes); "
+                                f"this one is {len(body)}")
+        try:
+            row = decisions.validate(parse_json(body or b"null", "decision"))
+        except decisions.DecisionInvalid as e:
+            raise ApiError(400, f"invalid decision: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "invalid decision: nested too deeply") from None
+        stored, ident = self.site.store_decision(row)
+        if not stored:
+            raise ApiError(409, f"token {row['token']!r} is another user's decision")
+        return 200, "application/json", dumps({"id": ident, "token": row["token"]})
 
     def post_route(self, body: bytes, caller, headers) -> tuple[int, str, bytes]:
         """POST /api/v1/route: where the policy engine sends a job, from the controller's own

@@ -594,6 +594,20 @@ class ServerSite:
             time.sleep(_HOLD_COMMIT_S)
         return accepted, stale
 
+    def store_decision(self, row: dict) -> tuple[bool, int | None]:
+        """A routing decision posted to a controller (decisions.validate's row), as
+        decisions.store: (stored, id); not stored when another user's decision holds the token."""
+        sa = self.sa
+        try:
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(self.sql_decision, tuple(row[c] for c in decisions._COLS))
+                user, ident = conn.execute(sa.text(
+                    f"SELECT {self.q('user')}, id FROM decisions WHERE token = :t"),
+                    {"t": row["token"]}).one()
+        except sa.exc.SQLAlchemyError as e:
+            raise self._error("cannot store a decision", e) from None
+        return (True, ident) if user == row["user"] else (False, None)
+
     def _lookup(self, conn, records) -> list:
         """The stored jobs sharing (cluster, job_id, node) with `records`: rows of (pk, cluster,
         job_id, node, submit_time, first_seen, state, last_seen). One indexed query per

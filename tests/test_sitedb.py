@@ -269,3 +269,31 @@ print(c.site.engine, loaded)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "sqlite []"
+
+
+def test_a_decision_posted_to_a_controller_goes_to_the_server(server_db, tmp_path):
+    import time
+
+    tok = token_file(tmp_path / "token", TOKEN)
+    d = {"token": "tok-9", "t": time.time() - 5, "user": "alice", "uid": 1001, "outcome": "pending",
+         "cluster": "c1", "job_id": None, "decision": {"chosen": "c1"}}
+    hdr = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    with controller(tmp_path / "ctl", tok, server_db) as ctl:
+        ctl.start()
+        st, _, data = request(ctl.port, "POST", "/api/v1/decisions", json.dumps(d).encode(), hdr)
+        assert st == 200 and json.loads(data)["token"] == "tok-9", data
+        # Its final outcome replaces it; another user's decision may not take its token.
+        d.update(outcome="submitted", job_id="42")
+        st, _, data = request(ctl.port, "POST", "/api/v1/decisions", json.dumps(d).encode(), hdr)
+        assert st == 200, data
+        st, _, data = request(ctl.port, "POST", "/api/v1/decisions",
+                              json.dumps({**d, "user": "mallory", "uid": 666}).encode(), hdr)
+        assert st == 409 and b"another user's decision" in data
+        st, _, data = request(ctl.port, "POST", "/api/v1/decisions", json.dumps(d).encode(),
+                              {"Content-Type": "application/json"})
+        assert st == 401
+    site = open_site(server_db, None)
+    try:
+        assert query(site, "SELECT token, outcome, job_id FROM decisions") == [("tok-9", "submitted", "42")]
+    finally:
+        site.close()
