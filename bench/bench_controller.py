@@ -137,10 +137,11 @@ def start_controller(tmp: Path, name: str, tok: Path, database: dict) -> tuple[s
 
 
 def tree_cpu_s(pid: int | None) -> float:
-    """CPU seconds of a process and its children (a database server and its backends)."""
+    """CPU seconds of a process and all its descendants (a database server and its backends;
+    PostgreSQL runs under runuser as root)."""
     if pid is None:
         return 0.0
-    total = 0.0
+    stats: dict[int, tuple[int, float]] = {}
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
@@ -148,8 +149,16 @@ def tree_cpu_s(pid: int | None) -> float:
             f = (p / "stat").read_bytes().rsplit(b")", 1)[1].split()
         except OSError:
             continue
-        if int(p.name) == pid or int(f[1]) == pid:
-            total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        stats[int(p.name)] = (int(f[1]), (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"))
+    tree, total, grew = {pid}, 0.0, True
+    while grew:
+        grew = False
+        for p, (ppid, _) in stats.items():
+            if ppid in tree and p not in tree:
+                tree.add(p)
+                grew = True
+    for p in tree:
+        total += stats.get(p, (0, 0.0))[1]
     return total
 
 

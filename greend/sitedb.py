@@ -510,16 +510,21 @@ class ServerSite:
                 raise self._error("cannot store records", e) from None
         raise AssertionError("unreachable")
 
-    def _many(self, conn, sql: str, rows: list[tuple], key=None, newer=None) -> None:
+    def _many(self, conn, sql: str, rows: list[tuple], key=None, newer=None,
+              returning: str = "") -> list:
         """Run an upsert for many rows. PostgreSQL: one INSERT ... SELECT FROM unnest(arrays),
         an array a column (one small statement, prepared once, instead of one per row); a
         statement may not touch a row twice there, so rows of one key (key(row)) are first
         reduced to the one the rule keeps when they are applied in order (newer(new, kept)).
-        MariaDB: PyMySQL's executemany sends multi-row INSERTs, applied in order."""
+        MariaDB: PyMySQL's executemany sends multi-row INSERTs, applied in order. `returning`
+        (PostgreSQL): the RETURNING list; the rows inserted or updated come back."""
         if sql not in self.unnest:
             conn.exec_driver_sql(sql, rows)
-            return
+            return []
         unnest, conv = self.unnest[sql]
+        if returning:
+            unnest += f" RETURNING {returning}"
+        out: list = []
         if key is not None:
             kept: dict = {}
             for r in rows:
@@ -531,7 +536,10 @@ class ServerSite:
             cols = []
             for f, c in zip(conv, zip(*rows[i:i + MULTI_ROWS], strict=True), strict=True):
                 cols.append(list(c) if f is None else [v if v is None else f(v) for v in c])
-            conn.exec_driver_sql(unnest, tuple(cols))
+            result = conn.exec_driver_sql(unnest, tuple(cols))
+            if returning:
+                out += result.all()
+        return out
 
     def _store(self, conn, factor_sets, records, nodes, decided, migrating=False) -> tuple[int, int]:
         run = conn.exec_driver_sql
@@ -555,15 +563,29 @@ class ServerSite:
         for rnd in rounds:
             if not migrating:
                 self._adopt(conn, rnd)
-            self._many(conn, self.sql_job, [_job_tuple(r) for r in rnd])  # one key once a round
-            stored = {(c, j, int(s), n): (pk, state, float(ls))
-                      for pk, c, j, n, s, _fs, state, ls in self._lookup(conn, rnd)}
+            rows = [_job_tuple(r) for r in rnd]  # one key once a round
+            if self.dialect == "postgresql" and not migrating:
+                # RETURNING gives the rows the rule let through (inserted or updated): the others
+                # are stale, and their pks are not needed.
+                done = {(c, j, int(s), n): pk for pk, c, j, s, n in self._many(
+                    conn, self.sql_job, rows, returning="pk, cluster, job_id, submit_time, node")}
+                stored = None
+            else:
+                self._many(conn, self.sql_job, rows)
+                stored = {(c, j, int(s), n): (pk, state, float(ls))
+                          for pk, c, j, n, s, _fs, state, ls in self._lookup(conn, rnd)}
             series = []
             for r in rnd:
-                pk, state, last_seen = stored[(r["cluster"], r["job_id"], r["submit_time"], r["node"])]
-                # After the upsert the stored record is the incoming one (accepted) or one that
-                # the rule ranks strictly higher (stale): compare the rule's two fields.
-                if (state == "ended", last_seen) != (r["state"] == "ended", r["last_seen"]):
+                k = (r["cluster"], r["job_id"], r["submit_time"], r["node"])
+                if stored is None:
+                    pk = done.get(k)
+                    fresh = pk is not None
+                else:
+                    # After the upsert the stored record is the incoming one (accepted) or one
+                    # that the rule ranks strictly higher (stale): compare the rule's two fields.
+                    pk, state, last_seen = stored[k]
+                    fresh = (state == "ended", last_seen) == (r["state"] == "ended", r["last_seen"])
+                if not fresh:
                     stale += 1
                     if not migrating:
                         continue
