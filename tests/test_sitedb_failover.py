@@ -108,3 +108,67 @@ def test_a_controller_killed_mid_batch_loses_and_doubles_nothing(server_db, tmp_
     finally:
         site.close()
     assert "Traceback" not in a.log() and "Traceback" not in ctl2.log()
+
+
+def test_the_sender_fails_over_on_5xx_but_not_on_a_refused_token(tmp_path, clock):
+    """In process: a controller answering 503 (its database away) sends the batch to the next
+    URL at once; a 401 is the site's problem, not the controller's: no failover."""
+    import http.server
+    import threading
+
+    from test_site import make_monitor
+
+    from greend import agent, config
+    from greend.controller import Controller
+
+    answers = {"status": 503}
+
+    class Sick(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"error": "ledger unavailable, retry later"}'
+            self.send_response(answers["status"])
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    sick = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sick)
+    threading.Thread(target=sick.serve_forever, daemon=True).start()
+    tok = token_file(tmp_path / "token", TOKEN)
+    ctl_cfg = config.parse({"controller": {"state_dir": str(tmp_path / "ctl"), "token_file": str(tok),
+                                           "listen": "127.0.0.1:0", "socket": ""}})
+    c = Controller(ctl_cfg)
+    c.start()
+    try:
+        _, led, m, box = make_monitor(tmp_path / "agent", clock, 3)
+        m.tick()
+        clock.advance(5)
+        m.tick()
+        m.checkpoint()
+        urls = [f"http://127.0.0.1:{sick.server_address[1]}", f"http://127.0.0.1:{c.server.port}"]
+        s = agent.Sender(config.Controller(url=urls, token_file=tok), TOKEN.encode(), led.path,
+                         "local", "n1", box)
+        while s.send_once():
+            pass
+        assert s.url == urls[1] and s.failovers == 1 and s.errors == {"http": 1}
+        assert s.status()["controllers"] == urls and not s.last_error
+        assert c.ledger.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 3
+        # A refused token at the first controller: reported, not hidden by another controller.
+        answers["status"] = 401
+        s.current = 0  # as after a restart of the agent
+        s._close_conn()
+        clock.advance(5)
+        m.tick()
+        m.checkpoint()
+        with pytest.raises(agent._SendFailed):
+            s.send_once()
+        assert s.url == urls[0] and s.failovers == 1 and s.errors["auth"] == 1
+        s.close()
+        m.close()
+        led.close()
+    finally:
+        c.shutdown()
+        sick.shutdown()
