@@ -63,8 +63,8 @@ class Controller(Service):
         self.state_dir = controller_state_dir(cfg)
         self.ledger_path = default_path(self.state_dir)
         # The site ledger (controller.database): greend.sitedb stores the batches. On a database
-        # server, the local SQLite ledger still takes decisions posted to this controller and
-        # serves its read API (docs/site-mode.md, "Reads").
+        # server, the local SQLite ledger only backs the reads not yet served from the server
+        # (docs/site-mode.md, "Reads on a server database").
         try:
             self.site = sitedb.open_site(cfg.controller, self.state_dir)
         except (LedgerError, SiteError) as e:

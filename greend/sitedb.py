@@ -115,24 +115,21 @@ class SqliteSite:
         with self.ledger.transaction() as db:
             db.executemany("INSERT OR IGNORE INTO factor_sets VALUES (?, ?, ?, ?, ?, ?, ?)", [
                 tuple(_factor_row(f)[c] for c in FACTOR_COLS) for f in factor_sets])
-            for r in records:
-                g = r.__getitem__ if isinstance(r, dict) else r.__getattribute__
-                if g("submit_time") and g("kind") == "slurm":
+            for r in map(_fields, records):
+                if r["submit_time"] and r["kind"] == "slurm":
                     # The agent learnt the job's submit time after sending it with none (0): its
                     # record moves to the full identity, as it did in the agent's ledger.
-                    db.execute(_ADOPT_PROVISIONAL, (g("submit_time"), g("cluster"), g("job_id"),
-                                                    g("node"), g("first_seen"), g("submit_time")))
-                vals = _job_row(r)
-                row = db.execute(_UPSERT_JOB, vals).fetchone()
+                    db.execute(_ADOPT_PROVISIONAL, (r["submit_time"], r["cluster"], r["job_id"],
+                                                    r["node"], r["first_seen"], r["submit_time"]))
+                row = db.execute(_UPSERT_JOB, _job_row(r)).fetchone()
                 if row is None:
                     stale += 1  # the controller holds a newer or final record
                     continue
                 accepted += 1
-                series = g("series")
-                if series:
+                if r["series"]:
                     pk = row[0]
                     db.executemany(_UPSERT_SERIES, [
-                        (pk, *(_get(s, c) for c in SERIES_COLS)) for s in series])
+                        (pk, *(x[c] for c in SERIES_COLS)) for x in map(_fields, r["series"])])
             for n in nodes:
                 node = _get(n, "node")
                 db.executemany(_UPSERT_NODE_TOTAL, [
@@ -164,7 +161,8 @@ def _job_tuple(r: dict) -> tuple:
 
 
 def _job_row(r) -> dict:
-    vals = {c: _get(r, c) for c in JOB_COLS}
+    d = _fields(r)
+    vals = {c: d[c] for c in JOB_COLS}
     for c in ("provenance", "meta"):
         v = vals[c]
         vals[c] = v if isinstance(v, str) else json.dumps(v or {}, sort_keys=True)
