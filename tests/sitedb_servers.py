@@ -47,6 +47,25 @@ class Server:
     port: int
     root: Path
     proc: subprocess.Popen | None = None
+    argv: tuple = ()
+    up: object = None  # () -> bool: answering
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data (restart() brings it back on the same port)."""
+        if self.kind == "postgresql":  # a fast shutdown: connected clients do not hold it up
+            subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(self.root / "pg" / "data"),
+                                         "stop", "-m", "fast", "-w"]), capture_output=True,
+                           timeout=60, check=True)
+        else:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+    def restart(self) -> None:
+        log = self.root / "restart.log"
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(list(self.argv), stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        _wait(self.up, self.kind, proc=self.proc, log=log)
 
     def admin(self, sql: str) -> None:
         """Run SQL as the server's administrator."""
@@ -71,6 +90,10 @@ class Server:
         return f"postgresql+psycopg://greend@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None and self.kind == "postgresql":
+            # runuser passes SIGTERM on, but a "smart" shutdown waits for every client to leave
+            subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(self.root / "pg" / "data"),
+                                         "stop", "-m", "fast", "-w"]), capture_output=True, timeout=60)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -151,17 +174,17 @@ def start_postgresql() -> Server:
         raise RuntimeError(f"initdb: {r.stderr[-2000:]}")
     port = free_port()
     log = root / "postgres.log"
+    argv = _as_postgres([postgres, "-D", str(sock / "data"), "-p", str(port), "-k", str(sock),
+                         "-c", "listen_addresses=127.0.0.1", "-c", "synchronous_commit=off",
+                         "-c", "max_connections=200", "-c", "shared_buffers=128MB"])
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            _as_postgres([postgres, "-D", str(sock / "data"), "-p", str(port), "-k", str(sock),
-                          "-c", "listen_addresses=127.0.0.1", "-c", "synchronous_commit=off",
-                          "-c", "max_connections=200", "-c", "shared_buffers=128MB"]),
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    s = Server("postgresql", port, root, proc)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
 
     def up():
         return subprocess.run(_as_postgres([_pg_bin("pg_isready"), "-h", str(sock), "-p", str(port)]),
                               capture_output=True, timeout=10).returncode == 0
+    s = Server("postgresql", port, root, proc, tuple(argv), up)
     try:
         _wait(up, "postgres", proc=proc, log=log)
         s.admin(f"CREATE ROLE greend LOGIN PASSWORD '{PASSWORD}'")

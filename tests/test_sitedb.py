@@ -297,3 +297,41 @@ def test_a_decision_posted_to_a_controller_goes_to_the_server(server_db, tmp_pat
         assert query(site, "SELECT token, outcome, job_id FROM decisions") == [("tok-9", "submitted", "42")]
     finally:
         site.close()
+
+
+@pytest.mark.slow
+def test_the_database_server_going_away_and_back_loses_nothing(tmp_path):
+    """A controller whose PostgreSQL stops answers 503 (the agents keep their records and resend),
+    says so in /healthz, and stores the resent batch once the server is back."""
+    from sitedb_servers import PASSWORD, SiteDb, start_postgresql
+
+    server = start_postgresql()  # its own: this test stops it
+    try:
+        db = SiteDb("postgresql", server.new_database(), token_file(tmp_path / "pw", PASSWORD))
+        tok = token_file(tmp_path / "token", TOKEN)
+        with controller(tmp_path / "ctl", tok, db) as ctl:
+            ctl.start()
+            assert post(ctl.port, [rec("1", 20.0, series=[(0, 10, 5)])])["accepted"] == 1
+            server.halt()
+            batch = [rec("1", 30.0, cpu_uj=3), rec("2", 30.0, cpu_uj=4)]
+            body = {"agent": {"cluster": "c1", "node": "n1", "version": "t"},
+                    "factor_sets": [FACTORS], "records": batch}
+            st, _, data = request(ctl.port, "POST", "/api/v1/records", json.dumps(body).encode(),
+                                  {"Authorization": f"Bearer {TOKEN}",
+                                   "Content-Type": "application/json"})
+            assert st == 503 and b"ledger unavailable, retry later" in data
+            assert b"site database postgresql+psycopg://greend@127.0.0.1" in data
+            h = ctl.health()
+            assert h["status"] == "degraded" and any(r.startswith("ledger:") for r in h["reasons"])
+            server.restart()
+            assert post(ctl.port, batch) == {"accepted": 2, "stale": 0, "records": 2}
+            assert ctl.health()["status"] == "ok"
+            assert "Traceback" not in ctl.log() and PASSWORD not in ctl.log()
+        site = open_site(db, None)
+        try:
+            assert query(site, "SELECT job_id, cpu_uj FROM jobs ORDER BY job_id") == [("1", 3), ("2", 4)]
+            assert query(site, "SELECT COUNT(*) FROM job_series") == [(1,)]
+        finally:
+            site.close()
+    finally:
+        server.stop()
