@@ -335,3 +335,40 @@ def test_the_database_server_going_away_and_back_loses_nothing(tmp_path):
             site.close()
     finally:
         server.stop()
+
+
+def test_two_controllers_writing_the_same_jobs_at_once_keep_the_rule(server_db):
+    """Resends racing one another through two controllers (two connections pools): the rows end
+    as the rule says, whatever the interleaving, and a deadlock between them is retried."""
+    import threading
+
+    sites = [sitedb.ServerSite(server_db.url, server_db.password) for _ in range(2)]
+    errors = []
+
+    def writer(site, offset):
+        try:
+            for step in range(12):
+                t = 100.0 + step * 2 + offset  # the two interleave: 100, 101, 102, ...
+                recs = [rec(str(i), t, cpu_uj=int(t) * 1000 + i, series=[(0, t, int(t))])
+                        for i in range(0, 300, 1 + offset)]
+                site.store([FACTORS], list(reversed(recs)) if offset else recs)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(s, k)) for k, s in enumerate(sites)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors, errors
+        got = jobs(sites[0])
+        # Even job ids got both writers' records: the latest (t = 123) wins; odd ones only the first's.
+        assert got == {("n1", str(i), 100): ("running", 123.0 if i % 2 == 0 else 122.0,
+                                              (123 if i % 2 == 0 else 122) * 1000 + i)
+                       for i in range(300)}
+        assert query(sites[0], "SELECT COUNT(*), MAX(t_end), MIN(t_end) FROM job_series") == [
+            (300, 123.0, 122.0)]
+    finally:
+        for s in sites:
+            s.close()
