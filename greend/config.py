@@ -473,6 +473,8 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling; docs/configuration.md lists every key)"
         got = e.get("input")
+        if isinstance(got, str):  # a URL's password (controller.database) is never echoed
+            got = re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", got)
         shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else (
             f" (got {got!r})"
         )
