@@ -1,14 +1,18 @@
 """Ingest rate of the site controller: job records posted over HTTP, in batches, by several agents.
 
-Starts a real `greend controller` (temporary state directory and token, loopback port), then posts
-pre-encoded batches as `--agents` concurrent agents would: first every record new (inserts), then
-the same records again with newer totals (updates, the steady state of running jobs). Prints the
-figures; not a test. Usage:
+Starts real `greend controller`s (temporary state directory and token, loopback ports) on each site
+database in turn (SQLite, the reference; MariaDB and PostgreSQL, private servers started here as
+the tests start them: tests/sitedb_servers.py), then posts pre-encoded batches as `--agents`
+concurrent agents would: first every record new (inserts), then the same records again with newer
+totals (updates, the steady state of running jobs), then resends. On a server it runs again with
+`--controllers 2` controllers sharing the database, agents split between them. Prints the figures
+(records/s, p99 batch latency); not a test. Usage:
 
     .venv/bin/python bench/bench_controller.py [--records 40000] [--batch 500] [--agents 4]
-        [--series 1]
+        [--series 1] [--databases sqlite,mysql,postgresql] [--controllers 1,2]
 
-Goal (issue 3): more than 2,000 records/s on a 2-core machine.
+Goals: more than 2,000 records/s on a 2-core machine (issue 3); at least 10,000 records/s through
+MariaDB or PostgreSQL, and the gain of a second controller (issue 18).
 """
 
 from __future__ import annotations
@@ -71,37 +75,126 @@ def batches(n_records: int, batch: int, agents: int, t: float, series: int) -> l
     return per_agent
 
 
-def post_all(port: int, per_agent: list[list[bytes]]) -> tuple[float, int, list[str]]:
+def post_all(ports: list[int], per_agent: list[list[bytes]]
+             ) -> tuple[float, int, list[str], list[float]]:
+    """Every agent posts its batches to one controller (agents split between `ports`):
+    (seconds, records stored, errors, each batch's latency in seconds)."""
     errors: list[str] = []
     accepted = [0]
+    latencies: list[float] = []
     lock = threading.Lock()
 
-    def agent(bodies: list[bytes]) -> None:
+    def agent(port: int, bodies: list[bytes]) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
         for body in bodies:
+            t = time.perf_counter()
             conn.request("POST", "/api/v1/records", body=body, headers=headers)
             r = conn.getresponse()
             out = r.read()
             with lock:
+                latencies.append(time.perf_counter() - t)
                 if r.status != 200:
                     errors.append(f"HTTP {r.status}: {out[:200]!r}")
                 else:
                     accepted[0] += json.loads(out)["accepted"]
         conn.close()
 
-    threads = [threading.Thread(target=agent, args=(b,)) for b in per_agent]
+    threads = [threading.Thread(target=agent, args=(ports[i % len(ports)], b))
+               for i, b in enumerate(per_agent)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return time.perf_counter() - t0, accepted[0], errors
+    return time.perf_counter() - t0, accepted[0], errors, latencies
 
 
 def cpu_s(pid: int) -> float:
     f = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_controller(tmp: Path, name: str, tok: Path, database: dict) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    cfg = tmp / f"{name}.toml"
+    lines = ["[controller]"] + [f'{k} = "{v}"' for k, v in database.items()]
+    cfg.write_text("\n".join(lines) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GREEND_")}
+    proc = subprocess.Popen([GREEND, "-c", str(cfg), "--state-dir", str(tmp / name), "controller",
+                             "--listen", f"127.0.0.1:{port}", "--token-file", str(tok), "--socket", ""],
+                            env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc, port
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{name}: {proc.stderr.read().decode()[-2000:]}") from None
+            time.sleep(0.1)
+
+
+def tree_cpu_s(pid: int | None) -> float:
+    """CPU seconds of a process and all its descendants (a database server and its backends;
+    PostgreSQL runs under runuser as root)."""
+    if pid is None:
+        return 0.0
+    stats: dict[int, tuple[int, float]] = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            f = (p / "stat").read_bytes().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(p.name)] = (int(f[1]), (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"))
+    tree, total, grew = {pid}, 0.0, True
+    while grew:
+        grew = False
+        for p, (ppid, _) in stats.items():
+            if ppid in tree and p not in tree:
+                tree.add(p)
+                grew = True
+    for p in tree:
+        total += stats.get(p, (0, 0.0))[1]
+    return total
+
+
+def run_one(args, tmp: Path, tok: Path, label: str, database: dict, controllers: int,
+            server_pid: int | None = None) -> bool:
+    procs = []
+    try:
+        for i in range(controllers):
+            procs.append(start_controller(tmp, f"{label}-{controllers}-{i}", tok, database))
+        ports = [p for _, p in procs]
+        n = args.records // args.agents * args.agents
+        t = time.time()
+        print(f"{label}, {controllers} controller(s):")
+        for phase, tt in (("new records (inserts)", t), ("newer totals (updates)", t + 30),
+                          ("resends (same totals)", t + 30)):
+            bodies = batches(n, args.batch, args.agents, tt, args.series)
+            size = sum(len(b) for bs in bodies for b in bs)
+            c0 = sum(cpu_s(p.pid) for p, _ in procs)
+            s0 = tree_cpu_s(server_pid)
+            wall, accepted, errors, lat = post_all(ports, bodies)
+            used = sum(cpu_s(p.pid) for p, _ in procs) - c0
+            server = tree_cpu_s(server_pid) - s0
+            if errors:
+                print(f"  {phase}: {len(errors)} errors, e.g. {errors[0]}")
+                return False
+            lat.sort()
+            p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+            print(f"  {phase:<26} {n / wall:8.0f} records/s  ({wall:.2f} s, {accepted} stored, "
+                  f"p99 batch {p99 * 1000:.0f} ms, {size / wall / 1e6:.1f} MB/s of JSON, "
+                  f"controller CPU {used:.2f} s = {n / max(used, 1e-9):.0f} records per CPU-second"
+                  + (f", database server CPU {server:.2f} s" if server_pid else "") + ")", flush=True)
+        return True
+    finally:
+        for p, _ in procs:
+            p.terminate()
+            p.wait(30)
 
 
 def main() -> int:
@@ -110,51 +203,42 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--agents", type=int, default=4)
     ap.add_argument("--series", type=int, default=1, help="series buckets per record")
+    ap.add_argument("--databases", default="sqlite,mysql,postgresql",
+                    help="site databases to compare, in order (sqlite, mysql, postgresql)")
+    ap.add_argument("--controllers", default="1,2",
+                    help="numbers of controllers to run on a server database")
     args = ap.parse_args()
+    counts = [int(x) for x in args.controllers.split(",")]
 
     tmp = Path(tempfile.mkdtemp(prefix="greend-bench-ctl-"))
-    proc = None
+    servers = []
     try:
         tok = tmp / "token"
         tok.write_text(TOKEN)
         tok.chmod(0o600)
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GREEND_")}
-        proc = subprocess.Popen([GREEND, "--state-dir", str(tmp / "ctl"), "controller", "--listen",
-                                 f"127.0.0.1:{port}", "--token-file", str(tok), "--socket", ""],
-                                env=env, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    print(proc.stderr.read().decode(), file=sys.stderr)
+        print(f"controller ingest: {args.records} records, batches of {args.batch}, {args.agents} "
+              f"agents in parallel, {args.series} series bucket(s) a record, {os.cpu_count()} CPUs")
+        for db in args.databases.split(","):
+            if db == "sqlite":
+                if not run_one(args, tmp, tok, "sqlite", {}, 1):
                     return 1
-                time.sleep(0.1)
-        n = args.records // args.agents * args.agents
-        t = time.time()
-        print(f"controller ingest: {n} records, batches of {args.batch}, {args.agents} agents "
-              f"in parallel, {args.series} series bucket(s) a record, {os.cpu_count()} CPUs")
-        for phase, tt in (("new records (inserts)", t), ("newer totals (updates)", t + 30),
-                          ("resends (same totals)", t + 30)):
-            bodies = batches(n, args.batch, args.agents, tt, args.series)
-            size = sum(len(b) for bs in bodies for b in bs)
-            c0 = cpu_s(proc.pid)
-            wall, accepted, errors = post_all(port, bodies)
-            used = cpu_s(proc.pid) - c0
-            if errors:
-                print(f"  {phase}: {len(errors)} errors, e.g. {errors[0]}")
-                return 1
-            print(f"  {phase:<26} {n / wall:8.0f} records/s  ({wall:.2f} s, {accepted} stored, "
-                  f"{size / wall / 1e6:.1f} MB/s of JSON, controller CPU {used:.2f} s = "
-                  f"{n / max(used, 1e-9):.0f} records per CPU-second)")
+                continue
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+            import sitedb_servers as ss
+
+            server = ss.start_mariadb() if db == "mysql" else ss.start_postgresql()
+            servers.append(server)
+            pw = tmp / f"{db}.pw"
+            pw.write_text(ss.PASSWORD)
+            pw.chmod(0o600)
+            for c in counts:
+                database = {"database": server.new_database(), "database_password_file": str(pw)}
+                if not run_one(args, tmp, tok, db, database, c, server.proc.pid):
+                    return 1
         return 0
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+        for s in servers:
+            s.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -19,7 +19,7 @@ from . import __version__, decisions
 from . import config as config_mod
 from .errors import GreendError
 from .http import client_tls
-from .httpclient import RetryingHTTPConnection, RetryingHTTPSConnection
+from .httpclient import RetryingHTTPConnection, RetryingHTTPSConnection, connect_retrying
 from .ledger import Ledger, LedgerError
 from .wire import FACTOR_COLS, JOB_COLS, METRICS, RECORDS_PATH, SERIES_COLS
 
@@ -28,13 +28,14 @@ log = logging.getLogger(__name__)
 MAX_SERIES_PER_BATCH = 20000  # series buckets in one request (a long job after a long outage)
 MAX_REQUEST_BYTES = 4 << 20  # an agent splits batches above this (the controller accepts 8 MiB)
 BACKOFF_START_S = 1.0
+FAILOVER_CONNECT_S = 2.0  # with other controllers to try, a refused connect is retried this long
 DRAIN_ON_EXIT_S = 5.0
 
 
 def check_tls(settings: config_mod.Controller):
-    """The TLS context that verifies the controller (controller.ca_file, else the system's CAs)
-    for an https:// url; None for http://. SiteError when the CA file is unusable."""
-    if not settings.url.startswith("https://"):
+    """The TLS context that verifies the controllers (controller.ca_file, else the system's CAs)
+    when a url is https://; None when all are http://. SiteError when the CA file is unusable."""
+    if not any(u.startswith("https://") for u in settings.urls):
         return None
     return client_tls(settings.ca_file)
 
@@ -72,6 +73,20 @@ class Outbox:
                    "ON CONFLICT (kind, ref) DO UPDATE SET seq = outbox.seq + 1", (ident, time.time()))
 
 
+class _HTTP(RetryingHTTPConnection):
+    connect_s: float | None = None
+
+    def connect(self) -> None:
+        connect_retrying(super(RetryingHTTPConnection, self).connect, self.connect_s or self.timeout)
+
+
+class _HTTPS(RetryingHTTPSConnection):
+    connect_s: float | None = None
+
+    def connect(self) -> None:
+        connect_retrying(super(RetryingHTTPSConnection, self).connect, self.connect_s or self.timeout)
+
+
 class _SendFailed(GreendError):
     def __init__(self, reason: str, message: str, status: int = 0):
         super().__init__(message)
@@ -81,7 +96,10 @@ class _SendFailed(GreendError):
 
 class Sender:
     """Drains the outbox to the controller from its own thread and its own ledger connection:
-    bounded batches, back to back while there is a backlog, exponential backoff on failure."""
+    bounded batches, back to back while there is a backlog, exponential backoff on failure.
+    With several controllers (controller.url as a list), a batch that one cannot take (no
+    connection, timeout, HTTP 5xx) goes to the next at once; the sender stays with the one that
+    answered. The backoff starts when every controller has failed the batch."""
 
     def __init__(self, settings: config_mod.Controller, token: bytes, ledger_path: Path,
                  cluster: str, node: str, outbox: Outbox):
@@ -108,13 +126,16 @@ class Sender:
         self.failures = 0
         self.timeout_cap = float("inf")
         self.stopping_stuck = False
+        self.current = 0  # index in settings.urls of the controller in use
+        self.failovers = 0
 
     # -- settings -------------------------------------------------------------------------------
     def update(self, settings: config_mod.Controller, token: bytes) -> None:
         """A reload: new URL, token or limits take effect from the next send."""
-        if (settings.url, settings.timeout_s, settings.ca_file) != (
-                self.settings.url, self.settings.timeout_s, self.settings.ca_file):
+        if (settings.urls, settings.timeout_s, settings.ca_file) != (
+                self.settings.urls, self.settings.timeout_s, self.settings.ca_file):
             self._close_conn()
+            self.current = 0
         self.settings, self.token = settings, token
         self.batch_limit = settings.batch_records
         self.failures = 0
@@ -217,7 +238,7 @@ class Sender:
         self.sent_total += nrec
         self.outbox.backlog = left
         if self.last_error:
-            log.info("outbox: controller %s reachable again", self.settings.url)
+            log.info("outbox: controller %s reachable again", self.url)
         self.last_success = time.time()
         self.last_error = self.last_reason = ""
         self.failing_since = None
@@ -310,15 +331,23 @@ class Sender:
             batch["decisions"] = decided
         return json.dumps(batch, separators=(",", ":")).encode(), items, len(records), truncated
 
+    @property
+    def url(self) -> str:
+        """The controller in use."""
+        urls = self.settings.urls
+        return urls[self.current % len(urls)] if urls else ""
+
     def _connection(self) -> http.client.HTTPConnection:
         if self.conn is None:
-            u = urlsplit(self.settings.url)
+            u = urlsplit(self.url)
             timeout = min(self.settings.timeout_s, self.timeout_cap)
             if u.scheme == "https":
-                self.conn = RetryingHTTPSConnection(u.hostname, u.port, timeout=timeout,
-                                                    context=check_tls(self.settings))
+                self.conn = _HTTPS(u.hostname, u.port, timeout=timeout,
+                                   context=check_tls(self.settings))
             else:
-                self.conn = RetryingHTTPConnection(u.hostname, u.port, timeout=timeout)
+                self.conn = _HTTP(u.hostname, u.port, timeout=timeout)
+            if len(self.settings.urls) > 1:  # another controller may answer at once
+                self.conn.connect_s = min(timeout, FAILOVER_CONNECT_S)
         return self.conn
 
     def _close_conn(self) -> None:
@@ -327,7 +356,25 @@ class Sender:
             self.conn = None
 
     def _post(self, body: bytes) -> None:
-        base = urlsplit(self.settings.url).path.rstrip("/")
+        """POST the batch to the controller in use, else to the next ones in turn; a controller
+        that died mid-batch may or may not have stored it: the next one stores it once (the
+        upserts are idempotent). Raises the last _SendFailed when none took it."""
+        n = len(self.settings.urls)
+        for i in range(n):
+            try:
+                self._post_one(body)
+                return
+            except _SendFailed as e:
+                if i == n - 1 or not (e.reason == "unreachable" or e.status >= 500):
+                    raise
+                failed = self.url
+                self._close_conn()
+                self.current = (self.current + 1) % n
+                self.failovers += 1
+                log.warning("outbox: controller %s failed (%s); sending to %s", failed, e, self.url)
+
+    def _post_one(self, body: bytes) -> None:
+        base = urlsplit(self.url).path.rstrip("/")
         headers = {"Authorization": f"Bearer {self.token.decode()}",
                    "Content-Type": "application/json", "User-Agent": f"greend/{__version__}"}
         for attempt in (1, 2):  # a kept-alive connection the controller closed: once more, fresh
@@ -340,11 +387,11 @@ class Sender:
                 self._close_conn()
                 if attempt == 1:
                     continue
-                raise self._failed(_SendFailed("unreachable", f"{self.settings.url}: {e}")) from None
+                raise self._failed(_SendFailed("unreachable", f"{self.url}: {e}")) from None
             except (OSError, http.client.HTTPException) as e:
                 self._close_conn()
                 msg = getattr(e, "strerror", None) or str(e) or type(e).__name__
-                raise self._failed(_SendFailed("unreachable", f"{self.settings.url}: {msg}")) from None
+                raise self._failed(_SendFailed("unreachable", f"{self.url}: {msg}")) from None
             break
         if resp.will_close:
             self._close_conn()
@@ -356,7 +403,7 @@ class Sender:
             detail = payload[:200].decode(errors="replace")
         if resp.status in (401, 403):
             raise self._failed(_SendFailed(
-                "auth", f"controller {self.settings.url} rejects this node's token (HTTP "
+                "auth", f"controller {self.url} rejects this node's token (HTTP "
                 f"{resp.status}): check controller.token_file against the controller's",
                 resp.status))
         if resp.status == 413 and self.batch_limit > 1:
@@ -365,7 +412,7 @@ class Sender:
                         self.batch_limit)
         reason = "rejected" if 400 <= resp.status < 500 else "http"
         raise self._failed(_SendFailed(
-            reason, f"controller {self.settings.url} answered HTTP {resp.status}: {detail}",
+            reason, f"controller {self.url} answered HTTP {resp.status}: {detail}",
             resp.status))
 
     def _failed(self, e: _SendFailed) -> _SendFailed:
@@ -393,7 +440,9 @@ class Sender:
 
     def status(self) -> dict:
         return {
-            "controller": self.settings.url,
+            "controller": self.url,
+            "controllers": self.settings.urls,
+            "failovers": self.failovers,
             "outbox_records": self.outbox.backlog,
             "sent_records": self.sent_total,
             "last_success": self.last_success or None,

@@ -212,9 +212,11 @@ class Controller(_Model):
     `greend controller`, which keeps the site's ledger. Agents read url and token_file and the
     send_* keys; the controller reads token_file, listen, state_dir, socket and the limits."""
 
-    url: str = ""
-    """Agents: base URL of the site controller, e.g. "http://ctl.example.org:9472". Empty: this
-    node keeps its records to itself (no site mode)."""
+    url: str | list[str] = ""
+    """Agents: base URL of the site controller, e.g. "http://ctl.example.org:9472", or a list of
+    the URLs of several controllers sharing one site database (controller.database), tried in
+    order: a connection error, a timeout or an HTTP 5xx moves on to the next. Empty: this node
+    keeps its records to itself (no site mode)."""
     token_file: Path | None = None
     """Both sides: file holding the site's shared secret; must be readable by its owner only
     (chmod 600), owned by root or greend's user. Required with url, and for the controller."""
@@ -263,6 +265,29 @@ class Controller(_Model):
     """Controller: the institute's token (required with upstream_url); same rules as token_file."""
     upstream_ca_file: Path | None = None
     """Controller: PEM CA certificate(s) for an https:// upstream_url (default: the system's)."""
+    database: str = "sqlite"
+    """Controller: where the site ledger lives. "sqlite" (default): a file in state_dir, one
+    controller. A database server shared by several controllers: "mysql+pymysql://USER@HOST:PORT/DB"
+    (MariaDB/MySQL) or "postgresql+psycopg://USER@HOST:PORT/DB", with greend's `sitedb` extra
+    installed. No password in the URL: see database_password_file (docs/site-mode.md)."""
+    database_password_file: Path | None = None
+    """Controller: file holding the database user's password (chmod 600, like token_file)."""
+
+    @property
+    def urls(self) -> list[str]:
+        """The controllers' URLs, in the order agents try them ([] without site mode)."""
+        if isinstance(self.url, list):
+            return list(self.url)
+        return [self.url] if self.url else []
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, v: str) -> str:
+        if v == "sqlite":
+            return v
+        from .sitedb import check_url
+
+        return check_url(v)
 
     @field_validator("listen")
     @classmethod
@@ -271,7 +296,25 @@ class Controller(_Model):
 
     @field_validator("url", "upstream_url")
     @classmethod
-    def _url(cls, v: str) -> str:
+    def _url(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError('expected at least one URL, or "" for no site mode')
+            out = []
+            for i, u in enumerate(v):
+                try:
+                    out.append(cls._one_url(u))
+                except ValueError as e:
+                    raise ValueError(f"url[{i}] {u!r}: {e}") from None
+                if not out[-1]:
+                    raise ValueError(f"url[{i}]: empty")
+            if len(set(out)) != len(out):
+                raise ValueError("a URL is listed twice")
+            return out
+        return cls._one_url(v)
+
+    @staticmethod
+    def _one_url(v: str) -> str:
         if not v:
             return v
         u = _http_url(v)
@@ -296,6 +339,11 @@ class Controller(_Model):
             if not self.site:
                 raise ValueError('controller.upstream_url is set but controller.site is not: name '
                                  'this site (e.g. site = "lyon"); forwarded records carry it')
+            if self.database != "sqlite":
+                raise ValueError("controller.upstream_url with controller.database on a server: "
+                                 "forwarding reads its outbox from the SQLite site ledger, so a "
+                                 "forwarding site controller keeps database = \"sqlite\" (the "
+                                 "institute controller it forwards to may use a server)")
         if self.site and (":" in self.site or len(self.site) > 64 or not self.site.isprintable()
                           or self.site != self.site.strip()):
             raise ValueError(f"controller.site {self.site!r}: expected a short name without ':' "
@@ -328,7 +376,25 @@ class CarbonSignal(_Model):
 
     @field_validator("url")
     @classmethod
-    def _url(cls, v: str) -> str:
+    def _url(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError('expected at least one URL, or "" for no site mode')
+            out = []
+            for i, u in enumerate(v):
+                try:
+                    out.append(cls._one_url(u))
+                except ValueError as e:
+                    raise ValueError(f"url[{i}] {u!r}: {e}") from None
+                if not out[-1]:
+                    raise ValueError(f"url[{i}]: empty")
+            if len(set(out)) != len(out):
+                raise ValueError("a URL is listed twice")
+            return out
+        return cls._one_url(v)
+
+    @staticmethod
+    def _one_url(v: str) -> str:
         if not v:
             return v
         u = _http_url(v)
@@ -447,6 +513,8 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling; docs/configuration.md lists every key)"
         got = e.get("input")
+        if isinstance(got, str):  # a URL's password (controller.database) is never echoed
+            got = re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", got)
         shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else (
             f" (got {got!r})"
         )

@@ -4,7 +4,7 @@ as a node."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import platform
 import sqlite3
@@ -15,53 +15,17 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from pydantic import ValidationError
 
-from . import __version__, decisions, forward, route_api
+from . import __version__, decisions, forward, route_api, sitedb
 from . import config as config_mod
 from .errors import ApiError, DaemonError, LedgerError, SiteError
 from .exporter import LedgerMetrics
-from .http import bearer_ok, default_socket, dumps, is_loopback, parse_listen, server_tls
+from .http import bearer_ok, default_socket, dumps, is_loopback, parse_json, parse_listen, server_tls
 from .ledger import Ledger, default_path
 from .service import Service
-from .wire import JOB_COLS, METRICS, RECORDS_PATH, SERIES_COLS, BatchIn, read_token, validation_message
+from .wire import METRICS, RECORDS_PATH, BatchIn, read_token, validation_message
 
 log = logging.getLogger(__name__)
-
-
-def _upsert_sql() -> str:
-    cols = ", ".join(JOB_COLS)
-    marks = ", ".join(f":{c}" for c in JOB_COLS)
-    keep = ("cluster", "job_id", "submit_time", "node", "first_seen")
-    updates = ", ".join(f"{c} = excluded.{c}" for c in JOB_COLS if c not in keep)
-    # A final record wins over any partial; among records of the same kind, the latest wins. An
-    # equal one is a resend: rewriting it changes nothing.
-    return (f"INSERT INTO jobs ({cols}) VALUES ({marks}) "
-            f"ON CONFLICT (cluster, job_id, submit_time, node) DO UPDATE SET {updates} "
-            "WHERE (excluded.state = 'ended', excluded.last_seen) >= (jobs.state = 'ended', jobs.last_seen) "
-            "RETURNING pk")
-
-
-_UPSERT_JOB = _upsert_sql()
-_ADOPT_PROVISIONAL = (
-    "UPDATE jobs SET submit_time = ?1 WHERE cluster = ?2 AND job_id = ?3 AND node = ?4 "
-    "AND submit_time = 0 AND first_seen = ?5 AND NOT EXISTS (SELECT 1 FROM jobs WHERE "
-    "cluster = ?2 AND job_id = ?3 AND node = ?4 AND submit_time = ?6)")
-_UPSERT_SERIES = (
-    f"INSERT INTO job_series (job_pk, {', '.join(SERIES_COLS)}) "
-    f"VALUES (?, {', '.join('?' * len(SERIES_COLS))}) "
-    "ON CONFLICT (job_pk, t_start, factor_set) DO UPDATE SET t_end = excluded.t_end, "
-    "cpu_uj = excluded.cpu_uj, dram_uj = excluded.dram_uj, gpu_uj = excluded.gpu_uj, "
-    "memory_uj = excluded.memory_uj, cpu_time_ns = excluded.cpu_time_ns, "
-    "carbon_g = excluded.carbon_g, water_site_l = excluded.water_site_l, "
-    "water_offsite_l = excluded.water_offsite_l WHERE excluded.t_end >= job_series.t_end")
-_UPSERT_NODE_TOTAL = (
-    "INSERT INTO node_totals VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node, domain) DO UPDATE SET "
-    "source = excluded.source, provenance = excluded.provenance, energy_uj = excluded.energy_uj, "
-    "unattributed_uj = excluded.unattributed_uj, idle_uj = excluded.idle_uj "
-    "WHERE excluded.energy_uj >= node_totals.energy_uj")
-_UPSERT_NODE_SERIES = (
-    "INSERT INTO node_series VALUES (?, ?, ?, ?, ?) ON CONFLICT (node, t_start) DO UPDATE SET "
-    "t_end = excluded.t_end, energy_uj = excluded.energy_uj, "
-    "unattributed_uj = excluded.unattributed_uj WHERE excluded.t_end >= node_series.t_end")
+_NO_LOCK = contextlib.nullcontext()  # a server database orders concurrent writers itself
 
 
 def default_controller_socket(cfg: config_mod.Config, state_dir: Path) -> Path | None:
@@ -98,7 +62,15 @@ class Controller(Service):
             raise DaemonError(str(e)) from None
         self.state_dir = controller_state_dir(cfg)
         self.ledger_path = default_path(self.state_dir)
-        self.ledger = Ledger(self.ledger_path)
+        # The site ledger (controller.database): greend.sitedb stores the batches. On a database
+        # server, the local SQLite ledger only backs the reads not yet served from the server
+        # (docs/site-mode.md, "Reads on a server database").
+        try:
+            self.site = sitedb.open_site(cfg.controller, self.state_dir)
+        except (LedgerError, SiteError) as e:
+            raise DaemonError(str(e)) from None
+        self.ledger = self.site.ledger if isinstance(self.site, sitedb.SqliteSite) else Ledger(
+            self.ledger_path)
         self.socket_path = socket_path if socket_path is not None else default_controller_socket(
             cfg, self.state_dir)
         self.max_body = cfg.controller.max_body_bytes
@@ -110,6 +82,11 @@ class Controller(Service):
         self.routes = {("POST", RECORDS_PATH): self.ingest,
                        ("POST", decisions.DECISIONS_PATH): self.post_decision,
                        ("POST", route_api.ROUTE_PATH): self.post_route}
+        if not isinstance(self.site, sitedb.SqliteSite):
+            # The read queries (greend.queries) are SQLite's SQL: say so rather than answer from
+            # the local ledger, which does not hold the site's records (docs/site-mode.md).
+            for path in ("/api/v1/jobs", "/api/v1/summary"):
+                self.routes[("GET", path)] = self.reads_not_served
         self.router = None  # POST /api/v1/route's policy router, injected by daemon_cli.py
         self.route_rate = decisions.RateLimit(cfg.daemon.route_per_minute)
         self.write_lock = threading.Lock()
@@ -200,60 +177,63 @@ class Controller(Service):
                 decisions.validate(d)
             except decisions.DecisionInvalid as e:
                 return f"decisions[{i}]: {e}"
-        return ""
+        return self.site.check(batch.records)
 
     def _store(self, batch: BatchIn) -> tuple[int, int]:
-        accepted = stale = 0
-        upstream: list[tuple[int, float]] = []  # (pk, oldest bucket) to forward, if forwarding
-        with self.write_lock, self.ledger.transaction() as db:
-            db.executemany("INSERT OR IGNORE INTO factor_sets VALUES (?, ?, ?, ?, ?, ?, ?)", [
-                (f.id, f.pue, f.wue_site_l_per_kwh, f.ewif_l_per_kwh, f.carbon_intensity_g_per_kwh,
-                 json.dumps(f.sources, sort_keys=True), f.first_used) for f in batch.factor_sets])
-            for r in batch.records:
-                if r.submit_time and r.kind == "slurm":
-                    # The agent learnt the job's submit time after sending it with none (0): its
-                    # record moves to the full identity, as it did in the agent's ledger.
-                    db.execute(_ADOPT_PROVISIONAL, (r.submit_time, r.cluster, r.job_id, r.node,
-                                                    r.first_seen, r.submit_time))
-                vals = {c: getattr(r, c) for c in JOB_COLS}
-                vals["provenance"] = json.dumps(r.provenance, sort_keys=True)
-                vals["meta"] = json.dumps(r.meta, sort_keys=True)
-                row = db.execute(_UPSERT_JOB, vals).fetchone()
-                if row is None:
-                    stale += 1  # the controller holds a newer or final record
-                    continue
-                accepted += 1
-                upstream.append((row[0], min((s.t_start for s in r.series), default=r.last_seen)))
-                if r.series:
-                    pk = row[0]
-                    db.executemany(_UPSERT_SERIES, [
-                        (pk, s.t_start, s.t_end, s.factor_set, s.cpu_uj, s.dram_uj, s.gpu_uj,
-                         s.memory_uj, s.cpu_time_ns, s.carbon_g, s.water_site_l, s.water_offsite_l)
-                        for s in r.series])
-            for n in batch.nodes:
-                db.executemany(_UPSERT_NODE_TOTAL, [
-                    (n.node, t.domain, t.source, t.provenance, t.energy_uj, t.unattributed_uj,
-                     t.idle_uj) for t in n.totals])
-                db.executemany(_UPSERT_NODE_SERIES, [
-                    (n.node, s.t_start, s.t_end, s.energy_uj, s.unattributed_uj) for s in n.series])
-            for d in batch.decisions:
-                decisions.store(db, decisions.validate(d))
-            if self.forwarder is not None:
-                self.forwarder.queue(db, upstream, {n.node: min((s.t_start for s in n.series),
-                                                                default=time.time())
-                                                    for n in batch.nodes})
-        if batch.decisions:
+        decided = [decisions.validate(d) for d in batch.decisions]
+        then = None
+        if self.forwarder is not None:  # SQLite only (config: upstream_url needs database sqlite)
+            def then(db, stored, nodes):
+                self.forwarder.queue(db, stored, {
+                    n.node: min((s.t_start for s in n.series), default=time.time()) for n in nodes})
+        with self.write_lock if self.site.engine == sitedb.SQLITE else _NO_LOCK:
+            if then is None:
+                accepted, stale = self.site.store(batch.factor_sets, batch.records, batch.nodes,
+                                                  decided)
+            else:
+                accepted, stale = self.site.store(batch.factor_sets, batch.records, batch.nodes,
+                                                  decided, then=then)
+        if decided:
             self.ledger_metrics.invalidate()
         return accepted, stale
+
+    def reads_not_served(self, body: bytes, caller, headers) -> tuple[int, str, bytes]:
+        raise ApiError(501, f"this controller keeps the site's records in {self.site.describe()}, "
+                            "where its read API is not served yet: query the database with SQL "
+                            "(docs/site-mode.md, \"Reads on a server database\")")
 
     def post_decision(self, body: bytes, caller, headers) -> tuple[int, str, bytes]:
         """POST /api/v1/decisions from an agent (site token), into the site's ledger."""
         if not bearer_ok(headers, self.token):
             self.count_reject("auth")
+        if not isinstance(self.site, sitedb.SqliteSite):
+            return self._post_decision_server(body, headers)
         out = decisions.post(body, caller, headers, self.ledger, self.write_lock,
                              token_only=self.token or b"", max_bytes=self.cfg.daemon.decision_max_bytes)
         self.ledger_metrics.invalidate()
         return out
+
+    def _post_decision_server(self, body: bytes, headers) -> tuple[int, str, bytes]:
+        """As decisions.post with the site token, stored in the server database."""
+        if not bearer_ok(headers, self.token):
+            raise ApiError(401, "decisions are taken from agents presenting the site token")
+        ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype and ctype != "application/json":
+            raise ApiError(415, f"Content-Type {ctype!r}: expected application/json")
+        limit = self.cfg.daemon.decision_max_bytes
+        if len(body) > limit:
+            raise ApiError(413, f"a decision is at most {limit} bytes (daemon.decision_max_bytes); "
+                                f"this one is {len(body)}")
+        try:
+            row = decisions.validate(parse_json(body or b"null", "decision"))
+        except decisions.DecisionInvalid as e:
+            raise ApiError(400, f"invalid decision: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "invalid decision: nested too deeply") from None
+        stored, ident = self.site.store_decision(row)
+        if not stored:
+            raise ApiError(409, f"token {row['token']!r} is another user's decision")
+        return 200, "application/json", dumps({"id": ident, "token": row["token"]})
 
     def post_route(self, body: bytes, caller, headers) -> tuple[int, str, bytes]:
         """POST /api/v1/route: where the policy engine sends a job, from the controller's own
@@ -345,7 +325,7 @@ class Controller(Service):
                         "cross the network in clear; set controller.tls_cert_file and "
                         "controller.tls_key_file (docs/security.md)", self.listen[0])
         log.info("greend %s controller: %s; site ledger %s", __version__,
-                    ", ".join(self.server.urls()), self.ledger_path)
+                    ", ".join(self.server.urls()), self.site.describe())
 
     @staticmethod
     def _tls(cfg: config_mod.Config):
@@ -409,4 +389,6 @@ class Controller(Service):
             self.router.close()
         self._close_ledger_metrics()
         with self.write_lock:
-            self.ledger.close()
+            if self.ledger is not getattr(self.site, "ledger", None):
+                self.ledger.close()
+            self.site.close()

@@ -53,6 +53,24 @@ def add_commands(sub) -> None:
                    help="read API unix socket (default: /run/greend/controller.sock as root, else "
                    "<controller state dir>/api.sock); '' for none")
     c.set_defaults(func=cmd_controller)
+    cs = c.add_subparsers(dest="controller_cmd", metavar="{migrate}")
+    m = cs.add_parser(
+        "migrate", help="copy a SQLite site ledger into a database server",
+        description="Copy the controller's SQLite site ledger (jobs, series, node totals, "
+        "decisions) into a MariaDB/MySQL or PostgreSQL site database (docs/site-mode.md, "
+        "\"Migrating\"), with the controller's own upserts: a re-run changes nothing, and records "
+        "that agents already sent there newer stay. The target's schema is created or upgraded; "
+        "one newer than this greend is refused. Stop the SQLite controller first.")
+    m.add_argument("--from", dest="src", metavar="PATH",
+                   help="the SQLite ledger (default: the controller's, <controller state dir>/"
+                   "ledger.sqlite)")
+    m.add_argument("--to", metavar="URL", help="the database, e.g. postgresql+psycopg://greend@db:5432/"
+                   "greend (default: controller.database)")
+    m.add_argument("--password-file", metavar="FILE",
+                   help="the database password (default: controller.database_password_file)")
+    m.add_argument("--batch", type=int, default=1000, metavar="N", help="jobs per transaction")
+    m.add_argument("--json", action="store_true", help="print the summary as JSON")
+    m.set_defaults(func=cmd_controller_migrate)
 
     d = sub.add_parser("metrics-doc", help="print docs/metrics.md (generated from the exporter)")
     d.set_defaults(func=lambda a: (sys.stdout.write(__import__(
@@ -132,6 +150,54 @@ def cmd_controller(args) -> int:
         c.run_forever()
     except DaemonError as e:
         return _fail(f"controller: {e}")
+    return 0
+
+
+def cmd_controller_migrate(args) -> int:
+    import time
+
+    from . import sitedb
+    from .controller import controller_state_dir
+    from .errors import LedgerError, SiteError
+    from .ledger import default_path
+
+    cfg = _load_config(args)
+    if args.batch < 1:
+        return _fail("controller migrate: --batch: expected a number of jobs >= 1")
+    to = args.to or cfg.controller.database
+    if to == sitedb.SQLITE:
+        return _fail("controller migrate: no target: give --to URL or set controller.database "
+                     "to the server's URL")
+    try:
+        sitedb.check_url(to)
+    except ValueError as e:
+        return _fail(f"controller migrate: --to: {e}")
+    src = Path(args.src) if args.src else default_path(
+        Path(args.state_dir) if getattr(args, "state_dir", None) else controller_state_dir(cfg))
+    pw_file = args.password_file or cfg.controller.database_password_file
+    t0 = time.monotonic()
+
+    def progress(what, done, total):
+        if not args.json:
+            print(f"{what}: {done}/{total}", file=sys.stderr, flush=True)
+    try:
+        if not src.exists():
+            return _fail(f"controller migrate: --from {src}: no such file")
+        site = sitedb.ServerSite(to, sitedb.read_password(Path(pw_file) if pw_file else None))
+        try:
+            out = sitedb.migrate_sqlite(src, site, batch=args.batch, progress=progress)
+        finally:
+            site.close()
+    except (LedgerError, SiteError) as e:
+        return _fail(f"controller migrate: {e}", 1)
+    out["seconds"] = round(time.monotonic() - t0, 3)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"migrated {src} -> {out['to']} in {out['seconds']} s: {out['jobs']} jobs "
+              f"({out['jobs_stored']} stored, {out['jobs_stale']} newer there), "
+              f"{out['job_series']} series buckets, {out['node_series']} node buckets, "
+              f"{out['decisions']} decisions")
     return 0
 
 

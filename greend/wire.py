@@ -106,12 +106,14 @@ def check_files(cfg) -> None:
     start (for `greend config check`): the token file when url or token_file is set, the TLS
     certificate and key, the CA file. SiteError naming the key otherwise."""
     c = cfg.controller
-    if c.url or c.token_file is not None:
+    if c.urls or c.token_file is not None:
         read_token(c.token_file)
     if c.tls_cert_file is not None:
         server_tls(c.tls_cert_file, c.tls_key_file)
-    if c.url.startswith("https://"):
+    if any(u.startswith("https://") for u in c.urls):
         client_tls(c.ca_file)
+    if c.database_password_file is not None:
+        read_token(c.database_password_file, "controller.database_password_file")
 
 
 # -- what a batch may contain -----------------------------------------------------------------------
