@@ -195,7 +195,10 @@ class LedgerSource(DataSource):
         self.live_load = live_load
         self.label = label or f"ledger {self.path}"
         self._ledger: Ledger | None = None
-        self._lock = threading.Lock()
+        # One connection, used by Textual's worker threads and closed by the app's unmount: the
+        # lock (reentrant: a failed read closes under it) keeps a close from freeing the
+        # connection under a running query, which crashes SQLite's C code.
+        self._lock = threading.RLock()
         self._last: tuple[int, JobQuery, JobPage] | None = None  # data_version, query, its page
 
     def _db(self) -> sqlite3.Connection:
@@ -218,12 +221,13 @@ class LedgerSource(DataSource):
                 raise SourceError(str(e)) from None
 
     def close(self) -> None:
-        self._last = None
-        if self._ledger is not None:
-            try:
-                self._ledger.close()
-            finally:
-                self._ledger = None
+        with self._lock:
+            self._last = None
+            if self._ledger is not None:
+                try:
+                    self._ledger.close()
+                finally:
+                    self._ledger = None
 
     def _config(self, required: bool):
         from greend.errors import ConfigError
