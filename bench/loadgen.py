@@ -242,24 +242,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_controller(workdir: Path, token: str) -> tuple[subprocess.Popen, str]:
+def start_controller(workdir: Path, token: str, name: str = "controller",
+                     database: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """A real `greend controller` on loopback; database: extra [controller] keys (a server's URL and
+    password file), none for SQLite."""
     tok = workdir / "token"
     tok.write_text(token)
     tok.chmod(0o600)
-    (workdir / "greend.toml").write_text("[controller]\nmax_batch_records = 10000\n")
+    lines = ["[controller]", "max_batch_records = 10000"]
+    lines += [f'{k} = "{v}"' for k, v in (database or {}).items()]
+    (workdir / f"{name}.toml").write_text("\n".join(lines) + "\n")
     port = free_port()
     greend = shutil.which("greend", path=str(Path(sys.executable).parent)) or "greend"
-    log = (workdir / "controller.log").open("ab")
+    log = (workdir / f"{name}.log").open("ab")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GREEND_")}
-    proc = subprocess.Popen([greend, "-c", str(workdir / "greend.toml"), "--state-dir",
-                             str(workdir / "state"), "controller", "--listen", f"127.0.0.1:{port}",
+    proc = subprocess.Popen([greend, "-c", str(workdir / f"{name}.toml"), "--state-dir",
+                             str(workdir / name), "controller", "--listen", f"127.0.0.1:{port}",
                              "--token-file", str(tok), "--socket", ""],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"greend controller exited; log: {workdir / 'controller.log'}")
+            raise SystemExit(f"greend controller exited; log: {workdir / (name + '.log')}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return proc, url
@@ -305,7 +310,12 @@ def main(argv: list[str] | None = None) -> int:
                     "(repeat for several controllers; agents are spread over them)")
     ap.add_argument("--token-file", type=Path, help="the site token file the controllers read")
     ap.add_argument("--start-controller", action="store_true",
-                    help="run a greend controller (SQLite, temporary state) for the run")
+                    help="run greend controller(s) (temporary state) for the run")
+    ap.add_argument("--database", choices=("sqlite", "mysql", "postgresql"), default="sqlite",
+                    help="with --start-controller: the site database; mysql and postgresql start "
+                    "a private MariaDB/PostgreSQL server (tests/sitedb_servers.py) (sqlite)")
+    ap.add_argument("--controllers", type=int, default=1,
+                    help="with --start-controller and a server database: controllers sharing it (1)")
     ap.add_argument("--agents", type=int, default=10000, help="simulated agents (nodes; default 10000)")
     ap.add_argument("--jobs-per-node", type=int, default=4, help="jobs each node runs at once (4)")
     ap.add_argument("--job-s", type=float, default=3600.0,
@@ -320,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cluster", default="loadgen", help="cluster name of the records (loadgen)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args(argv)
-    for name in ("agents", "jobs_per_node", "connections"):
+    for name in ("agents", "jobs_per_node", "connections", "controllers"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}: expected at least 1")
     for name in ("job_s", "send_interval_s", "speedup", "duration", "timeout_s"):
@@ -328,12 +338,38 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{name.replace('_', '-')}: expected a positive number")
     if args.start_controller == bool(args.url):
         ap.error("give --url (one or more) or --start-controller")
-    proc = tmp = None
+    if args.database == "sqlite" and args.controllers > 1:
+        ap.error("--controllers: several controllers share a server database (--database mysql "
+                 "or postgresql), not one SQLite file")
+    if not args.start_controller and (args.database != "sqlite" or args.controllers > 1):
+        ap.error("--database and --controllers go with --start-controller")
+    procs: list[subprocess.Popen] = []
+    tmp = server = None
     if args.start_controller:
         token = "loadgen-token-0123456789abcdef"
         tmp = Path(tempfile.mkdtemp(prefix="greend-loadgen-"))
-        proc, url = start_controller(tmp, token)
-        urls = [url]
+        database = None
+        if args.database != "sqlite":
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+            import sitedb_servers as ss
+
+            server = ss.start_mariadb() if args.database == "mysql" else ss.start_postgresql()
+            pw = tmp / "db.pw"
+            pw.write_text(ss.PASSWORD)
+            pw.chmod(0o600)
+            database = {"database": server.new_database(), "database_password_file": str(pw)}
+        urls = []
+        try:
+            for i in range(args.controllers):
+                p, url = start_controller(tmp, token, f"controller{i}", database)
+                procs.append(p)
+                urls.append(url)
+        except BaseException:
+            for p in procs:
+                stop_controller(p)
+            if server is not None:
+                server.stop()
+            raise
     else:
         if args.token_file is None:
             ap.error("--url needs --token-file (the site token)")
@@ -345,18 +381,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stats, elapsed = asyncio.run(run(args, urls, token))
         ledger = None
-        if proc is not None:
-            stop_controller(proc)
-            proc = None
+        while procs:
+            stop_controller(procs.pop())
+        if tmp is not None and args.database == "sqlite":
             ledger = ledger_size(tmp)
     finally:
-        if proc is not None:
-            stop_controller(proc)
+        for p in procs:
+            stop_controller(p)
+        if server is not None:
+            server.stop()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     offered = args.agents * args.jobs_per_node / args.send_interval_s * args.speedup
     out = {
         "agents": args.agents, "urls": urls, "connections": args.connections,
+        "database": args.database if args.start_controller else None,
         "speedup": args.speedup, "duration_s": round(elapsed, 2),
         "offered_records_per_s": round(offered, 1),
         "batches": stats.batches, "records_stored": stats.records,
