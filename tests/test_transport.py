@@ -118,7 +118,9 @@ def greend_as_user(user_work: Path, cfg: Path, *argv, env: dict | None = None):
     if not Path("/usr/bin/python3").exists():
         pytest.skip("needs the system's python3 to run greend as the test user")
     e = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": f"/home/{TEST_USER}",
-         "XDG_CACHE_HOME": str(user_work), **(env or {})}
+         # Not user_work itself, the command's cwd: the configuration cache's greend/ folder
+         # there would shadow the greend package for `python3 -c` (cwd first on sys.path).
+         "XDG_CACHE_HOME": str(user_work / ".cache"), **(env or {})}
     site_dir = next(Path(sys.prefix, "lib").glob("python3*/site-packages"))
     cmd = ["runuser", "-u", TEST_USER, "--", "env", "-i", *(f"{k}={v}" for k, v in e.items()),
            "/usr/bin/python3", "-c", _AS_USER, str(site_dir), "-c", str(cfg), *map(str, argv)]
