@@ -6,8 +6,8 @@ run's contiguous phases sum exactly to the job's books over their span. The daem
 counters once an interval, not at each boundary: it answers a boundary at once with an estimate
 (`books_at`), and once a reading at or after the boundary is known it settles the boundary's books
 by linear interpolation between the readings around it (`JobPhases.settle`), which is what it
-stores (docs/methodology.md: a job's energy within an interval is spread evenly over it). Light to
-import (no pydantic, no h11): greend.track uses `Books` in the researcher's process.
+stores (docs/api.md, `POST /api/v1/phases`). Light to import (no pydantic, no h11): greend.track
+uses `Books` in the researcher's process.
 """
 
 from __future__ import annotations
