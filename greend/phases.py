@@ -211,16 +211,16 @@ class JobPhases:
                 b = self._at(p.start.t, final)
                 if b is None:
                     break
-                p.start, p.start_exact, p.written = b, True, False
-                if i > 0 and not ps[i - 1].end_exact:
+                if i > 0 and ps[i - 1].end is p.start:  # one boundary: ended one, began this
                     ps[i - 1].end, ps[i - 1].end_exact, ps[i - 1].written = b, True, False
+                p.start, p.start_exact, p.written = b, True, False
             if p.end is not None and not p.end_exact:
                 b = self._at(p.end.t, final)
                 if b is None:
                     break
-                p.end, p.end_exact, p.written = b, True, False
-                if i + 1 < len(ps) and not ps[i + 1].start_exact:
+                if i + 1 < len(ps) and ps[i + 1].start is p.end:
                     ps[i + 1].start, ps[i + 1].start_exact, ps[i + 1].written = b, True, False
+                p.end, p.end_exact, p.written = b, True, False
             if p.end is None or not p.end_exact:
                 break
             i += 1

@@ -154,6 +154,7 @@ def test_bad_phase_input_is_a_400_naming_the_field(node, public_dir):  # noqa: F
         assert code == 200, body
         d = strict_json(body)
         assert d["phase"] == {"seq": 1, "name": "ok"} and d["books"]["it_energy_j"] >= 0
+        assert isinstance(d["estimated"], bool)  # the live answer says whether it is an estimate
     finally:
         stop(p)
     assert "Traceback" not in node.log()

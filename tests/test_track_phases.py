@@ -240,3 +240,22 @@ def test_exact_boundaries_of_a_self_sampled_run_are_kept_as_read():
     jp.settle(final=True)
     assert [(p.start, p.end) for p in jp.phases] == [(b[0], b[1]), (b[1], b[3])]
     assert sum(p.end.minus(p.start).it_j for p in jp.phases) == b[3].it_j - b[0].it_j
+
+
+def test_a_gap_between_phases_settles_each_boundary_at_its_own_time():
+    # `with run.phase("a")` ends a, then run.phase("b") begins at another instant: two boundaries.
+    r = [_reading(NOW + 5 * i, 10.0 * i, float(i)) for i in range(3)]  # 2 W throughout
+    jp = JobPhases()
+    jp.reading(r[0])
+    jp.boundary("a", Books(NOW + 1), estimated=True)
+    jp.boundary(None, Books(NOW + 4), estimated=True)
+    jp.boundary("b", Books(NOW + 6), estimated=True)
+    jp.boundary(None, Books(NOW + 9), estimated=True)
+    jp.reading(r[1])
+    jp.settle()
+    a, b = jp.phases
+    assert (a.start_exact, a.end_exact, b.start_exact, b.end_exact) == (True, True, False, False)
+    jp.reading(r[2])
+    jp.settle()
+    assert [(p.start.t, p.start.it_j, p.end.t, p.end.it_j) for p in jp.phases] == pytest.approx(
+        [(NOW + 1, 2.0, NOW + 4, 8.0), (NOW + 6, 12.0, NOW + 9, 18.0)])
