@@ -2,8 +2,12 @@
 boundary, the daemon's `POST /api/v1/phases`, and the phases in the ledger (`job_phases`).
 
 A phase's figures are the difference of the job's cumulative books at its two boundaries, so a
-run's contiguous phases sum exactly to the job's books over their span. Light to import (no
-pydantic, no h11): greend.track uses `Books` in the researcher's process.
+run's contiguous phases sum exactly to the job's books over their span. The daemon reads its
+counters once an interval, not at each boundary: it answers a boundary at once with an estimate
+(`books_at`), and once a reading at or after the boundary is known it settles the boundary's books
+by linear interpolation between the readings around it (`JobPhases.settle`), which is what it
+stores (docs/api.md, `POST /api/v1/phases`). Light to import (no pydantic, no h11): greend.track
+uses `Books` in the researcher's process.
 """
 
 from __future__ import annotations
@@ -61,6 +65,14 @@ class Books:
         return Books(self.t, *(max(a, b) for a, b in zip(self.values(), other.values(), strict=True)),
                      cpu_s=max(self.cpu_s, other.cpu_s))
 
+    def between(self, later: Books, t: float) -> Books:
+        """The books at t by linear interpolation from self (a reading) to `later` (the next one),
+        every figure and the CPU time alike; t outside the two is held to the nearer reading."""
+        span = later.t - self.t
+        k = 0.0 if span <= 0 else min(1.0, max(0.0, (t - self.t) / span))
+        return Books(t, *(a + (b - a) * k for a, b in zip(self.values(), later.values(), strict=True)),
+                     cpu_s=self.cpu_s + (later.cpu_s - self.cpu_s) * k)
+
     def scaled(self, k: float, t: float) -> Books:
         return Books(t, *(v * k for v in self.values()), cpu_s=self.cpu_s)
 
@@ -92,6 +104,8 @@ class Phase:
     start: Books
     end: Books | None = None
     written: bool = False
+    start_exact: bool = True  # False: the daemon's live estimate, until settled from readings
+    end_exact: bool = True
 
     def to_dict(self, now: Books | None = None) -> dict:
         """The phase's record: its figures from start to end (or to `now` while open)."""
@@ -115,10 +129,15 @@ class TooMany(ValueError):
     """A job already has MAX_PHASES phases."""
 
 
+MAX_READINGS = 64  # a job's readings kept to settle its boundaries (one per tick seen at most)
+
+
 @dataclass(slots=True)
 class JobPhases:
     phases: list[Phase] = field(default_factory=list)
     dirty: bool = False
+    readings: list[Books] = field(default_factory=list)  # the job's books as read, t ascending
+    settled: int = 0  # phases before this index have both boundaries settled
 
     @property
     def last(self) -> Books | None:
@@ -133,20 +152,90 @@ class JobPhases:
         p = self.phases[-1] if self.phases else None
         return p if p is not None and p.end is None else None
 
-    def boundary(self, name: str | None, books: Books) -> Phase | None:
-        """End the open phase at `books`; start `name` there (None: start none)."""
+    def boundary(self, name: str | None, books: Books, estimated: bool = False) -> Phase | None:
+        """End the open phase at `books`; start `name` there (None: start none). estimated: the
+        books are the daemon's live estimate, which `settle` replaces once readings bracket it
+        (a self-sampled run reads its counters at the boundary: exact)."""
         if name is not None and len(self.phases) >= MAX_PHASES:
             raise TooMany(f"a job has at most {MAX_PHASES} phases")
         cur = self.open
         if cur is not None:
             cur.end = books
+            cur.end_exact = not estimated
             cur.written = False
         new = None
         if name is not None:
-            new = Phase(len(self.phases) + 1, name, books)
+            new = Phase(len(self.phases) + 1, name, books, start_exact=not estimated)
             self.phases.append(new)
         self.dirty = self.dirty or cur is not None or new is not None
         return new
+
+    def reading(self, books: Books) -> None:
+        """A reading of the job's books (at a monitor tick: books.t is the tick's time)."""
+        rs = self.readings
+        if rs and books.t <= rs[-1].t:
+            if books.t == rs[-1].t:
+                rs[-1] = books
+            return
+        rs.append(books)
+        if len(rs) > MAX_READINGS:  # a boundary waiting that long settles between the two kept
+            del rs[1]
+
+    def _at(self, t: float, final: bool) -> Books | None:
+        """The books at t from the readings, or None while no reading at or after t is known
+        (final: the job has ended, its books stay at its last reading)."""
+        rs = self.readings
+        if not rs:
+            return None
+        hi = next((i for i, r in enumerate(rs) if r.t >= t), None)
+        if hi is None:
+            if not final:
+                return None
+            r = rs[-1]
+            return Books(t, *r.values(), cpu_s=r.cpu_s)
+        if hi == 0:  # no reading before t: the boundary comes before the job's first reading
+            r = rs[0]
+            return Books(t, *r.values(), cpu_s=r.cpu_s)
+        return rs[hi - 1].between(rs[hi], t)
+
+    def settle(self, final: bool = False) -> None:
+        """Replace the live estimates of the boundaries that the readings now bracket by the
+        interpolated books (the same Books for the end of one phase and the start of the next),
+        and drop the readings no unsettled boundary needs. Work: the unsettled phases (the last
+        few) and the readings kept."""
+        ps = self.phases
+        i = self.settled
+        while i < len(ps):
+            p = ps[i]
+            if not p.start_exact:
+                b = self._at(p.start.t, final)
+                if b is None:
+                    break
+                if i > 0 and ps[i - 1].end is p.start:  # one boundary: ended one, began this
+                    ps[i - 1].end, ps[i - 1].end_exact, ps[i - 1].written = b, True, False
+                p.start, p.start_exact, p.written = b, True, False
+            if p.end is not None and not p.end_exact:
+                b = self._at(p.end.t, final)
+                if b is None:
+                    break
+                if i + 1 < len(ps) and ps[i + 1].start is p.end:
+                    ps[i + 1].start, ps[i + 1].start_exact, ps[i + 1].written = b, True, False
+                p.end, p.end_exact, p.written = b, True, False
+            if p.end is None or not p.end_exact:
+                break
+            i += 1
+        self.settled = i
+        # Keep the last reading at or before the first unsettled boundary, and those after it.
+        first = None
+        if i < len(ps):
+            p = ps[i]
+            first = p.start.t if not p.start_exact else (p.end.t if p.end is not None else None)
+        rs = self.readings
+        if first is None:
+            del rs[:-1]
+        else:
+            k = max((j for j, r in enumerate(rs) if r.t <= first), default=0)
+            del rs[:k]
 
 
 # -- the ledger -----------------------------------------------------------------------------------
@@ -163,7 +252,9 @@ ON CONFLICT (job_pk, seq) DO UPDATE SET name = excluded.name, t_start = excluded
 
 
 def put(db, job_pk: int, jp: JobPhases, now: Books) -> None:
-    """Write a job's phases not yet written (the open one with its figures up to `now`)."""
+    """Write a job's phases not yet written (the open one with its figures up to `now`). A phase
+    is final once written with both boundaries settled; one with an estimated boundary is written
+    again when it settles."""
     rows = []
     for p in jp.phases:
         if p.written:
@@ -171,7 +262,7 @@ def put(db, job_pk: int, jp: JobPhases, now: Books) -> None:
         d = (p.end or now).minus(p.start)
         rows.append((job_pk, p.seq, p.name, p.start.t, p.end.t if p.end else None, *d.values(),
                      round(d.cpu_s * 1e9)))
-        if p.end is not None:
+        if p.end is not None and p.start_exact and p.end_exact:
             p.written = True
     if rows:
         db.executemany(PUT_SQL, rows)
@@ -309,38 +400,59 @@ class Endpoint:
                                     f"{caller.uid})")
             t_tick = mon.prev.t if mon.prev is not None else t
             books = books_at(acc, t, t_tick, self.daemon.cfg.sampling.interval_s)
+            reading = Books.of_row(acc.row, acc.row.last_seen)
             provenance = dict(acc.row.provenance or {})
             job = footprint_dict(acc.row, [])["job"]
             factors = [mon.factors.at(t).to_dict()]
         ended = new = None
         with self.lock:
             jp = self.jobs.get(key)
+            if jp is not None:
+                jp.reading(reading)  # the reading right after an earlier boundary, often
+                last = jp.last
+                if last is not None and t < last.t:  # boundaries stay in order
+                    t = last.t
+                    books = Books(t, *books.values(), cpu_s=books.cpu_s)
             books = books.at_least(jp.last if jp is not None else None)
             if end:
-                jp = self.jobs.setdefault(key, JobPhases())
+                if jp is None:
+                    jp = self.jobs[key] = JobPhases()
+                    jp.reading(reading)
                 ended = jp.open
                 try:
-                    new = jp.boundary(name, books)
+                    new = jp.boundary(name, books, estimated=True)
                 except TooMany as e:
                     raise ApiError(400, f"invalid phase boundary: name: {e}") from None
         return 200, "application/json", dumps({
             "cluster": cluster, "job_id": job_id, "t": t, "books": books.to_dict(),
+            # An estimate unless the boundary is on the last reading: what is stored is settled
+            # from the readings around the boundary once the next one is taken.
+            "estimated": t != reading.t,
             "provenance": provenance, "source": "daemon", "job": job, "factors": factors,
             "ended": ended.to_dict() if ended is not None else None,
             "phase": {"seq": new.seq, "name": new.name} if new is not None else None})
 
     def checkpoint(self, db, written) -> None:
-        """monitor.on_checkpoint: write the phases of the jobs written, in the same transaction;
-        a job that ended closes its open phase at its last books and leaves memory."""
+        """monitor.on_checkpoint: settle the boundaries that the job's reading now brackets and
+        write the phases of the jobs written, in the same transaction; a job that ended settles
+        the rest at its final books, closes its open phase there and leaves memory."""
         with self.lock:
+            accounts = self.daemon.monitor.accounts
+            for key, jp in self.jobs.items():  # a reading of each job with phases, even a quiet
+                acc = accounts.get(key)         # one's (not written: its books did not move)
+                if acc is not None:
+                    jp.reading(Books.of_row(acc.row, acc.row.last_seen))
             for acc in written:
                 jp = self.jobs.get(acc.key)
                 if jp is None or acc.row.pk is None:
                     continue
-                now = Books.of_row(acc.row, acc.row.last_seen).at_least(jp.last)
+                now = Books.of_row(acc.row, acc.row.last_seen)
                 done = acc.row.state == "ended"
-                if done and jp.open is not None:
-                    jp.boundary(None, now)
+                jp.reading(now)
+                jp.settle(final=done)
+                if done and jp.open is not None:  # closes at the job's final books
+                    t_end = max(now.t, jp.open.start.t)
+                    jp.boundary(None, Books(t_end, *now.values(), cpu_s=now.cpu_s))
                 put(db, acc.row.pk, jp, now)
                 if done:
                     del self.jobs[acc.key]

@@ -157,3 +157,105 @@ def test_validate_takes_anything_json_and_only_ever_says_which_field(body):
     assert name is None or (name.strip() != "" and len(name) <= phases.MAX_NAME)
     assert end == (name is not None or body.get("end") is True)
     assert abs(t - NOW) <= phases.SLACK_S
+
+
+def _reading(t: float, it_j: float, cpu_s: float) -> Books:
+    """A reading at a tick: 80 % CPU, 20 % DRAM, carbon 0.02 g/J, like a job's books."""
+    return Books(t, cpu_j=0.8 * it_j, dram_j=0.2 * it_j, facility_j=1.4 * it_j,
+                 carbon_g=0.02 * it_j, cpu_s=cpu_s)
+
+
+def test_boundaries_settle_by_interpolation_between_the_readings_around_them():
+    # Ticks every 5 s; the job draws 2 W over [0, 5] and 20 W over [5, 10]: an estimate from the
+    # last interval's power at a boundary 2 s into the second interval says 100 + 2*2 = 104 J,
+    # the readings around it say 100 + 2/5 * 100 = 140 J.
+    r0, r1, r2 = _reading(NOW, 90.0, 10.0), _reading(NOW + 5, 100.0, 11.0), \
+        _reading(NOW + 10, 200.0, 16.0)
+    jp = JobPhases()
+    jp.reading(r0)
+    jp.boundary("load", Books(NOW, cpu_j=1.0), estimated=True)  # exactly on a tick
+    jp.reading(r1)
+    jp.boundary("train", Books(NOW + 7, cpu_j=104 * 0.8, dram_j=104 * 0.2, cpu_s=11.0),
+                estimated=True)
+    jp.settle()
+    load, train = jp.phases
+    assert load.start_exact and load.start == r0
+    assert not load.end_exact and not train.start_exact  # no reading after NOW + 7 yet
+    jp.reading(r2)
+    jp.settle()
+    assert load.end_exact and train.start_exact and load.end is train.start
+    b = train.start
+    assert b.t == NOW + 7
+    assert b.it_j == pytest.approx(140.0) and b.cpu_j == pytest.approx(112.0)
+    assert b.carbon_g == pytest.approx(2.8) and b.facility_j == pytest.approx(196.0)
+    assert b.cpu_s == pytest.approx(13.0)
+    # Exactly on a tick: the reading itself. The phases then sum to the books over their span.
+    jp.boundary(None, Books(NOW + 10, cpu_j=999.0), estimated=True)
+    jp.settle()
+    assert train.end_exact and train.end == r2
+    ds = [p.end.minus(p.start) for p in jp.phases]
+    assert [d.it_j for d in ds] == pytest.approx([50.0, 60.0])
+    assert sum(d.it_j for d in ds) == pytest.approx(r2.it_j - r0.it_j, rel=1e-12)
+    assert sum(d.carbon_g for d in ds) == pytest.approx(r2.carbon_g - r0.carbon_g, rel=1e-12)
+    assert sum(d.cpu_s for d in ds) == pytest.approx(6.0)
+    assert jp.readings == [r2]  # nothing left to settle: only the last reading is kept
+
+
+def test_an_ended_jobs_late_boundary_settles_at_its_final_books_and_is_written_once(tmp_path):
+    led = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        with led.transaction() as db:
+            pk = led.upsert_job(db, row())
+        r0, last = _reading(NOW, 10.0, 1.0), _reading(NOW + 5, 60.0, 6.0)
+        jp = JobPhases()
+        jp.reading(r0)
+        jp.boundary("only", Books(NOW + 2, cpu_j=30.0), estimated=True)  # too high
+        jp.reading(last)
+        jp.boundary(None, Books(NOW + 6, cpu_j=70.0), estimated=True)  # after the last reading
+        jp.settle()
+        assert not jp.phases[0].end_exact  # the job may still draw power after NOW + 5
+        with led.transaction() as db:
+            phases.put(db, pk, jp, last)
+        assert not jp.phases[0].written
+        jp.settle(final=True)  # the job ended: its books stay at its last reading
+        with led.transaction() as db:
+            phases.put(db, pk, jp, last)
+        only, = phases.of_job(led.db, pk)
+        assert (only["start"], only["end"]) == (NOW + 2, NOW + 6)
+        assert only["energy_j"]["it"] == pytest.approx(60.0 - 30.0)  # 10 + 2/5 * 50 = 30 J at start
+        assert jp.phases[0].written
+    finally:
+        led.close()
+
+
+def test_exact_boundaries_of_a_self_sampled_run_are_kept_as_read():
+    # greend/track_self.py reads the counters at each boundary: settle leaves those books alone
+    # (even with a reading of the daemon's kind around them) and contiguous phases sum exactly.
+    b = [_reading(NOW + i, 10.0 * i * i, float(i)) for i in range(4)]
+    jp = JobPhases()
+    jp.boundary("a", b[0])
+    jp.boundary("b", b[1])
+    jp.boundary(None, b[3])
+    jp.reading(_reading(NOW + 2, 1.0, 0.0))
+    jp.settle(final=True)
+    assert [(p.start, p.end) for p in jp.phases] == [(b[0], b[1]), (b[1], b[3])]
+    assert sum(p.end.minus(p.start).it_j for p in jp.phases) == b[3].it_j - b[0].it_j
+
+
+def test_a_gap_between_phases_settles_each_boundary_at_its_own_time():
+    # `with run.phase("a")` ends a, then run.phase("b") begins at another instant: two boundaries.
+    r = [_reading(NOW + 5 * i, 10.0 * i, float(i)) for i in range(3)]  # 2 W throughout
+    jp = JobPhases()
+    jp.reading(r[0])
+    jp.boundary("a", Books(NOW + 1), estimated=True)
+    jp.boundary(None, Books(NOW + 4), estimated=True)
+    jp.boundary("b", Books(NOW + 6), estimated=True)
+    jp.boundary(None, Books(NOW + 9), estimated=True)
+    jp.reading(r[1])
+    jp.settle()
+    a, b = jp.phases
+    assert (a.start_exact, a.end_exact, b.start_exact, b.end_exact) == (True, True, False, False)
+    jp.reading(r[2])
+    jp.settle()
+    assert [(p.start.t, p.start.it_j, p.end.t, p.end.it_j) for p in jp.phases] == pytest.approx(
+        [(NOW + 1, 2.0, NOW + 4, 8.0), (NOW + 6, 12.0, NOW + 9, 18.0)])
