@@ -10,6 +10,8 @@ import random
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -254,82 +256,20 @@ class Sender:
             rows = db.execute(
                 "SELECT kind, ref, seq, series_from FROM outbox ORDER BY queued, kind, ref LIMIT ?",
                 (self.batch_limit + 1,)).fetchall()
-            records, nodes, items, decided = [], [], [], []
-            factor_ids: set[str] = set()
-            budget = MAX_SERIES_PER_BATCH
-            size = 0
-            for r in rows:
-                kind, ref, seq, start = r["kind"], r["ref"], r["seq"], r["series_from"]
-                if kind == "decision":
-                    row = db.execute("SELECT * FROM decisions WHERE id = ?", (ref,)).fetchone()
-                    if row is not None:
-                        out = decisions.decode(row)
-                        del out["id"]
-                        n = len(json.dumps(out, separators=(",", ":")))
-                        if items and size + n > MAX_REQUEST_BYTES:
-                            break
-                        size += n
-                        decided.append(out)
-                    items.append((kind, ref, seq, True, start))
-                    continue
-                if kind == "job" and len(records) >= self.batch_limit:
-                    break
-                if kind == "job":
-                    job = db.execute("SELECT * FROM jobs WHERE pk = ?", (ref,)).fetchone()
-                    if job is None:  # gone from the books (should not happen): nothing to send
-                        items.append((kind, ref, seq, True, start))
-                        continue
-                    series = db.execute(
-                        "SELECT * FROM job_series WHERE job_pk = ? AND t_start >= ? "
-                        "ORDER BY t_start LIMIT ?", (ref, start, budget + 1)).fetchall()
-                    out = _job_record(job)
-                    out["series"] = [{c: x[c] for c in SERIES_COLS} for x in series[:budget]]
-                else:
-                    series = db.execute(
-                        "SELECT t_start, t_end, energy_uj, unattributed_uj FROM node_series "
-                        "WHERE node = ? AND t_start >= ? ORDER BY t_start LIMIT ?",
-                        (self.node, start, budget + 1)).fetchall()
-                    totals = db.execute(
-                        "SELECT domain, source, provenance, energy_uj, unattributed_uj, idle_uj "
-                        "FROM node_totals WHERE node = ?", (self.node,)).fetchall()
-                    out = {"node": self.node, "totals": [dict(t) for t in totals],
-                           "series": [dict(x) for x in series[:budget]]}
-                sent = series[:budget]
-                done = len(series) <= budget
-                # What to send again next time: the rest, or the last (still open) bucket.
-                resend_from = series[budget]["t_start"] if not done else (
-                    sent[-1]["t_start"] if sent else start)
-                n = len(json.dumps(out, separators=(",", ":")))
-                if items and size + n > MAX_REQUEST_BYTES:
-                    break
-                size += n
-                budget -= len(sent)
-                if kind == "job":
-                    factor_ids.update(x["factor_set"] for x in out["series"])
-                    records.append(out)
-                else:
-                    nodes.append(out)
-                items.append((kind, ref, seq, done, resend_from))
-                if budget <= 0:
-                    break
-            factor_sets = []
-            if factor_ids:
-                marks = ",".join("?" * len(factor_ids))
-                for f in db.execute(f"SELECT * FROM factor_sets WHERE id IN ({marks})",
-                                    sorted(factor_ids)):
-                    d = {c: f[c] for c in FACTOR_COLS}
-                    d["sources"] = json.loads(d["sources"])
-                    factor_sets.append(d)
+            packed = pack(db, rows, self.node, self.batch_limit)
         finally:
             db.execute("COMMIT")
+        items = packed.items
         truncated = len(items) < total or not all(it[3] for it in items)
         if not items:
             return b"", [], 0, False
         batch = {"agent": {"cluster": self.cluster, "node": self.node, "version": __version__},
-                 "factor_sets": factor_sets, "records": records, "nodes": nodes}
-        if decided:  # routing decisions; a controller older than them ignores the key
-            batch["decisions"] = decided
-        return json.dumps(batch, separators=(",", ":")).encode(), items, len(records), truncated
+                 "factor_sets": packed.factor_sets, "records": packed.records,
+                 "nodes": packed.nodes}
+        if packed.decided:  # routing decisions; a controller older than them ignores the key
+            batch["decisions"] = packed.decided
+        return (json.dumps(batch, separators=(",", ":")).encode(), items, len(packed.records),
+                truncated)
 
     @property
     def url(self) -> str:
@@ -466,6 +406,93 @@ class Sender:
                 METRICS["greend_outbox_last_success_timestamp_seconds"][1], value=self.last_success)
         yield g("greend_outbox_controller_up", METRICS["greend_outbox_controller_up"][1],
                 value=0.0 if self.last_error else 1.0)
+
+
+@dataclass
+class Packed:
+    """One batch's content, read from the outbox rows in order (greend.agent.pack)."""
+
+    records: list = field(default_factory=list)
+    nodes: list = field(default_factory=list)
+    decided: list = field(default_factory=list)
+    items: list = field(default_factory=list)  # (kind, ref, seq, done, resend_from)
+    factor_sets: list = field(default_factory=list)
+
+
+def pack(db: sqlite3.Connection, rows, node: str, batch_limit: int,
+         rename: Callable[[str], str] = lambda name: name) -> Packed:
+    """The records, node books and decisions of outbox rows, in one transaction's snapshot, within
+    the batch bounds (batch_limit job records, MAX_SERIES_PER_BATCH series buckets,
+    MAX_REQUEST_BYTES). A node row ("node" or "node:NAME") stands for `node`'s books. rename: the
+    cluster and node names as the receiver keys them (a site controller forwarding upstream
+    prefixes its site, greend/forward.py)."""
+    p = Packed()
+    factor_ids: set[str] = set()
+    budget = MAX_SERIES_PER_BATCH
+    size = 0
+    for r in rows:
+        kind, ref, seq, start = r["kind"], r["ref"], r["seq"], r["series_from"]
+        if kind == "decision":
+            row = db.execute("SELECT * FROM decisions WHERE id = ?", (ref,)).fetchone()
+            if row is not None:
+                out = decisions.decode(row)
+                del out["id"]
+                n = len(json.dumps(out, separators=(",", ":")))
+                if p.items and size + n > MAX_REQUEST_BYTES:
+                    break
+                size += n
+                p.decided.append(out)
+            p.items.append((kind, ref, seq, True, start))
+            continue
+        if kind == "job" and len(p.records) >= batch_limit:
+            break
+        if kind == "job":
+            job = db.execute("SELECT * FROM jobs WHERE pk = ?", (ref,)).fetchone()
+            if job is None:  # gone from the books (should not happen): nothing to send
+                p.items.append((kind, ref, seq, True, start))
+                continue
+            series = db.execute(
+                "SELECT * FROM job_series WHERE job_pk = ? AND t_start >= ? "
+                "ORDER BY t_start LIMIT ?", (ref, start, budget + 1)).fetchall()
+            out = _job_record(job)
+            out["cluster"], out["node"] = rename(out["cluster"]), rename(out["node"])
+            out["series"] = [{c: x[c] for c in SERIES_COLS} for x in series[:budget]]
+        else:
+            series = db.execute(
+                "SELECT t_start, t_end, energy_uj, unattributed_uj FROM node_series "
+                "WHERE node = ? AND t_start >= ? ORDER BY t_start LIMIT ?",
+                (node, start, budget + 1)).fetchall()
+            totals = db.execute(
+                "SELECT domain, source, provenance, energy_uj, unattributed_uj, idle_uj "
+                "FROM node_totals WHERE node = ?", (node,)).fetchall()
+            out = {"node": rename(node), "totals": [dict(t) for t in totals],
+                   "series": [dict(x) for x in series[:budget]]}
+        sent = series[:budget]
+        done = len(series) <= budget
+        # What to send again next time: the rest, or the last (still open) bucket.
+        resend_from = series[budget]["t_start"] if not done else (
+            sent[-1]["t_start"] if sent else start)
+        n = len(json.dumps(out, separators=(",", ":")))
+        if p.items and size + n > MAX_REQUEST_BYTES:
+            break
+        size += n
+        budget -= len(sent)
+        if kind == "job":
+            factor_ids.update(x["factor_set"] for x in out["series"])
+            p.records.append(out)
+        else:
+            p.nodes.append(out)
+        p.items.append((kind, ref, seq, done, resend_from))
+        if budget <= 0:
+            break
+    if factor_ids:
+        marks = ",".join("?" * len(factor_ids))
+        for f in db.execute(f"SELECT * FROM factor_sets WHERE id IN ({marks})",
+                            sorted(factor_ids)):
+            d = {c: f[c] for c in FACTOR_COLS}
+            d["sources"] = json.loads(d["sources"])
+            p.factor_sets.append(d)
+    return p
 
 
 def _job_record(row: sqlite3.Row) -> dict:

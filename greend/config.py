@@ -376,25 +376,7 @@ class CarbonSignal(_Model):
 
     @field_validator("url")
     @classmethod
-    def _url(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list):
-            if not v:
-                raise ValueError('expected at least one URL, or "" for no site mode')
-            out = []
-            for i, u in enumerate(v):
-                try:
-                    out.append(cls._one_url(u))
-                except ValueError as e:
-                    raise ValueError(f"url[{i}] {u!r}: {e}") from None
-                if not out[-1]:
-                    raise ValueError(f"url[{i}]: empty")
-            if len(set(out)) != len(out):
-                raise ValueError("a URL is listed twice")
-            return out
-        return cls._one_url(v)
-
-    @staticmethod
-    def _one_url(v: str) -> str:
+    def _url(cls, v: str) -> str:
         if not v:
             return v
         u = _http_url(v)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from . import __version__
 from . import config as config_mod
-from .agent import MAX_REQUEST_BYTES, MAX_SERIES_PER_BATCH, Outbox, Sender, _job_record
+from .agent import Outbox, Sender, pack
 from .http import client_tls
 from .ledger import Ledger
-from .wire import FACTOR_COLS, SERIES_COLS, read_token
+from .wire import read_token
 
 log = logging.getLogger(__name__)
 
@@ -81,60 +81,18 @@ class Forwarder(Sender):
             node, rows = self._oldest_node(db)
             if node is None:
                 return b"", [], 0, False
-            records, nodes, items, factor_ids = [], [], [], set()
-            budget, size = MAX_SERIES_PER_BATCH, 0
-            for r in rows:
-                kind, ref, seq, start = r["kind"], r["ref"], r["seq"], r["series_from"]
-                if kind == "job":
-                    series = db.execute(
-                        "SELECT * FROM job_series WHERE job_pk = ? AND t_start >= ? "
-                        "ORDER BY t_start LIMIT ?", (ref, start, budget + 1)).fetchall()
-                    out = _job_record(db.execute("SELECT * FROM jobs WHERE pk = ?", (ref,)).fetchone())
-                    out["cluster"] = site_name(self.site, out["cluster"])
-                    out["node"] = site_name(self.site, node)
-                    out["series"] = [{c: x[c] for c in SERIES_COLS} for x in series[:budget]]
-                else:
-                    series = db.execute(
-                        "SELECT t_start, t_end, energy_uj, unattributed_uj FROM node_series "
-                        "WHERE node = ? AND t_start >= ? ORDER BY t_start LIMIT ?",
-                        (node, start, budget + 1)).fetchall()
-                    totals = db.execute(
-                        "SELECT domain, source, provenance, energy_uj, unattributed_uj, idle_uj "
-                        "FROM node_totals WHERE node = ?", (node,)).fetchall()
-                    out = {"node": site_name(self.site, node), "totals": [dict(t) for t in totals],
-                           "series": [dict(x) for x in series[:budget]]}
-                sent = series[:budget]
-                done = len(series) <= budget
-                resend_from = series[budget]["t_start"] if not done else (
-                    sent[-1]["t_start"] if sent else start)
-                n = len(json.dumps(out, separators=(",", ":")))
-                if items and size + n > MAX_REQUEST_BYTES:
-                    break
-                size += n
-                budget -= len(sent)
-                if kind == "job":
-                    factor_ids.update(x["factor_set"] for x in out["series"])
-                    records.append(out)
-                else:
-                    nodes.append(out)
-                items.append((kind, ref, seq, done, resend_from))
-                if budget <= 0:
-                    break
-            factor_sets = []
-            if factor_ids:
-                marks = ",".join("?" * len(factor_ids))
-                for f in db.execute(f"SELECT * FROM factor_sets WHERE id IN ({marks})",
-                                    sorted(factor_ids)):
-                    d = {c: f[c] for c in FACTOR_COLS}
-                    d["sources"] = json.loads(d["sources"])
-                    factor_sets.append(d)
+            packed = pack(db, rows, node, self.batch_limit,
+                          lambda name: site_name(self.site, name))
         finally:
             db.execute("COMMIT")
+        items = packed.items
         truncated = len(items) < total or not all(it[3] for it in items)
         batch = {"agent": {"cluster": self.site, "node": site_name(self.site, node),
                            "version": __version__},
-                 "factor_sets": factor_sets, "records": records, "nodes": nodes}
-        return json.dumps(batch, separators=(",", ":")).encode(), items, len(records), truncated
+                 "factor_sets": packed.factor_sets, "records": packed.records,
+                 "nodes": packed.nodes}
+        return (json.dumps(batch, separators=(",", ":")).encode(), items, len(packed.records),
+                truncated)
 
     def _oldest_node(self, db: sqlite3.Connection) -> tuple[str | None, list[sqlite3.Row]]:
         """The node of the oldest outbox entry and its entries among the oldest WINDOW x
