@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 MAX_LIMIT = 1000
 MAX_OFFSET = 1 << 53  # SQLite takes 64-bit integers; no listing is this long
 _INT = re.compile(r"-?[0-9]{1,20}")
+JOB_PATH = "/api/v1/jobs/{cluster}/{job_id}"  # a key of ApiHost.routes for every job's path
+JOB_PATH_PREFIX = "/api/v1/jobs/"
 
 
 # (method, path) -> handler(body, caller, headers) -> (status, content type, payload)
@@ -191,6 +193,8 @@ class Api:
     def handle(self, method: str, path: str, query: dict, body: bytes, caller: Caller,
                headers) -> tuple[int, str, bytes]:
         route = self.host.routes.get((method, path))
+        if route is None and path.startswith(JOB_PATH_PREFIX):
+            route = self.host.routes.get((method, JOB_PATH))  # a host's own handler of a job
         if route is not None:
             return route(body, caller, headers)
         allowed = [m for m, p in self.host.routes if p == path]

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from . import __version__, decisions, forward, route_api, sitedb
 from . import config as config_mod
+from .api import JOB_PATH
 from .errors import ApiError, DaemonError, LedgerError, SiteError
 from .exporter import LedgerMetrics
 from .http import bearer_ok, default_socket, dumps, is_loopback, parse_json, parse_listen, server_tls
@@ -85,7 +86,7 @@ class Controller(Service):
         if not isinstance(self.site, sitedb.SqliteSite):
             # The read queries (greend.queries) are SQLite's SQL: say so rather than answer from
             # the local ledger, which does not hold the site's records (docs/site-mode.md).
-            for path in ("/api/v1/jobs", "/api/v1/summary"):
+            for path in ("/api/v1/jobs", "/api/v1/summary", JOB_PATH):
                 self.routes[("GET", path)] = self.reads_not_served
         self.router = None  # POST /api/v1/route's policy router, injected by daemon_cli.py
         self.route_rate = decisions.RateLimit(cfg.daemon.route_per_minute)
