@@ -52,6 +52,8 @@ class ApiHost(Protocol):
     token: bytes | None  # the site token: a TCP caller presenting it is an admin
     max_body: int
     routes: dict[tuple[str, str], Route]
+    # Optional: server_reads, a context of a greend.sitedb.ServerReader (the controller on a
+    # database server): the reads go there instead of ledger_path (Api.reads).
 
     def health(self) -> dict: ...
 

@@ -6,10 +6,14 @@ other's records; the caller rules (private_jobs, the site token) hold on a serve
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
-from daemonproc import request, token_file
+from daemonproc import request, token_file, toml
 from test_sitedb import FACTORS, TOKEN, controller, rec, ser
+
+from greend import queries, sitedb
+from greend.errors import LedgerError
 
 pytest.importorskip("sqlalchemy", reason="greend[sitedb] is not installed")
 pytest_plugins = ["sitedb_servers"]
@@ -17,6 +21,10 @@ pytest_plugins = ["sitedb_servers"]
 FACTORS2 = {**FACTORS, "id": "fs2", "carbon_intensity_g_per_kwh": 300.0, "first_used": 2.0}
 DECISION = {"token": "tok-1", "t": 5.0, "user": "alice", "uid": 1001, "outcome": "submitted",
             "cluster": "c1", "job_id": "1", "decision": {"chosen": "c1", "why": "greener"}}
+# A job seen this month, which the accounts' budgets count (the rest is from 1970).
+NOW = float(int(time.time()))
+BUDGETS = [{"account": "proj", "period": "month", "carbon_kg": 0.001, "energy_kwh": 1.0},
+           {"account": "proj2", "period": "year", "water_l": 0.5}]
 OTHERS_DECISION = {**DECISION, "token": "tok-2", "t": 6.0, "user": "mallory", "uid": 666,
                    "decision": {"chosen": "c1", "why": "not alice's"}}
 
@@ -49,6 +57,7 @@ def batches() -> list[dict]:
         _job("5", 107.0, k=8, name="reused", submit_time=100),
         _job("5", 160.0, k=9, name="reused", submit_time=900, first_seen=150.0),
         _job("7", 109.0, k=1, name="other-cluster", cluster="c2", partition="cpu"),
+        _job("8", NOW - 50, k=12, name="this month", first_seen=NOW - 100),
         *(_job(str(100 + i), 200.0 + i, k=10 + (i * 7) % 23, name=f"filler {i:02d}",
                user=("alice", "bob", "carol")[i % 3], account=("proj", "proj2")[i % 2],
                exit_code=(0, 2, None)[i % 3]) for i in range(30)),
@@ -75,6 +84,15 @@ def batches() -> list[dict]:
         {"agent": {**agent, "node": "n2"}, "factor_sets": [FACTORS], "records": n2,
          "nodes": nodes("n2", 4_000_000)},
     ]
+
+
+def site_controller(home, tok, db):
+    """A controller on `db` with the accounts' budgets (the summary by account shows them)."""
+    ctl = controller(home, tok, db)
+    ctl.write_config(toml(ctl.cfg) + "".join(
+        "\n[[policy.budgets]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in b.items())
+        for b in BUDGETS))
+    return ctl
 
 
 def send(port: int, batch: dict) -> None:
@@ -122,7 +140,7 @@ def sqlite_reads(tmp_path_factory) -> dict:
 
     tmp = tmp_path_factory.mktemp("sqlite-reads")
     tok = token_file(tmp / "token", TOKEN)
-    with controller(tmp / "ctl", tok, SiteDb("sqlite", "sqlite", None)) as ctl:
+    with site_controller(tmp / "ctl", tok, SiteDb("sqlite", "sqlite", None)) as ctl:
         ctl.start()
         for b in batches():
             send(ctl.port, b)
@@ -136,7 +154,7 @@ def test_the_reference_reads_select_what_they_should(sqlite_reads):
         assert st == 200, (path, body)
         return json.loads(body)
 
-    assert get("/api/v1/jobs?per=job")["total"] == 40 and get("/api/v1/jobs?")["total"] == 41
+    assert get("/api/v1/jobs?per=job")["total"] == 41 and get("/api/v1/jobs?")["total"] == 42
     assert get("/api/v1/jobs?per=job")["running"] == 2
     assert [j["job"]["job_id"] for j in get("/api/v1/jobs?q=TRAIN")["jobs"]] == ["1", "10", "1"]
     assert [j["job"]["job_id"] for j in get("/api/v1/jobs?q=50%25")["jobs"]] == ["2"]
@@ -152,6 +170,10 @@ def test_the_reference_reads_select_what_they_should(sqlite_reads):
     assert sqlite_reads["/api/v1/jobs/c1/nope"][0] == 404
     s = get("/api/v1/summary?by=node&since=0&until=1000000")
     assert {r["key"] for r in s["rows"]} == {"n1", "n2"} and s["node_energy_j"] == 12.0
+    budget = {r["key"]: r.get("budget") for r in get("/api/v1/summary?" + SUMMARIES[0])["rows"]}
+    assert budget["proj"]["used"]["carbon"] == pytest.approx(0.003), budget  # job 8 only
+    assert budget["proj"]["max_ratio"] == pytest.approx(3.0), budget
+    assert budget["proj2"]["used"]["water"] == 0, budget
 
 
 @pytest.mark.parametrize("engine", ["mysql", "postgresql"])
@@ -160,7 +182,7 @@ def test_a_server_controller_reads_exactly_as_sqlite(engine, sqlite_reads, reque
 
     db = _site_db(request, tmp_path, engine)
     tok = token_file(tmp_path / "token", TOKEN)
-    with controller(tmp_path / "ctl", tok, db) as ctl:
+    with site_controller(tmp_path / "ctl", tok, db) as ctl:
         ctl.start()
         for b in batches():
             send(ctl.port, b)
@@ -197,3 +219,16 @@ def test_private_jobs_and_the_token_hold_on_a_server(pg_db, tmp_path):
             assert st == 403 and "private_jobs" in d["error"], (path, d)
         st, d = ctl.get("/api/v1/jobs?per=job", headers={"Authorization": f"Bearer {TOKEN}"})
         assert st == 200 and d["total"] == 20, d
+
+
+def test_a_read_the_server_refuses_is_a_ledger_error_naming_the_database(server_db):
+    """What the API answers with a 503 (greend.http), rather than a traceback."""
+    site = sitedb.ServerSite(server_db.url, server_db.password)
+    try:
+        with site.reader() as db:
+            assert queries.job_page(db, queries.JobQuery(), 0.0).total == 0
+        with pytest.raises(LedgerError, match="cannot read") as e, site.reader() as db:
+            db.execute("SELECT no_such_column FROM jobs WHERE cluster = ?", ["c1"])
+        assert server_db.url in str(e.value) and server_db.password not in str(e.value)
+    finally:
+        site.close()
