@@ -61,6 +61,8 @@ class Dialect:
     """{x} ordered by its bytes, as SQLite's BINARY collation."""
     concat: str
     """How strings are concatenated: an operator (" || ") or a function ("concat({parts})")."""
+    length: str = "length"
+    """The function counting a string's characters (MySQL's length counts bytes)."""
 
     def cat(self, *parts: str) -> str:
         return self.concat.join(parts) if "{" not in self.concat else \
@@ -79,7 +81,7 @@ DIALECTS = {
         "upper(substring_index(coalesce(CASE WHEN json_valid(meta) THEN "
         "json_unquote(json_extract(meta, '$.slurm_state')) END, ''), ' ', 1))",
         "lower({col}) LIKE lower(:pat) ESCAPE '\\\\'", "({cols}) IN ({marks})", "{x}",
-        "concat({parts})"),
+        "concat({parts})", "char_length"),
     "postgresql": Dialect(
         "postgresql",
         "upper(split_part(coalesce(CAST(meta AS jsonb) ->> 'slurm_state', ''), ' ', 1))",
@@ -364,7 +366,7 @@ def _sql(name: str) -> dict:
             "water": "sum(water_site_l + water_offsite_l)",
             "elapsed": f"(CASE WHEN max({_RUNNING}) = 1 THEN :now "
                        "ELSE coalesce(max(end_time), max(last_seen)) END) - min(first_seen)",
-            "job": f"{t(x='cluster')} {{dir}}, length(job_id) {{dir}}, {t(x='job_id')}",
+            "job": f"{t(x='cluster')} {{dir}}, {d.length}(job_id) {{dir}}, {t(x='job_id')}",
             "name": t(x="lower(min(name))"),
         },
         "record": {
@@ -374,7 +376,7 @@ def _sql(name: str) -> dict:
             "water": "water_site_l + water_offsite_l",
             "elapsed": "(CASE WHEN state = 'running' THEN :now ELSE coalesce(end_time, last_seen) "
                        "END) - first_seen",
-            "job": f"{t(x='cluster')} {{dir}}, length(job_id) {{dir}}, {t(x='job_id')}",
+            "job": f"{t(x='cluster')} {{dir}}, {d.length}(job_id) {{dir}}, {t(x='job_id')}",
             "name": t(x="lower(name)"),
         },
         "tie_job": f"max(last_seen) DESC, {t(x='cluster')}, {t(x='job_id')}",
@@ -387,13 +389,6 @@ def _sql(name: str) -> dict:
         "search": "(" + " OR ".join(d.like.format(col=f'"{c}"') for c in SEARCH_COLUMNS) + ")",
         "job_key": d.cat("cluster", "'/'", "job_id", "'/'", "submit_time"),
     }
-
-
-# SQLite's, as other modules read them.
-_SORT_JOB = _sql("sqlite")["job"]
-_SORT_RECORD = _sql("sqlite")["record"]
-_SQL_STATE = DIALECTS["sqlite"].slurm_state
-_SQL_OUTCOME = _sql("sqlite")["outcome"]
 
 
 def like_pattern(text: str) -> str:
