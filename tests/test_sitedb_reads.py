@@ -6,10 +6,15 @@ other's records; the caller rules (private_jobs, the site token) hold on a serve
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
-from daemonproc import request, token_file, toml
+from daemonproc import Greend, request, token_file, toml
+from test_security import CLIENT, as_user, has_user, raw_request
 from test_sitedb import FACTORS, TOKEN, controller, rec, ser
 
 from greend import queries, sitedb
@@ -232,3 +237,39 @@ def test_a_read_the_server_refuses_is_a_ledger_error_naming_the_database(server_
         assert server_db.url in str(e.value) and server_db.password not in str(e.value)
     finally:
         site.close()
+
+
+def test_a_user_on_the_socket_reads_only_their_own_jobs_from_the_server(pg_db, tmp_path):
+    """private_jobs on a controller on PostgreSQL: a real unprivileged user (the testbed's
+    greendtest) on the unix socket lists, opens and sums their own jobs only."""
+    if os.geteuid() != 0 or not has_user("greendtest"):
+        pytest.skip("needs root and the testbed's user greendtest (uid 4242)")
+    public = Path(tempfile.mkdtemp(prefix="greend-reads-", dir="/tmp"))
+    os.chmod(public, 0o755)
+    try:
+        (public / "client.py").write_text(CLIENT)
+        os.chmod(public / "client.py", 0o644)
+        sock = public / "controller.sock"
+        tok = token_file(tmp_path / "token", TOKEN)
+        g = Greend(tmp_path / "ctl", command="controller",
+                   config={"controller": pg_db.settings(), "daemon": {"private_jobs": True}},
+                   args=["--socket", str(sock), "--token-file", str(tok)])
+        with g:
+            g.start()
+            send(g.port, {"agent": {"cluster": "c1", "node": "n1", "version": "test"},
+                          "factor_sets": [FACTORS], "decisions": [DECISION],
+                          "records": [_job("1", 101.0, user="alice"),
+                                      _job("2", 102.0, user="greendtest", uid=4242),
+                                      _job("3", 103.0, user="greendtest", uid=4242)]})
+            paths = ["/api/v1/jobs?per=job", "/api/v1/jobs/c1/2", "/api/v1/jobs/c1/1",
+                     "/api/v1/summary?by=user&since=0&until=1000", "/api/v1/jobs?user=alice"]
+            answers = as_user("greendtest", sock, public, [raw_request("GET", p) for p in paths])
+        (st1, jobs), (st2, mine), (st3, theirs), (st4, summ), (st5, other) = answers
+        assert st1 == 200 and sorted(
+            j["job"]["job_id"] for j in json.loads(jobs)["jobs"]) == ["2", "3"], jobs
+        assert st2 == 200 and json.loads(mine)["records"][0]["job"]["user"] == "greendtest"
+        assert st3 == 404, theirs  # alice's job is not found, not refused: no oracle
+        assert st4 == 200 and [r["key"] for r in json.loads(summ)["rows"]] == ["greendtest"], summ
+        assert st5 == 403, other
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
