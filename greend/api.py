@@ -10,6 +10,7 @@ they get /metrics and /healthz only. docs/api.md describes every endpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -51,6 +52,8 @@ class ApiHost(Protocol):
     token: bytes | None  # the site token: a TCP caller presenting it is an admin
     max_body: int
     routes: dict[tuple[str, str], Route]
+    # Optional: server_reads, a context of a greend.sitedb.ServerReader (the controller on a
+    # database server): the reads go there instead of ledger_path (Api.reads).
 
     def health(self) -> dict: ...
 
@@ -177,6 +180,18 @@ class Api:
                 self._open.append(led)
         return led
 
+    @contextlib.contextmanager
+    def reads(self):
+        """The connection greend.queries reads through: the host's site database server when it
+        has one (the controller's `server_reads`: a context of a greend.sitedb.ServerReader),
+        else this thread's read-only connection to the host's SQLite ledger."""
+        server = getattr(self.host, "server_reads", None)
+        if server is not None:
+            with server() as db:
+                yield db
+        else:
+            yield self.ledger().db
+
     def close(self) -> None:
         """Close every read connection (at shutdown, after the server has stopped): SQLite
         removes the -wal and -shm files only when the last connection closes."""
@@ -258,7 +273,8 @@ class Api:
             until=_float(q, "until"), search=_str(q, "q") or "", sort=_str(q, "sort") or "recent",
             descending=order == "desc", limit=limit, offset=offset, per=_str(q, "per") or "record")
         try:
-            page = queries.job_page(self.ledger().db, jq, time.time())
+            with self.reads() as db:
+                page = queries.job_page(db, jq, time.time())
         except queries.QueryError as e:
             raise ApiError(400, f"query parameter {e}") from None
         # The one job-footprint schema (docs/json.md); factors and series are in the job's record.
@@ -267,8 +283,9 @@ class Api:
                 "total": page.total, "running": page.running, "per": jq.per}
 
     def job(self, cluster: str, job_id: str, caller: Caller) -> dict:
-        detail = queries.job_detail(self.ledger().db, cluster, job_id, user=self._restrict(caller),
-                                    all_submissions=True)
+        with self.reads() as db:
+            detail = queries.job_detail(db, cluster, job_id, user=self._restrict(caller),
+                                        all_submissions=True)
         if detail is None:
             raise ApiError(404, f"no job {cluster}/{job_id}")
         records = []
@@ -285,13 +302,14 @@ class Api:
 
     def clusters(self) -> dict:
         cfg = self.host.cfg
-        try:
-            db = self.ledger().db
-        except LedgerError:  # no ledger yet: the clusters still come from the configuration
-            db = None
         # Live load and queue: the composition root gives the host a provider (the policy
         # engine's state cache), so the core does not import the policies.
-        infos = queries.clusters(cfg, time.time(), db=db, live_load=getattr(self.host, "live_load", None))
+        live_load = getattr(self.host, "live_load", None)
+        try:
+            with self.reads() as db:
+                infos = queries.clusters(cfg, time.time(), db=db, live_load=live_load)
+        except LedgerError:  # no ledger yet: the clusters still come from the configuration
+            infos = queries.clusters(cfg, time.time(), db=None, live_load=live_load)
         out = {}
         for c in infos:
             d = {"tier": c.tier, "hds": c.hds, "open": c.open, "country": c.country,
@@ -316,13 +334,13 @@ class Api:
         until = _float(q, "until")
         until = time.time() + 1 if until is None else until
         only = self._restrict(caller)
-        db = self.ledger().db
-        s = queries.summary(db, by, since, until, user=only, order="energy", limit=100)
-        if only is None:
-            # Where each project stands in its own budget period (not the period asked for).
-            budgets.add_budgets(db, s, self.host.cfg.policy.budgets)
-            if "budgets unavailable" in s.note:
-                log.warning("%s", s.note)
+        with self.reads() as db:
+            s = queries.summary(db, by, since, until, user=only, order="energy", limit=100)
+            if only is None:
+                # Where each project stands in its own budget period (not the period asked for).
+                budgets.add_budgets(db, s, self.host.cfg.policy.budgets)
+        if only is None and "budgets unavailable" in s.note:
+            log.warning("%s", s.note)
         rows = []
         for r in s.rows:
             row = {"key": r.key, "jobs": r.jobs, "it_energy_j": r.it_energy_j, "carbon_g": r.carbon_g,

@@ -63,8 +63,9 @@ class Controller(Service):
         self.state_dir = controller_state_dir(cfg)
         self.ledger_path = default_path(self.state_dir)
         # The site ledger (controller.database): greend.sitedb stores the batches. On a database
-        # server, the local SQLite ledger only backs the reads not yet served from the server
-        # (docs/site-mode.md, "Reads on a server database").
+        # server, the local SQLite ledger only backs what is not read from the server yet: the
+        # ledger metrics and the policy engine's history (docs/site-mode.md, "Reads on a server
+        # database").
         try:
             self.site = sitedb.open_site(cfg.controller, self.state_dir)
         except (LedgerError, SiteError) as e:
@@ -82,11 +83,9 @@ class Controller(Service):
         self.routes = {("POST", RECORDS_PATH): self.ingest,
                        ("POST", decisions.DECISIONS_PATH): self.post_decision,
                        ("POST", route_api.ROUTE_PATH): self.post_route}
-        if not isinstance(self.site, sitedb.SqliteSite):
-            # The read queries (greend.queries) are SQLite's SQL: say so rather than answer from
-            # the local ledger, which does not hold the site's records (docs/site-mode.md).
-            for path in ("/api/v1/jobs", "/api/v1/summary"):
-                self.routes[("GET", path)] = self.reads_not_served
+        # The read API (greend.api) reads a server database through its pooled connections;
+        # never the local SQLite ledger, which holds none of the site's records there.
+        self.server_reads = None if isinstance(self.site, sitedb.SqliteSite) else self.site.reader
         self.router = None  # POST /api/v1/route's policy router, injected by daemon_cli.py
         self.route_rate = decisions.RateLimit(cfg.daemon.route_per_minute)
         self.write_lock = threading.Lock()
@@ -196,11 +195,6 @@ class Controller(Service):
         if decided:
             self.ledger_metrics.invalidate()
         return accepted, stale
-
-    def reads_not_served(self, body: bytes, caller, headers) -> tuple[int, str, bytes]:
-        raise ApiError(501, f"this controller keeps the site's records in {self.site.describe()}, "
-                            "where its read API is not served yet: query the database with SQL "
-                            "(docs/site-mode.md, \"Reads on a server database\")")
 
     def post_decision(self, body: bytes, caller, headers) -> tuple[int, str, bytes]:
         """POST /api/v1/decisions from an agent (site token), into the site's ledger."""

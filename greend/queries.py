@@ -2,13 +2,18 @@
 the clusters, and summaries with budgets. The API, the TUI's ledger source and the policy engine's
 history all read through here, so the ledger's schema is known for reading in this one place.
 
-Every function takes a read-only sqlite3 connection (any row factory) and raises `QueryError` for
-a query that asks for something that does not exist (an unknown sort key, a bad `outcome`).
+Every function takes a read-only sqlite3 connection (any row factory), or a site database
+server's reader (greend.sitedb.ServerReader: the same `execute` with a `dialect` attribute), and
+raises `QueryError` for a query that asks for something that does not exist (an unknown sort key, a
+bad `outcome`). The SQL is written once: standard where the engines agree (CASE WHEN rather than
+boolean sums, double-quoted identifiers), and through a `Dialect` where they do not (JSON, string
+concatenation, case-insensitive LIKE, row values, byte-wise text order).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sqlite3
 from collections.abc import Callable, Iterable
@@ -36,6 +41,57 @@ LiveLoad = Callable[[object], dict[str, dict]]
 
 class QueryError(ValueError):
     """A query the read model cannot answer; the message names the field and what was expected."""
+
+
+# -- the engines' SQL ---------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """What differs between the engines' SQL in the read model. Identifiers that are reserved words
+    somewhere ("user", "partition") are double-quoted; the MySQL reader turns them into backticks."""
+
+    name: str
+    slurm_state: str
+    """SQL: the first word of meta's slurm_state, upper-cased ('' when none), as report.slurm_state."""
+    like: str
+    """{col} contains :pat (like_pattern's, escaped with a backslash), ignoring case (SQLite's
+    LIKE: ASCII letters only)."""
+    row_in: str
+    """{cols} IN a list of {marks} (each "(?, ?, ?)")."""
+    text_order: str
+    """{x} ordered by its bytes, as SQLite's BINARY collation."""
+    concat: str
+    """How strings are concatenated: an operator (" || ") or a function ("concat({parts})")."""
+    length: str = "length"
+    """The function counting a string's characters (MySQL's length counts bytes)."""
+
+    def cat(self, *parts: str) -> str:
+        return self.concat.join(parts) if "{" not in self.concat else \
+            self.concat.format(parts=", ".join(parts))
+
+
+_SQLITE_STATE = "coalesce(CASE WHEN json_valid(meta) THEN json_extract(meta, '$.slurm_state') END, '')"
+DIALECTS = {
+    "sqlite": Dialect(
+        "sqlite",
+        f"upper(substr({_SQLITE_STATE} || ' ', 1, instr({_SQLITE_STATE} || ' ', ' ') - 1))",
+        "{col} LIKE :pat ESCAPE '\\'", "({cols}) IN (VALUES {marks})", "{x}", " || "),
+    # MariaDB and MySQL (their columns are utf8mb4_bin: ordered and compared by bytes already).
+    "mysql": Dialect(
+        "mysql",
+        "upper(substring_index(coalesce(CASE WHEN json_valid(meta) THEN "
+        "json_unquote(json_extract(meta, '$.slurm_state')) END, ''), ' ', 1))",
+        "lower({col}) LIKE lower(:pat) ESCAPE '\\\\'", "({cols}) IN ({marks})", "{x}",
+        "concat({parts})", "char_length"),
+    "postgresql": Dialect(
+        "postgresql",
+        "upper(split_part(coalesce(CAST(meta AS jsonb) ->> 'slurm_state', ''), ' ', 1))",
+        "{col} ILIKE :pat ESCAPE '\\'", "({cols}) IN (VALUES {marks})", '{x} COLLATE "C"', " || "),
+}
+
+
+def dialect_of(db) -> Dialect:
+    """The dialect of a connection: a server reader's, else SQLite's."""
+    return DIALECTS[getattr(db, "dialect", "sqlite")]
 
 
 # -- what a reader gets -------------------------------------------------------------------------
@@ -186,9 +242,9 @@ class Summary:
 _JOB_FIELDS = frozenset(f.name for f in dataclasses.fields(JobRow))
 
 
-def _dicts(cur: sqlite3.Cursor) -> list[dict]:
-    """Rows as dicts whatever the connection's row factory."""
-    names = [d[0] for d in cur.description]
+def _dicts(cur) -> list[dict]:
+    """Rows as dicts whatever the connection's row factory (or a server reader's result)."""
+    names = list(cur.keys()) if hasattr(cur, "keys") else [d[0] for d in cur.description]
     return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
 
@@ -291,38 +347,48 @@ def merge_series(points: Iterable[SeriesPoint]) -> list[SeriesPoint]:
 
 
 # -- a page of jobs -----------------------------------------------------------------------------
-# Sort expressions over a job's records (GROUP BY the job) and over single records.
-_SORT_JOB = {
-    "recent": "max(last_seen)",
-    "energy": "sum(cpu_uj + dram_uj + gpu_uj + memory_uj)",
-    "carbon": "sum(carbon_g)",
-    "water": "sum(water_site_l + water_offsite_l)",
-    "elapsed": "(CASE WHEN max(state = 'running') THEN :now "
-               "ELSE coalesce(max(end_time), max(last_seen)) END) - min(first_seen)",
-    "job": "cluster {dir}, length(job_id) {dir}, job_id",
-    "name": "lower(min(name))",
-}
-_SORT_RECORD = {
-    "recent": "last_seen",
-    "energy": "cpu_uj + dram_uj + gpu_uj + memory_uj",
-    "carbon": "carbon_g",
-    "water": "water_site_l + water_offsite_l",
-    "elapsed": "(CASE WHEN state = 'running' THEN :now ELSE coalesce(end_time, last_seen) END) "
-               "- first_seen",
-    "job": "cluster {dir}, length(job_id) {dir}, job_id",
-    "name": "lower(name)",
-}
+_RUNNING = "CASE WHEN state = 'running' THEN 1 ELSE 0 END"
 
 
-_SQL_META_STATE = "coalesce(CASE WHEN json_valid(meta) THEN json_extract(meta, '$.slurm_state') END, '')"
-_SQL_STATE = f"upper(substr({_SQL_META_STATE} || ' ', 1, instr({_SQL_META_STATE} || ' ', ' ') - 1))"
-_SQL_FAILED = (f"(exit_code IS NOT NULL AND exit_code != 0 OR {_SQL_STATE} IN "
-               f"({', '.join(repr(x) for x in SLURM_FAILED)}))")
-# outcome_of in SQL, on the per-node rows: a job is listed when one of its rows qualifies.
-_SQL_OUTCOME = {
-    "failed": f"state != 'running' AND {_SQL_FAILED}",
-    "ok": f"state != 'running' AND NOT {_SQL_FAILED} AND (exit_code = 0 OR {_SQL_STATE} = '{SLURM_OK}')",
-}
+@functools.cache
+def _sql(name: str) -> dict:
+    """The read model's SQL fragments in one dialect (built once each)."""
+    d = DIALECTS[name]
+    t = d.text_order.format
+    failed = (f"(exit_code IS NOT NULL AND exit_code != 0 OR {d.slurm_state} IN "
+              f"({', '.join(repr(x) for x in SLURM_FAILED)}))")
+    return {
+        # Sort expressions over a job's records (GROUP BY the job) and over single records.
+        "job": {
+            "recent": "max(last_seen)",
+            "energy": "sum(cpu_uj + dram_uj + gpu_uj + memory_uj)",
+            "carbon": "sum(carbon_g)",
+            "water": "sum(water_site_l + water_offsite_l)",
+            "elapsed": f"(CASE WHEN max({_RUNNING}) = 1 THEN :now "
+                       "ELSE coalesce(max(end_time), max(last_seen)) END) - min(first_seen)",
+            "job": f"{t(x='cluster')} {{dir}}, {d.length}(job_id) {{dir}}, {t(x='job_id')}",
+            "name": t(x="lower(min(name))"),
+        },
+        "record": {
+            "recent": "last_seen",
+            "energy": "cpu_uj + dram_uj + gpu_uj + memory_uj",
+            "carbon": "carbon_g",
+            "water": "water_site_l + water_offsite_l",
+            "elapsed": "(CASE WHEN state = 'running' THEN :now ELSE coalesce(end_time, last_seen) "
+                       "END) - first_seen",
+            "job": f"{t(x='cluster')} {{dir}}, {d.length}(job_id) {{dir}}, {t(x='job_id')}",
+            "name": t(x="lower(name)"),
+        },
+        "tie_job": f"max(last_seen) DESC, {t(x='cluster')}, {t(x='job_id')}",
+        # outcome_of in SQL, on the per-node rows: a job is listed when one of its rows qualifies.
+        "outcome": {
+            "failed": f"state != 'running' AND {failed}",
+            "ok": f"state != 'running' AND NOT {failed} AND (exit_code = 0 OR "
+                  f"{d.slurm_state} = '{SLURM_OK}')",
+        },
+        "search": "(" + " OR ".join(d.like.format(col=f'"{c}"') for c in SEARCH_COLUMNS) + ")",
+        "job_key": d.cat("cluster", "'/'", "job_id", "'/'", "submit_time"),
+    }
 
 
 def like_pattern(text: str) -> str:
@@ -330,16 +396,17 @@ def like_pattern(text: str) -> str:
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-def job_where(q: JobQuery) -> tuple[str, dict]:
+def job_where(q: JobQuery, dialect: str = "sqlite") -> tuple[str, dict]:
     """The WHERE clause (with its leading " WHERE ", or "") and named arguments of a query's filters."""
+    sql = _sql(dialect)
     where, args = [], {}
     for col in ("user", "account", "cluster", "state", "kind"):
         val = getattr(q, col)
         if val is not None:
-            where.append(f"{col} = :{col}")
+            where.append(f'"{col}" = :{col}')
             args[col] = val
     if q.outcome is not None:
-        where.append(_SQL_OUTCOME[q.outcome])  # unknown (running, no exit code, no state) is neither
+        where.append(sql["outcome"][q.outcome])  # unknown (running, no exit code, no state) is neither
     if q.since is not None:
         where.append("last_seen >= :since")
         args["since"] = q.since
@@ -348,7 +415,7 @@ def job_where(q: JobQuery) -> tuple[str, dict]:
         args["until"] = q.until
     if q.search:
         args["pat"] = like_pattern(q.search)
-        where.append("(" + " OR ".join(f"{c} LIKE :pat ESCAPE '\\'" for c in SEARCH_COLUMNS) + ")")
+        where.append(sql["search"])
     return (" WHERE " + " AND ".join(where) if where else ""), args
 
 
@@ -356,21 +423,23 @@ def job_page(db: sqlite3.Connection, q: JobQuery, now: float) -> JobPage:
     """One page of the jobs (or records) a query selects, sorted in SQL, with the total and how
     many of them run."""
     q.check()
-    where, args = job_where(q)
+    d = dialect_of(db)
+    sql = _sql(d.name)
+    where, args = job_where(q, d.name)
     args.update(now=now, limit=q.limit, offset=q.offset)
     direction = "DESC" if q.descending else "ASC"
     if q.per == "job":
         group = f"FROM jobs{where} GROUP BY cluster, job_id, submit_time"
         total, running = db.execute(
-            f"SELECT count(*), coalesce(sum(r), 0) FROM (SELECT max(state = 'running') AS r {group})",
+            f"SELECT count(*), coalesce(sum(r), 0) FROM (SELECT max({_RUNNING}) AS r {group}) AS g",
             args).fetchone()
-        expr, keys_sql, tie = _SORT_JOB[q.sort], "cluster, job_id, submit_time", \
-            "max(last_seen) DESC, cluster, job_id"
+        expr, keys_sql, tie = sql["job"][q.sort], "cluster, job_id, submit_time", sql["tie_job"]
     else:
         group = f"FROM jobs{where}"
         total, running = db.execute(
-            f"SELECT count(*), coalesce(sum(state = 'running'), 0) {group}", args).fetchone()
-        expr, keys_sql, tie = _SORT_RECORD[q.sort], "pk", "last_seen DESC, pk DESC"
+            f"SELECT count(*), coalesce(sum({_RUNNING}), 0) {group}", args).fetchone()
+        expr, keys_sql, tie = sql["record"][q.sort], "pk", "last_seen DESC, pk DESC"
+    total, running = int(total), int(running)  # a server's sums are decimals
     order = (expr.format(dir=direction) + f" {direction}" if "{dir}" in expr else f"{expr} {direction}")
     # (A window count in the same query is slower: it keeps every group's columns.)
     keys = [tuple(k) for k in db.execute(
@@ -385,10 +454,11 @@ def job_page(db: sqlite3.Connection, q: JobQuery, now: float) -> JobPage:
         return JobPage([by_pk[k[0]] for k in keys if k[0] in by_pk], q.offset, total, running)
     marks = ", ".join("(?, ?, ?)" for _ in keys)
     by_key: dict[tuple, list[JobRow]] = {}
-    for d in _dicts(db.execute(
-            f"SELECT * FROM jobs WHERE (cluster, job_id, submit_time) IN (VALUES {marks}) "
-            "ORDER BY first_seen", flat)):
-        row = job_row(d)
+    for r in _dicts(db.execute(
+            "SELECT * FROM jobs WHERE " + d.row_in.format(cols="cluster, job_id, submit_time",
+                                                          marks=marks)
+            + " ORDER BY first_seen, pk", flat)):
+        row = job_row(r)
         by_key.setdefault(job_key(row), []).append(row)
     return JobPage([merge_rows(by_key[k]) for k in keys if k in by_key], q.offset, total, running)
 
@@ -397,7 +467,7 @@ def running_by_cluster(db: sqlite3.Connection) -> dict[str, int]:
     """How many jobs run on each cluster (a job on several nodes counts once)."""
     return dict(db.execute(
         "SELECT cluster, count(*) FROM (SELECT DISTINCT cluster, job_id, submit_time "
-        "FROM jobs WHERE state = 'running') GROUP BY cluster").fetchall())
+        "FROM jobs WHERE state = 'running') AS r GROUP BY cluster").fetchall())
 
 
 # -- one job ------------------------------------------------------------------------------------
@@ -416,7 +486,7 @@ def job_detail(db: sqlite3.Connection, cluster: str, job_id: str, *, user: str |
     """
     sql, args = "SELECT * FROM jobs WHERE cluster = ? AND job_id = ?", [cluster, job_id]
     if user is not None:
-        sql += " AND user = ?"
+        sql += ' AND "user" = ?'
         args.append(user)
     rows = [job_row(d) for d in _dicts(db.execute(sql + " ORDER BY first_seen, pk", args))]
     if not rows:
@@ -447,7 +517,9 @@ def job_detail(db: sqlite3.Connection, cluster: str, job_id: str, *, user: str |
         decision_for(db, cluster, job_id, users={r.user for r in rows}),
         node_series=[per_pk[pk] for pk in pks],
         node_factors=[factors_pk[pk] for pk in pks],
-        node_phases=[phases.of_job(db, pk) for pk in pks],
+        # Phases are a node's (POST /api/v1/phases): a site database server has no table of them.
+        node_phases=[phases.of_job(db, pk) if dialect_of(db).name == "sqlite" else []
+                     for pk in pks],
     )
 
 
@@ -461,7 +533,7 @@ def decision_for(db: sqlite3.Connection, cluster: str, job_id: str,
 
     sql, args = "SELECT * FROM decisions WHERE cluster = ? AND job_id = ?", [cluster, job_id]
     if users is not None:
-        sql += f" AND user IN ({', '.join('?' * len(users))})"
+        sql += f' AND "user" IN ({", ".join("?" * len(users))})'
         args += sorted(users)
     try:
         found = _dicts(db.execute(sql + " ORDER BY t DESC, id DESC LIMIT 1", args))
@@ -537,15 +609,18 @@ def summary(db: sqlite3.Connection, by: str, since: float | None = None, until: 
         raise QueryError(f"by: expected {', '.join(SUMMARY_BY)}, not {by!r}")
     if order not in _SUMMARY_ORDER:
         raise QueryError(f"order: expected carbon or energy, not {order!r}")
-    where, args = job_where(JobQuery(since=since, until=until, user=user))
-    sql = (f"SELECT {by}, sum(cpu_uj + dram_uj + gpu_uj + memory_uj), sum(carbon_g), "
+    d = dialect_of(db)
+    where, args = job_where(JobQuery(since=since, until=until, user=user), d.name)
+    sql = (f'SELECT "{by}", sum(cpu_uj + dram_uj + gpu_uj + memory_uj), sum(carbon_g), '
            "sum(water_site_l + water_offsite_l), "
-           f"count(DISTINCT cluster || '/' || job_id || '/' || submit_time) FROM jobs{where} "
-           f"GROUP BY {by} ORDER BY {_SUMMARY_ORDER[order]}")
+           f"count(DISTINCT {_sql(d.name)['job_key']}) FROM jobs{where} "
+           f'GROUP BY "{by}" ORDER BY {_SUMMARY_ORDER[order]}')
     if limit is not None:
         sql += " LIMIT :limit"
         args["limit"] = limit
-    rows = [SummaryRow(k if k is not None else "", (e or 0) / 1e6, c or 0.0, w or 0.0, n)
+    # float(): a server's sums of integers are decimals (the same values).
+    rows = [SummaryRow(k if k is not None else "", float(e or 0) / 1e6, float(c or 0.0),
+                       float(w or 0.0), int(n))
             for k, e, c, w, n in db.execute(sql, args)]
     unattr = node_e = None
     note = ""
@@ -560,11 +635,11 @@ def summary(db: sqlite3.Connection, by: str, since: float | None = None, until: 
         r = db.execute("SELECT sum(energy_uj), sum(unattributed_uj) FROM node_series WHERE "
                        + " AND ".join(sw), sa).fetchone()
         if r and r[0]:
-            node_e, unattr = r[0] / 1e6, (r[1] or 0) / 1e6
+            node_e, unattr = float(r[0]) / 1e6, float(r[1] or 0) / 1e6
     if node_e is None:
         r = db.execute("SELECT sum(energy_uj), sum(unattributed_uj) FROM node_totals").fetchone()
         if r and r[0]:
-            node_e, unattr = r[0] / 1e6, (r[1] or 0) / 1e6
+            node_e, unattr = float(r[0]) / 1e6, float(r[1] or 0) / 1e6
             if since is not None or until is not None:
                 note = "unattributed share: since the ledger began (no node series in the period)"
     return Summary(by, rows, unattr, node_e, note)
@@ -625,8 +700,8 @@ class AccountUsage:
 
 def account_usage(db: sqlite3.Connection, account: str, since: float) -> AccountUsage:
     n, fac, carbon, water = db.execute(
-        "SELECT count(DISTINCT cluster || '/' || job_id || '/' || submit_time), "
+        f"SELECT count(DISTINCT {_sql(dialect_of(db).name)['job_key']}), "
         "coalesce(sum(facility_j), 0), coalesce(sum(carbon_g), 0), "
         "coalesce(sum(water_site_l + water_offsite_l), 0) FROM jobs WHERE account = ? AND last_seen >= ?",
         (account, since)).fetchone()
-    return AccountUsage(account, since, n, fac, carbon, water)
+    return AccountUsage(account, since, int(n), float(fac), float(carbon), float(water))

@@ -14,6 +14,7 @@ server (`controller.database`): a node and a SQLite controller never load them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -672,8 +673,41 @@ class ServerSite:
                     row[1] = new
                     break
 
+    # -- reads (greend.queries through a ServerReader) --------------------------------------------
+    @contextlib.contextmanager
+    def reader(self):
+        """A pooled connection for greend.queries' reads, as a ServerReader; a database error is a
+        LedgerError naming the database (the API answers 503)."""
+        sa = self.sa
+        try:
+            with self.engine.connect() as conn:
+                yield ServerReader(conn, self.dialect, sa)
+        except sa.exc.SQLAlchemyError as e:
+            raise self._error("cannot read", e) from None
+
     def close(self) -> None:
         self.engine.dispose()
+
+
+_QMARK = re.compile(r"\?")
+
+
+class ServerReader:
+    """A server connection with sqlite3's `execute(sql, parameters)` for greend.queries: "?" or
+    ":name" parameters (bound, never formatted in), double-quoted identifiers (backticks on MySQL),
+    results with fetchone/fetchall/keys and iteration. `dialect` names queries.DIALECTS' entry."""
+
+    def __init__(self, conn, dialect: str, sa):
+        self.conn, self.dialect, self.sa = conn, dialect, sa
+
+    def execute(self, sql: str, parameters=()):
+        if not isinstance(parameters, dict):
+            n = iter(range(len(parameters)))
+            sql = _QMARK.sub(lambda _m: f":p{next(n)}", sql)
+            parameters = {f"p{i}": v for i, v in enumerate(parameters)}
+        if self.dialect == "mysql":
+            sql = sql.replace('"', "`")  # the read model's SQL has no double-quoted strings
+        return self.conn.execute(self.sa.text(sql), parameters)
 
 
 def _rule(cond: str, new, old) -> str:
