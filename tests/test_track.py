@@ -91,7 +91,8 @@ SCRIPT = """
     print(json.dumps({{"run": fp.to_dict(), "elapsed": fp.elapsed_s, "it": fp.it_energy_j,
                       "source": fp.source, "degraded": fp.degraded,
                       "phases": [[q.name, q.footprint.it_energy_j, q.footprint.carbon_g,
-                                  q.footprint.elapsed_s] for q in run.phases],
+                                  q.footprint.elapsed_s, q.footprint.cpu_time_s]
+                                 for q in run.phases],
                       "phase_dicts": [q.footprint.to_dict() for q in run.phases],
                       "again": run.stop() == fp}}))
 """
@@ -131,7 +132,10 @@ def test_a_run_outside_slurm_is_recorded_in_the_ledger_with_its_phases(tmp_path)
     # Phases are contiguous from the run's first boundary to its stop: they sum to the run's
     # books over their span, which is the run's but for the instant before the first phase.
     assert sum(ph[1] for ph in d["phases"]) == pytest.approx(d["it"], rel=0.05)
-    assert d["phases"][0][1] > d["phases"][1][1] > 0  # train did more than twice eval's work
+    # train did 1.2 CPU-s (with its child's), eval 0.3: the work is where it was done (energy
+    # alone would not say it: eval's 3 s hold carries the node's idle share for 3 s).
+    assert d["phases"][0][4] > 2 * d["phases"][1][4] > 0, d["phases"]
+    assert d["phases"][0][1] > 0 and d["phases"][1][1] > 0
     jobs = [j for j in _jobs(tmp_path) if j["job"]["name"] == "finetune"]
     assert len(jobs) == 1
     rec = jobs[0]
