@@ -1,12 +1,20 @@
 """What a controller on a database server reads besides the API (docs/site-mode.md, "Reads on a
-server database"): the route and budget metrics of /metrics come from the server's records, as on
-SQLite."""
+server database"): the route and budget metrics of /metrics, and the policy engine's history
+behind POST /api/v1/route, come from the server's records, as on SQLite."""
 
 from __future__ import annotations
 
+import json
+import re
+import time
+import tomllib
+
 import pytest
+from daemonproc import request as http
 from daemonproc import token_file
-from test_sitedb import FACTORS, TOKEN
+from test_policies import _toml
+from test_route_api import config_text
+from test_sitedb import FACTORS, TOKEN, controller, rec
 from test_sitedb_reads import NOW, _job, send, site_controller
 
 pytest.importorskip("sqlalchemy", reason="greend[sitedb] is not installed")
@@ -104,3 +112,58 @@ def test_a_server_metrics_equal_sqlite(server_db, tmp_path):
     assert want["greend_route_overflow_total"] == 2.0
     assert scrape(server_db, tmp_path / "server", tok) == pytest.approx(want)
 
+
+HOUR = 3600.0
+
+
+def route_controller(home, tok, db):
+    """A controller on `db` with the testbed's policy (no live Slurm state) and its router."""
+    ctl = controller(home, tok, db)
+    data = tomllib.loads(config_text())
+    data["controller"] = ctl.cfg["controller"]
+    ctl.write_config(_toml(data))
+    return ctl
+
+
+def past_train_jobs(now: float) -> list[dict]:
+    """Two of alice's ended 'train' jobs, 1 h each, on the site cluster; and one of bob's."""
+    return [rec(str(i), now - 4 * HOUR, "ended", cluster="site", first_seen=now - 5 * HOUR,
+                end_time=now - 4 * HOUR, cpu_uj=int(2e9) * (i + 1), cpu_time_ns=int(0.4 * 4 * HOUR * 1e9),
+                max_mem_bytes=200 * 2**20, tier="site")
+            for i in range(2)] + [rec("7", now - HOUR, "ended", cluster="site", user="bob", uid=1002,
+                                      first_seen=now - 2 * HOUR, end_time=now - HOUR, tier="site")]
+
+
+def route(port: int, user: str) -> dict:
+    job = {"sbatch": {"job-name": "train", "cpus-per-task": 4, "mem": "1G", "time": "04:00:00",
+                      "account": "proj-green", "argv": ["job.sh"]}, "user": user}
+    st, _, out = http(port, "POST", "/api/v1/route", json.dumps(job).encode(),
+                         {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+    assert st == 200, out
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "mysql", "postgresql"])
+def test_a_controller_routes_with_the_history_in_its_database(engine, request, tmp_path):
+    from sitedb_servers import SiteDb, _site_db
+
+    db = SiteDb("sqlite", "sqlite", None) if engine == "sqlite" else _site_db(request, tmp_path, engine)
+    tok = token_file(tmp_path / "token", TOKEN)
+    now = time.time()
+    with route_controller(tmp_path / "ctl", tok, db) as ctl:
+        ctl.start()
+        st, _, out = http(ctl.port, "POST", "/api/v1/records", json.dumps(
+            {"agent": {**AGENT, "cluster": "site"}, "factor_sets": [FACTORS],
+             "records": past_train_jobs(now)}).encode(),
+            {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        assert st == 200, out
+        d = route(ctl.port, "alice")
+        est = d["plan"]["estimate"]
+        assert "2 similar job(s) of alice named 'train'" in est["correction_from"], est
+        assert est["runtime_s"] == pytest.approx(HOUR, rel=1e-3)  # their median, not the 4 h asked
+        assert d["ledger"] == "used", d
+        advice = [r for r in d["rules"] if r["rule"] == "right_sizing" and r["verdict"] == "advice"]
+        assert any("used 40% of their CPUs" in r["reason"] for r in advice), d["rules"]
+        # bob's one job of that name is his history, not alice's.
+        bob = route(ctl.port, "bob")["plan"]["estimate"]
+        assert re.search(r"1 similar job\(s\) of bob", bob["correction_from"] or ""), bob
