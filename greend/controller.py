@@ -63,9 +63,9 @@ class Controller(Service):
         self.state_dir = controller_state_dir(cfg)
         self.ledger_path = default_path(self.state_dir)
         # The site ledger (controller.database): greend.sitedb stores the batches. On a database
-        # server, the local SQLite ledger only backs what is not read from the server yet: the
-        # ledger metrics and the policy engine's history (docs/site-mode.md, "Reads on a server
-        # database").
+        # server, every read (the API, the ledger metrics, the policy engine's history) goes to
+        # the server; the local SQLite ledger holds none of the site's records (docs/site-mode.md,
+        # "Reads on a server database").
         try:
             self.site = sitedb.open_site(cfg.controller, self.state_dir)
         except (LedgerError, SiteError) as e:
@@ -75,7 +75,9 @@ class Controller(Service):
         self.socket_path = socket_path if socket_path is not None else default_controller_socket(
             cfg, self.state_dir)
         self.max_body = cfg.controller.max_body_bytes
-        self.ledger_metrics = LedgerMetrics(self.ledger_path, lambda: self.cfg.policy.budgets)
+        self.server_reads = None if isinstance(self.site, sitedb.SqliteSite) else self.site.reader
+        self.ledger_metrics = LedgerMetrics(self.ledger_path, lambda: self.cfg.policy.budgets,
+                                            reader=self.server_reads)
         try:  # what is stored goes on to an institute controller ([controller] upstream_url)
             self.forwarder = forward.from_config(cfg.controller, self.ledger_path)
         except SiteError as e:
@@ -83,9 +85,9 @@ class Controller(Service):
         self.routes = {("POST", RECORDS_PATH): self.ingest,
                        ("POST", decisions.DECISIONS_PATH): self.post_decision,
                        ("POST", route_api.ROUTE_PATH): self.post_route}
-        # The read API (greend.api) reads a server database through its pooled connections;
-        # never the local SQLite ledger, which holds none of the site's records there.
-        self.server_reads = None if isinstance(self.site, sitedb.SqliteSite) else self.site.reader
+        # The read API (greend.api) reads a server database through its pooled connections
+        # (server_reads, above); never the local SQLite ledger, which holds none of the site's
+        # records there.
         self.router = None  # POST /api/v1/route's policy router, injected by daemon_cli.py
         self.route_rate = decisions.RateLimit(cfg.daemon.route_per_minute)
         self.write_lock = threading.Lock()

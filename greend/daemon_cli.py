@@ -116,12 +116,13 @@ def live_load_provider(config_path: str | None):
     return live_load
 
 
-def route_service(cfg, config_path: str | None, ledger_path):
+def route_service(cfg, config_path: str | None, ledger_path, reader=None):
     """POST /api/v1/route's router (greend.route_api), from the policy engine: the core does not
-    import the policies. daemon.route_warm: set up now, with the clusters' state kept warm."""
+    import the policies. daemon.route_warm: set up now, with the clusters' state kept warm.
+    `reader`: a controller's on a database server (its server_reads), which the history reads."""
     from greend.policies.route_service import RouteService
 
-    service = RouteService(cfg, config_path, ledger_path)
+    service = RouteService(cfg, config_path, ledger_path, reader=reader)
     if cfg.daemon.route_warm:
         service.start()
     return service
@@ -146,7 +147,7 @@ def cmd_controller(args) -> int:
         if args.socket == "":
             c.socket_path = None
         c.live_load = live_load_provider(c.config_path)
-        c.router = route_service(c.cfg, c.config_path, c.ledger_path)
+        c.router = route_service(c.cfg, c.config_path, c.ledger_path, reader=c.server_reads)
         c.run_forever()
     except DaemonError as e:
         return _fail(f"controller: {e}")

@@ -158,14 +158,40 @@ def job_owners(db: sqlite3.Connection, cluster: str | None, job_id: str | None) 
 # candidate the overflow rule held back (rejected_by = 'overflow', or 'overflow' among held_by):
 # the preferred tier was too busy and the job went to another tier. When the overflow rule was
 # relaxed (nothing else could take the job) the job stays in the preferred tier: not an overflow.
-OVERFLOW_SQL = """
+OVERFLOW_SQL = {
+    "sqlite": """
 SELECT COUNT(*) FROM decisions d
 WHERE d.outcome = 'submitted' AND d.tier IS NOT NULL AND json_valid(d.decision) AND EXISTS (
     SELECT 1 FROM json_each(d.decision, '$.candidates') c
     WHERE json_extract(c.value, '$.tier') != d.tier
       AND (json_extract(c.value, '$.rejected_by') = 'overflow'
            OR EXISTS (SELECT 1 FROM json_each(c.value, '$.held_by') h WHERE h.value = 'overflow')))
-"""
+""",
+    # The decision column is text holding a JSON object (validate() makes sure); candidates or
+    # held_by that are not arrays hold no overflow, as json_each finds none in SQLite. No "?" here:
+    # the server reader turns each into a parameter (so jsonb's ? operator is written @>).
+    "postgresql": """
+SELECT COUNT(*) FROM decisions d
+WHERE d.outcome = 'submitted' AND d.tier IS NOT NULL AND EXISTS (
+    SELECT 1 FROM jsonb_array_elements(CASE WHEN jsonb_typeof(d.decision::jsonb -> 'candidates')
+                                            = 'array' THEN d.decision::jsonb -> 'candidates'
+                                            ELSE '[]'::jsonb END) c
+    WHERE c ->> 'tier' != d.tier
+      AND (c ->> 'rejected_by' = 'overflow'
+           OR (jsonb_typeof(c -> 'held_by') = 'array' AND c -> 'held_by' @> '["overflow"]'::jsonb)))
+""",
+    # MariaDB and MySQL (10.6+, 8.0+): JSON_TABLE, a row per candidate and entry of its held_by
+    # (one with a NULL entry where held_by is empty or not an array).
+    "mysql": """
+SELECT COUNT(*) FROM decisions d
+WHERE d.outcome = 'submitted' AND d.tier IS NOT NULL AND json_valid(d.decision) AND EXISTS (
+    SELECT 1 FROM JSON_TABLE(d.decision, '$.candidates[*]' COLUMNS (
+        tier VARCHAR(255) PATH '$.tier',
+        rejected_by VARCHAR(255) PATH '$.rejected_by',
+        NESTED PATH '$.held_by[*]' COLUMNS (held VARCHAR(255) PATH '$'))) c
+    WHERE c.tier != d.tier AND (c.rejected_by = 'overflow' OR c.held = 'overflow'))
+""",
+}
 
 COUNTS_SQL = """
 SELECT COALESCE(cluster, ''), COALESCE(tier, ''), outcome, COUNT(*) FROM decisions
@@ -173,13 +199,15 @@ GROUP BY 1, 2, 3
 """
 
 
-def aggregates(db: sqlite3.Connection) -> tuple[list[tuple[str, str, str, int]], int]:
+def aggregates(db) -> tuple[list[tuple[str, str, str, int]], int]:
     """([(cluster, tier, outcome, decisions)], overflowed decisions); empty without the table.
+    `db` is a SQLite ledger or a server's reader (greend.sitedb.ServerReader: its `dialect` picks
+    OVERFLOW_SQL's entry; COUNTS_SQL is the same on every engine).
     Label values are bounded whatever was stored: tiers and outcomes outside the known ones, and
     clusters beyond the MAX_CLUSTER_LABELS with most decisions, are counted as "other"."""
     try:
         rows = [tuple(r) for r in db.execute(COUNTS_SQL)]
-        overflow = db.execute(OVERFLOW_SQL).fetchone()[0]
+        overflow = int(db.execute(OVERFLOW_SQL[getattr(db, "dialect", "sqlite")]).fetchone()[0])
     except sqlite3.OperationalError:
         return [], 0
     per_cluster: dict[str, int] = {}
@@ -188,6 +216,7 @@ def aggregates(db: sqlite3.Connection) -> tuple[list[tuple[str, str, str, int]],
     keep = set(sorted(per_cluster, key=lambda c: (-per_cluster[c], c))[:MAX_CLUSTER_LABELS])
     folded: dict[tuple[str, str, str], int] = {}
     for cluster, tier, outcome, n in rows:
+        n = int(n)
         key = (cluster if cluster in keep else "other", tier if tier in ("", *TIERS) else "other",
                outcome if outcome in OUTCOMES else "other")
         folded[key] = folded.get(key, 0) + n

@@ -253,10 +253,14 @@ class NodeCollector:
 class LedgerMetrics:
     """greend_route_* and greend_budget_used_ratio, from aggregate queries on a ledger (the
     decisions and jobs tables) cached for ttl_s seconds: a scrape never waits on more than one
-    refresh, and most read the cache. `budgets` is a callable returning the config's budgets."""
+    refresh, and most read the cache. `budgets` is a callable returning the config's budgets.
+    `reader`, when given (a controller on a database server: greend.sitedb.ServerSite.reader),
+    is a context manager factory whose reader the queries run on instead of ledger_path's file."""
 
-    def __init__(self, ledger_path, budgets, ttl_s: float = 10.0, clock=time.monotonic):
+    def __init__(self, ledger_path, budgets, ttl_s: float = 10.0, clock=time.monotonic,
+                 reader=None):
         self.ledger_path = ledger_path
+        self.reader = reader
         self.budgets = budgets
         self.ttl_s = ttl_s
         self.clock = clock
@@ -272,17 +276,22 @@ class LedgerMetrics:
         return []
 
     def _refresh(self) -> tuple[list, int, list]:
-        from . import decisions
-
+        if self.reader is not None:
+            with self.reader() as db:
+                return self._query(db)
         if self.db is None:
             from .ledger import Ledger
 
             self.db = Ledger(self.ledger_path, readonly=True).db
-        counts, overflow = decisions.aggregates(self.db)
+        return self._query(self.db)
+
+    def _query(self, db) -> tuple[list, int, list]:
+        from . import decisions
         from .budgets import budget_status
 
+        counts, overflow = decisions.aggregates(db)
         ratios = [(account, resource, ratio)
-                  for account, st in budget_status(self.db, self.budgets()).items()
+                  for account, st in budget_status(db, self.budgets()).items()
                   for resource, ratio in st["ratio"].items()]
         return counts, overflow, ratios
 

@@ -670,7 +670,7 @@ SELECT cluster, job_id, MIN(first_seen) AS start, MAX(COALESCE(end_time, last_se
        SUM(cpu_uj + dram_uj + gpu_uj + memory_uj) AS it_uj, SUM(gpu_uj) AS gpu_uj,
        SUM(max_mem_bytes) AS max_mem
 FROM jobs
-WHERE user = ? AND name = ? AND state = 'ended' AND last_seen >= ?
+WHERE "user" = ? AND name = ? AND state = 'ended' AND last_seen >= ?
 GROUP BY cluster, job_id, submit_time
 ORDER BY MAX(last_seen) DESC
 LIMIT ?
@@ -678,8 +678,10 @@ LIMIT ?
 
 
 def similar_jobs(db: sqlite3.Connection, user: str, name: str, since: float, limit: int) -> list[PastRun]:
-    """A user's ended jobs of that name seen since `since`, most recent first."""
-    return [PastRun(c, str(j), start, stop if stop is not None else start, float(cpus or 0),
+    """A user's ended jobs of that name seen since `since`, most recent first. Portable: "user"
+    is quoted (a keyword on PostgreSQL, backticks on MySQL) and sums are made numbers here (a
+    server's may be decimals)."""
+    return [PastRun(c, str(j), float(start), float(stop if stop is not None else start), float(cpus or 0),
                     int(mem or 0), int(gpus or 0), int(cpu_ns or 0), int(it or 0), int(gpu or 0),
                     int(mm or 0))
             for c, j, start, stop, cpus, mem, gpus, cpu_ns, it, gpu, mm

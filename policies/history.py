@@ -1,11 +1,12 @@
 """What the ledger knows that a decision needs: the measured history of a user's similar jobs (same
 job name) and each project's (account's) usage over a budget period. Answers are cached briefly, so a
-busy router does not query SQLite for every job. The queries are the core's read model
-(greend.queries).
+busy router does not query the ledger (a SQLite file, or a site's database server) for every job.
+The queries are the core's read model (greend.queries).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 from greend import queries
+from greend.errors import LedgerError
 
 from .records import Record
 
@@ -183,14 +185,21 @@ Usage = queries.AccountUsage
 
 
 class LedgerView:
-    """Read-only queries on the ledger, cached for ttl_s seconds. A missing ledger is no history."""
+    """Read-only queries on the ledger, cached for ttl_s seconds. A missing ledger is no history.
+
+    The ledger is a SQLite file at `path`, or, given `reader`, a database server's: a context
+    manager factory yielding a reader with sqlite3's execute() (a controller on MariaDB or
+    PostgreSQL injects greend.sitedb.ServerSite.reader from greend/daemon_cli.py; the policies do
+    not import sitedb). A reader's failure is logged and answers no history, as SQLite's."""
 
     sacct = None
     """Optional policies.history_sacct.SacctHistory (Slurm's accounting, the site's whole record):
     similar jobs come from it when the ledger has none, and usage always does."""
 
-    def __init__(self, path: Path | None, site, ttl_s: float = 60.0, clock=time.time):
+    def __init__(self, path: Path | None, site, ttl_s: float = 60.0, clock=time.time, *,
+                 reader=None):
         self.path = path
+        self.reader = reader
         self.site = site
         self.ttl_s = ttl_s
         self.clock = clock
@@ -198,6 +207,8 @@ class LedgerView:
         self.error = ""
         self._cache: dict[tuple, tuple[float, object]] = {}
         self._lock = threading.Lock()
+        if reader is not None:
+            return
         if path is None:
             self.error = "no ledger configured"
             return
@@ -216,6 +227,21 @@ class LedgerView:
             self.db.close()
             self.db = None
 
+    @property
+    def readable(self) -> bool:
+        return self.db is not None or self.reader is not None
+
+    @contextlib.contextmanager
+    def _reading(self):
+        if self.reader is not None:
+            with self.reader() as db:
+                yield db
+        else:
+            yield self.db
+
+    def _where(self) -> str:
+        return "the site database" if self.reader is not None else f"ledger {self.path}"
+
     def _cached(self, key: tuple, compute):
         now = self.clock()
         with self._lock:
@@ -228,20 +254,21 @@ class LedgerView:
         return value
 
     def similar(self, user: str, name: str, now: float) -> History | None:
-        if (self.db is None and self.sacct is None) or not user or not name:
+        if (not self.readable and self.sacct is None) or not user or not name:
             return None
         days = self.site.settings.history_days
         limit = self.site.settings.history_max_jobs
         since = now - days * 86400
         return self._cached(("similar", user, name), lambda: (
-            (self._similar(user, name, since, limit) if self.db is not None else None)
+            (self._similar(user, name, since, limit) if self.readable else None)
             or (self.sacct.similar(user, name, since, limit) if self.sacct is not None else None)))
 
     def _similar(self, user: str, name: str, since: float, limit: int) -> History | None:
         try:
-            runs = queries.similar_jobs(self.db, user, name, since, limit)
-        except sqlite3.Error as e:
-            log.warning("ledger %s: history query failed: %s", self.path, e)
+            with self._reading() as db:
+                runs = queries.similar_jobs(db, user, name, since, limit)
+        except (sqlite3.Error, LedgerError) as e:
+            log.warning("%s: history query failed: %s", self._where(), e)
             return None
         jobs = []
         for r in runs:
@@ -260,14 +287,15 @@ class LedgerView:
     def usage(self, account: str, since: float) -> Usage | None:
         if self.sacct is not None:
             return self._cached(("usage", account, since), lambda: self.sacct.usage(account, since))
-        if self.db is None:
+        if not self.readable:
             return None
         return self._cached(("usage", account, since), lambda: self._usage(account, since))
 
     def _usage(self, account: str, since: float) -> Usage | None:
         try:
-            u = queries.account_usage(self.db, account, since)
-        except sqlite3.Error as e:
-            log.warning("ledger %s: usage query failed: %s", self.path, e)
+            with self._reading() as db:
+                u = queries.account_usage(db, account, since)
+        except (sqlite3.Error, LedgerError) as e:
+            log.warning("%s: usage query failed: %s", self._where(), e)
             return None
         return u

@@ -2,7 +2,7 @@
 states a background thread keeps warm, answering a `RouteQuery` with the decision `greend route
 --json` prints, or with the key=value lines of `greend route --cli-filter`.
 
-    service = RouteService(cfg, config_path, ledger_path)
+    service = RouteService(cfg, config_path, ledger_path)   # reader=...: a server's (see below)
     service.start()              # builds the router and its state refresh in the background
     daemon.router = service      # called from the HTTP workers: service(query) -> RouteAnswer
 """
@@ -62,12 +62,15 @@ def cli_filter_lines(d, here: str) -> list[str]:
 
 class RouteService:
     """The injected router of a daemon or controller. Decisions are made one at a time (the
-    engine and its ledger view are shared); the router is built once and rebuilt after reload()."""
+    engine and its ledger view are shared); the router is built once and rebuilt after reload().
+    `reader`: a controller on a database server's reader factory (greend.sitedb.ServerSite.reader,
+    injected by greend/daemon_cli.py): the history and usage come from there, not ledger_path."""
 
-    def __init__(self, cfg, config_path: str | None, ledger_path=None):
+    def __init__(self, cfg, config_path: str | None, ledger_path=None, reader=None):
         self.cfg = cfg
         self.config_path = config_path
         self.ledger_path = ledger_path
+        self.reader = reader
         self._router = None
         self._lock = threading.Lock()
 
@@ -80,6 +83,13 @@ class RouteService:
             r = Router.from_config(self.cfg, self.config_path, self.ledger_path)
         except ConfigError as e:
             raise RouteFailed(str(e)) from None
+        if self.reader is not None:
+            from .history import LedgerView
+
+            local = r.engine.ledger
+            r.engine.ledger = LedgerView(None, r.site, reader=self.reader)
+            if local is not None:
+                local.close()
         if self.cfg.policy.history_from == "sacct":
             from .cli import _sacct_history
 
