@@ -232,6 +232,10 @@ def site(tmp_path_factory):
                 energy = f'greend_job_energy_joules_total{{job_id="{JOB_ID}", source="cpu"}}'
                 prom.wait_for(f"rate({energy}[5s]) > 0",
                               lambda r: len(r) == 2, what=f"job {JOB_ID} on both nodes")
+                # The tier and cluster variables list the recording rules' series (so that they
+                # work on a national Prometheus too): wait for the rules' evaluation to have both.
+                prom.wait_for("count by (tier) (cluster:greend_node_energy_joules:rate5m)",
+                              lambda r: len(r) == 2, what="the node energy rule for both tiers")
                 yield prom
     finally:
         stop_process(job)
