@@ -8,7 +8,6 @@ failed fetch is not retried for retry_s (the fallback stands meanwhile).
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .collectors import carbon_signal as cs
 from .footprint import Factors
-from .site_factors import CarbonSeries, ClusterFactors, cluster_factors
+from .site_factors import CarbonSeries, ClusterFactors, cluster_factors, value_at
 
 if TYPE_CHECKING:  # `greend route`'s fast path reads a cached view, without greend.config
     from .config import Cluster, Config
@@ -59,11 +58,7 @@ class LiveSeries:
         """The source without the fallback note."""
 
     def at(self, t: float) -> float | None:
-        i = bisect.bisect_right(self.times, t) - 1
-        if i < 0:
-            return None
-        nxt = self.times[i + 1] if i + 1 < len(self.times) else self.times[i] + self.max_gap_s
-        return self.values[i] if t < nxt else None
+        return value_at(self.times, self.values, self.max_gap_s, t)
 
     def span(self) -> tuple[float, float] | None:
         return (self.times[0], self.times[-1] + self.max_gap_s) if self.times else None

@@ -30,6 +30,16 @@ DEFAULT_WUE = 1.8
 DEFAULT_WUE_SOURCE = "unknown site: U.S. data-centre average on-site WUE (LBNL 2016)"
 
 
+def value_at(times: list[float], values: list[float], max_gap_s: float, t: float) -> float | None:
+    """The value of a step series at t: the last point at or before t, until the next point (the
+    last one holds for max_gap_s); None before the first point or in a gap."""
+    i = bisect.bisect_right(times, t) - 1
+    if i < 0:
+        return None
+    nxt = times[i + 1] if i + 1 < len(times) else times[i] + max_gap_s
+    return values[i] if t < nxt else None
+
+
 class CarbonSeries:
     """A time series of carbon intensity; the value in force at t is the last point at or before t."""
 
@@ -72,11 +82,7 @@ class CarbonSeries:
         return f"series {self.path}"
 
     def at(self, t: float) -> float | None:
-        i = bisect.bisect_right(self.times, t) - 1
-        if i < 0:
-            return None
-        nxt = self.times[i + 1] if i + 1 < len(self.times) else self.times[i] + self.max_gap_s
-        return self.values[i] if t < nxt else None
+        return value_at(self.times, self.values, self.max_gap_s, t)
 
 
 def _isnum(s: str) -> bool:
