@@ -140,14 +140,19 @@ def start_mariadb(durable: bool = False) -> Server:
              f"--pid-file={root / 'mysqld.pid'}", "--skip-name-resolve", "--innodb-buffer-pool-size=128M",
              f"--innodb-flush-log-at-trx-commit={flush}", "--max-connections=200"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    s = Server("mysql", port, root, proc)
 
     def up():
         return subprocess.run(["mariadb", "--no-defaults", "-S", str(root / "mysqld.sock"), "-uroot",
                                "-e", "SELECT 1"], capture_output=True, timeout=10).returncode == 0
+    return _started(Server("mysql", port, root, proc, up=up), "mariadbd", log,
+                    f"CREATE USER 'greend'@'127.0.0.1' IDENTIFIED BY '{PASSWORD}'")
+
+
+def _started(s: Server, what: str, log: Path, create_user: str) -> Server:
+    """Wait until the just-started server `s` answers and make its `greend` user; stop it on failure."""
     try:
-        _wait(up, "mariadbd", proc=proc, log=log)
-        s.admin(f"CREATE USER 'greend'@'127.0.0.1' IDENTIFIED BY '{PASSWORD}'")
+        _wait(s.up, what, proc=s.proc, log=log)
+        s.admin(create_user)
     except BaseException:
         s.stop()
         raise
@@ -184,14 +189,8 @@ def start_postgresql() -> Server:
     def up():
         return subprocess.run(_as_postgres([_pg_bin("pg_isready"), "-h", str(sock), "-p", str(port)]),
                               capture_output=True, timeout=10).returncode == 0
-    s = Server("postgresql", port, root, proc, tuple(argv), up)
-    try:
-        _wait(up, "postgres", proc=proc, log=log)
-        s.admin(f"CREATE ROLE greend LOGIN PASSWORD '{PASSWORD}'")
-    except BaseException:
-        s.stop()
-        raise
-    return s
+    return _started(Server("postgresql", port, root, proc, tuple(argv), up), "postgres", log,
+                    f"CREATE ROLE greend LOGIN PASSWORD '{PASSWORD}'")
 
 
 @pytest.fixture(scope="session")
