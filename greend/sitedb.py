@@ -25,7 +25,7 @@ from pathlib import Path
 from . import decisions
 from .errors import LedgerError, SiteError
 from .ledger import Ledger, default_path
-from .wire import JOB_COLS, SERIES_COLS
+from .wire import FACTOR_COLS, JOB_COLS, SERIES_COLS
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,6 @@ _UPSERT_NODE_SERIES = (
 
 NODE_TOTAL_COLS = ("node", "domain", "source", "provenance", "energy_uj", "unattributed_uj", "idle_uj")
 NODE_SERIES_COLS = ("node", "t_start", "t_end", "energy_uj", "unattributed_uj")
-FACTOR_COLS = ("id", "pue", "wue_site_l_per_kwh", "ewif_l_per_kwh", "carbon_intensity_g_per_kwh",
-               "sources", "first_used")
 
 
 def _get(o, k):
@@ -171,12 +169,7 @@ def _job_tuple(r: dict) -> tuple:
 
 
 def _job_row(r) -> dict:
-    d = _fields(r)
-    vals = {c: d[c] for c in JOB_COLS}
-    for c in ("provenance", "meta"):
-        v = vals[c]
-        vals[c] = v if isinstance(v, str) else json.dumps(v or {}, sort_keys=True)
-    return vals
+    return dict(zip(JOB_COLS, _job_tuple(_fields(r)), strict=True))
 
 
 def _factor_row(f) -> dict:
