@@ -53,15 +53,15 @@ class Outbox:
     def __call__(self, db: sqlite3.Connection, accounts: list) -> None:
         jobs = [(acc.row.pk, min((tb for tb, _ in acc.buckets), default=acc.row.last_seen))
                 for acc in accounts]
-        self.queue(db, jobs, node_from=min(self.monitor.node_bucket, default=time.time()))
+        self.queue(db, jobs, {"node": min(self.monitor.node_bucket, default=time.time())})
 
     def queue(self, db: sqlite3.Connection, jobs: list[tuple[int, float]],
-              node_from: float | None = None) -> None:
-        """Queue jobs (pk, oldest series bucket to send) and, with node_from, the node's totals."""
+              nodes: dict[str, float] | None = None) -> None:
+        """Queue jobs (pk, oldest series bucket to send) and node totals (outbox kind -> oldest
+        node series bucket to send; ref 0): "node" on an agent, "node:<name>" on a forwarder."""
         now = time.time()
         rows = [("job", pk, start, now) for pk, start in jobs]
-        if node_from is not None:
-            rows.append(("node", 0, node_from, now))
+        rows += [(kind, 0, start, now) for kind, start in (nodes or {}).items()]
         db.executemany(
             "INSERT INTO outbox (kind, ref, seq, series_from, queued) VALUES (?, ?, 1, ?, ?) "
             "ON CONFLICT (kind, ref) DO UPDATE SET seq = outbox.seq + 1, "

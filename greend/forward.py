@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import time
 from pathlib import Path
 
 from . import __version__
@@ -61,15 +60,8 @@ class Forwarder(Sender):
               nodes: dict[str, float]) -> None:
         """In the store's transaction: jobs (pk, oldest series bucket stored) and nodes (name ->
         oldest node series bucket stored) to forward."""
-        if jobs:
-            self.outbox.queue(db, jobs)
-        if nodes:
-            now = time.time()
-            db.executemany(
-                "INSERT INTO outbox (kind, ref, seq, series_from, queued) VALUES (?, 0, 1, ?, ?) "
-                "ON CONFLICT (kind, ref) DO UPDATE SET seq = outbox.seq + 1, "
-                "series_from = MIN(outbox.series_from, excluded.series_from)",
-                [(NODE_KIND + n, t, now) for n, t in nodes.items()])
+        if jobs or nodes:
+            self.outbox.queue(db, jobs, {NODE_KIND + n: t for n, t in nodes.items()})
 
     # One batch: the node of the oldest queued entry, with its entries among the oldest WINDOW
     # (a bounded read per batch, however long an outage made the outbox).
