@@ -182,18 +182,15 @@ class Controller(Service):
 
     def _store(self, batch: BatchIn) -> tuple[int, int]:
         decided = [decisions.validate(d) for d in batch.decisions]
-        then = None
+        kw = {}
         if self.forwarder is not None:  # SQLite only (config: upstream_url needs database sqlite)
             def then(db, stored, nodes):
                 self.forwarder.queue(db, stored, {
                     n.node: min((s.t_start for s in n.series), default=time.time()) for n in nodes})
+            kw["then"] = then
         with self.write_lock if self.site.engine == sitedb.SQLITE else _NO_LOCK:
-            if then is None:
-                accepted, stale = self.site.store(batch.factor_sets, batch.records, batch.nodes,
-                                                  decided)
-            else:
-                accepted, stale = self.site.store(batch.factor_sets, batch.records, batch.nodes,
-                                                  decided, then=then)
+            accepted, stale = self.site.store(batch.factor_sets, batch.records, batch.nodes, decided,
+                                              **kw)
         if decided:
             self.ledger_metrics.invalidate()
         return accepted, stale
