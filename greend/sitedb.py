@@ -402,7 +402,8 @@ class ServerSite:
     # -- statements -----------------------------------------------------------------------------------
     def _upsert(self, table: str, cols, key, cond: str | None, set_cols, last=()) -> str:
         """INSERT ... upsert of `cols` into `table` on conflict of `key`, updating set_cols when
-        cond holds (cond written with {new}c and {old}c for the incoming and stored values).
+        cond holds (cond written with {new}c and {old}c for the incoming and stored values; None
+        only with no set_cols: a duplicate is left as stored).
         MySQL applies its SET list left to right, each seeing the columns already assigned: the
         columns that cond reads (`last`) are assigned last, in that order, so that cond keeps its
         first value through the list (see the proof in _build_sql)."""
@@ -428,12 +429,9 @@ class ServerSite:
             k = q(key[0])
             return f"{head} ON DUPLICATE KEY UPDATE {k} = {k}"
         order = [c for c in set_cols if c not in last] + [c for c in last if c in set_cols]
-        if cond is None:
-            sets = ", ".join(f"{q(c)} = VALUES({q(c)})" for c in order)
-        else:
-            # VALUES(c): the incoming row; a bare column: the stored row, as assigned so far.
-            c_my = _rule(cond, lambda c: f"VALUES({q(c)})", q)
-            sets = ", ".join(f"{q(c)} = IF({c_my}, VALUES({q(c)}), {q(c)})" for c in order)
+        # VALUES(c): the incoming row; a bare column: the stored row, as assigned so far.
+        c_my = _rule(cond, lambda c: f"VALUES({q(c)})", q)
+        sets = ", ".join(f"{q(c)} = IF({c_my}, VALUES({q(c)}), {q(c)})" for c in order)
         return f"{head} ON DUPLICATE KEY UPDATE {sets}"
 
     def _upsert_pg(self, table, cols, key, cond, set_cols, head) -> str:
