@@ -326,16 +326,15 @@ class _Nothing:
 
 
 def daemon_socket(state_dir=None) -> str | None:
-    """The node daemon's API socket a run asks: $GREEND_SOCKET, else root's daemon's
-    (/run/greend/api.sock), else one this user's daemon made in the state directory."""
-    env = os.environ.get("GREEND_SOCKET")
-    if env:
-        return env if os.path.exists(env) else None
-    cands = ["/run/greend/api.sock"]
+    """The node daemon's API socket a run asks: $GREEND_SOCKET, else the clients' usual places
+    (httpclient.daemon_sockets: root's daemon's, then one this user's daemon made in the state
+    directory), the first that exists."""
+    from .httpclient import RUN_DIR, daemon_sockets
+
     sd = state_dir or os.environ.get("GREEND_STATE_DIR")
-    if sd:
-        cands.append(os.path.join(str(sd), "api.sock"))
-    return next((c for c in cands if os.path.exists(c)), None)
+    # No state directory: RUN_DIR as one, so that only root's daemon's socket is a candidate.
+    cands = daemon_sockets(os.environ.get("GREEND_SOCKET") or None, sd or RUN_DIR)
+    return next((str(c) for c in cands if c.exists()), None)
 
 
 class DaemonClient:
