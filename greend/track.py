@@ -197,7 +197,7 @@ class Run:
         except Exception as e:  # never into the user's code
             self._degrade(f"{type(e).__name__}: {e}")
         last = self._start or Books(time.time())
-        return Books(time.time(), *last.values(), cpu_s=last.cpu_s) if b is None else b.last_books(last)
+        return last.as_of(time.time()) if b is None else b.last_books(last)
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> Run:
