@@ -402,7 +402,8 @@ class _Daemon:
         return self.last
 
     def begin(self) -> Books:
-        return self.ask(None)
+        # _choose_backend asked already, to know the daemon answers: that answer is the start.
+        return self.last or self.ask(None)
 
     def books(self, exact=True, phase=None, boundary=False) -> Books:
         return self.ask(phase, end=True) if boundary else self.ask(None)
@@ -432,23 +433,10 @@ def _choose_backend(run: Run):
             else:
                 run.source = "daemon"
                 run.job_label = f"{be.cluster + '/' if be.cluster else ''}{job_id}"
-                return _Started(be)
+                return be
     from .track_self import SelfBackend
 
     return SelfBackend(run)
-
-
-class _Started:
-    """A backend whose begin() already ran (the daemon's first answer)."""
-
-    def __init__(self, be):
-        self.be = be
-
-    def begin(self) -> Books:
-        return self.be.last
-
-    def __getattr__(self, name):
-        return getattr(self.be, name)
 
 
 class _CallableModule(types.ModuleType):
