@@ -73,6 +73,10 @@ class Books:
         return Books(t, *(a + (b - a) * k for a, b in zip(self.values(), later.values(), strict=True)),
                      cpu_s=self.cpu_s + (later.cpu_s - self.cpu_s) * k)
 
+    def as_of(self, t: float) -> Books:
+        """The same figures, as at time t."""
+        return Books(t, *self.values(), cpu_s=self.cpu_s)
+
     def scaled(self, k: float, t: float) -> Books:
         return Books(t, *(v * k for v in self.values()), cpu_s=self.cpu_s)
 
@@ -191,11 +195,9 @@ class JobPhases:
         if hi is None:
             if not final:
                 return None
-            r = rs[-1]
-            return Books(t, *r.values(), cpu_s=r.cpu_s)
+            return rs[-1].as_of(t)
         if hi == 0:  # no reading before t: the boundary comes before the job's first reading
-            r = rs[0]
-            return Books(t, *r.values(), cpu_s=r.cpu_s)
+            return rs[0].as_of(t)
         return rs[hi - 1].between(rs[hi], t)
 
     def settle(self, final: bool = False) -> None:
@@ -412,7 +414,7 @@ class Endpoint:
                 last = jp.last
                 if last is not None and t < last.t:  # boundaries stay in order
                     t = last.t
-                    books = Books(t, *books.values(), cpu_s=books.cpu_s)
+                    books = books.as_of(t)
             books = books.at_least(jp.last if jp is not None else None)
             if end:
                 if jp is None:
@@ -452,7 +454,7 @@ class Endpoint:
                 jp.settle(final=done)
                 if done and jp.open is not None:  # closes at the job's final books
                     t_end = max(now.t, jp.open.start.t)
-                    jp.boundary(None, Books(t_end, *now.values(), cpu_s=now.cpu_s))
+                    jp.boundary(None, now.as_of(t_end))
                 put(db, acc.row.pk, jp, now)
                 if done:
                     del self.jobs[acc.key]

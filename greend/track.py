@@ -197,7 +197,7 @@ class Run:
         except Exception as e:  # never into the user's code
             self._degrade(f"{type(e).__name__}: {e}")
         last = self._start or Books(time.time())
-        return Books(time.time(), *last.values(), cpu_s=last.cpu_s) if b is None else b.last_books(last)
+        return last.as_of(time.time()) if b is None else b.last_books(last)
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> Run:
@@ -326,16 +326,15 @@ class _Nothing:
 
 
 def daemon_socket(state_dir=None) -> str | None:
-    """The node daemon's API socket a run asks: $GREEND_SOCKET, else root's daemon's
-    (/run/greend/api.sock), else one this user's daemon made in the state directory."""
-    env = os.environ.get("GREEND_SOCKET")
-    if env:
-        return env if os.path.exists(env) else None
-    cands = ["/run/greend/api.sock"]
+    """The node daemon's API socket a run asks: $GREEND_SOCKET, else the clients' usual places
+    (httpclient.daemon_sockets: root's daemon's, then one this user's daemon made in the state
+    directory), the first that exists."""
+    from .httpclient import RUN_DIR, daemon_sockets
+
     sd = state_dir or os.environ.get("GREEND_STATE_DIR")
-    if sd:
-        cands.append(os.path.join(str(sd), "api.sock"))
-    return next((c for c in cands if os.path.exists(c)), None)
+    # No state directory: RUN_DIR as one, so that only root's daemon's socket is a candidate.
+    cands = daemon_sockets(os.environ.get("GREEND_SOCKET") or None, sd or RUN_DIR)
+    return next((str(c) for c in cands if c.exists()), None)
 
 
 class DaemonClient:
@@ -403,7 +402,8 @@ class _Daemon:
         return self.last
 
     def begin(self) -> Books:
-        return self.ask(None)
+        # _choose_backend asked already, to know the daemon answers: that answer is the start.
+        return self.last or self.ask(None)
 
     def books(self, exact=True, phase=None, boundary=False) -> Books:
         return self.ask(phase, end=True) if boundary else self.ask(None)
@@ -433,23 +433,10 @@ def _choose_backend(run: Run):
             else:
                 run.source = "daemon"
                 run.job_label = f"{be.cluster + '/' if be.cluster else ''}{job_id}"
-                return _Started(be)
+                return be
     from .track_self import SelfBackend
 
     return SelfBackend(run)
-
-
-class _Started:
-    """A backend whose begin() already ran (the daemon's first answer)."""
-
-    def __init__(self, be):
-        self.be = be
-
-    def begin(self) -> Books:
-        return self.be.last
-
-    def __getattr__(self, name):
-        return getattr(self.be, name)
 
 
 class _CallableModule(types.ModuleType):

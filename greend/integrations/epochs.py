@@ -129,3 +129,23 @@ class EpochBooks:
         except Exception as exc:
             self.failed("stopping the run", exc)
         return self.totals
+
+
+class EpochCallback:
+    """What the training-loop callbacks share: their `EpochBooks` and the figures read from them.
+    Mixed in before the framework's callback class."""
+
+    def __init__(self, name: str | None = None, *, project: str | None = None, run=None,
+                 interval_s: float = 1.0, record: bool = True):
+        super().__init__()
+        self.books = EpochBooks(run, name=name, project=project, interval_s=interval_s, record=record)
+
+    @property
+    def footprint(self) -> Footprint | None:
+        """The run's final `greend.Footprint` once training has ended, else None."""
+        return self.books.footprint
+
+    @property
+    def epochs(self) -> list[dict[str, float]]:
+        """Each finished epoch's metrics, in order."""
+        return self.books.epochs

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from greend.integrations.epochs import EpochBooks
+from greend.integrations.epochs import EpochCallback
 
 try:
     from lightning.pytorch import Callback as _Callback
@@ -19,22 +19,8 @@ except ImportError:
         ) from exc
 
 
-class _Hooks:
+class _Hooks(EpochCallback):
     """The callback's body, shared by the `lightning` and `pytorch_lightning` classes."""
-
-    def __init__(self, name: str | None = None, *, project: str | None = None, run=None,
-                 interval_s: float = 1.0, record: bool = True):
-        super().__init__()
-        self.books = EpochBooks(run, name=name, project=project, interval_s=interval_s, record=record)
-
-    @property
-    def footprint(self):
-        """The run's final `greend.Footprint` once training has ended, else None."""
-        return self.books.footprint
-
-    @property
-    def epochs(self) -> list[dict[str, float]]:
-        return self.books.epochs
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.books.begin(default_name=type(pl_module).__name__)

@@ -10,10 +10,10 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
         "greend.integrations.transformers needs Hugging Face transformers: pip install transformers"
     ) from exc
 
-from greend.integrations.epochs import EpochBooks, guarded
+from greend.integrations.epochs import EpochCallback, guarded
 
 
-class GreendCallback(TrainerCallback):
+class GreendCallback(EpochCallback, TrainerCallback):
     """Measures a `Trainer.train()` with greend.
 
     A greend run opens at train begin (or `run=` one you opened, which you stop yourself), one phase
@@ -29,18 +29,9 @@ class GreendCallback(TrainerCallback):
 
     def __init__(self, name: str | None = None, *, project: str | None = None, run=None,
                  interval_s: float = 1.0, record: bool = True):
-        self.books = EpochBooks(run, name=name, project=project, interval_s=interval_s, record=record)
+        super().__init__(name, project=project, run=run, interval_s=interval_s, record=record)
         self._pending: dict[str, float] = {}
         self._last_log_step: int | None = None
-
-    @property
-    def footprint(self):
-        """The run's final `greend.Footprint` once training has ended, else None."""
-        return self.books.footprint
-
-    @property
-    def epochs(self) -> list[dict[str, float]]:
-        return self.books.epochs
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._pending, self._last_log_step = {}, None
