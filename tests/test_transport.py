@@ -155,6 +155,13 @@ def test_national_job_goes_through_slurmrestd_as_the_user(tb, user_work, clean):
     script = job_script(user_work, "rest-national",
                         "#SBATCH -c 8\n#SBATCH -t 10\n#SBATCH -A proj-green\nid -un > whoami.txt")
     shutil.chown(script, TEST_USER, TEST_USER)
+    # --dry-run names the request it would make, and makes none
+    p = greend_as_user(user_work, cfg, "submit", "--dry-run", script,
+                       env={"SLURM_JWT": token_for(tb, TEST_USER)})
+    assert p.returncode == 0, p.stderr + p.stdout
+    assert f"would POST {REST_URL}/slurm/v0.0.38/job/submit with $SLURM_JWT" in p.stdout, p.stdout
+    assert not any(j["name"] == "rest-national" and j["job_state"] in ("PENDING", "RUNNING")
+                   for j in tb.jobs("national"))
     p = greend_as_user(user_work, cfg, "submit", "--json", script,
                        env={"SLURM_JWT": token_for(tb, TEST_USER)})
     assert p.returncode == 0, p.stderr + p.stdout
