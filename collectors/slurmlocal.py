@@ -233,10 +233,12 @@ def parse_show_job(text: str, node: str) -> SlurmJob | None:
             key, val = tok[: m.end() - 1], tok[m.end():]
             if key == "Nodes" and "JobId" in fields:  # -d: one "Nodes=... CPU_IDs=... Mem=..." per node
                 per_node.append({})
-            target = per_node[-1] if per_node and key in ("Nodes", "CPU_IDs", "Mem", "GRES") else fields
+        elif key is None:
+            continue
+        target = per_node[-1] if per_node and key in ("Nodes", "CPU_IDs", "Mem", "GRES") else fields
+        if m:
             target[key] = val
-        elif key is not None:
-            target = per_node[-1] if per_node and key in ("Nodes", "CPU_IDs", "Mem", "GRES") else fields
+        else:
             target[key] += " " + tok
     if "JobId" not in fields:
         raise SlurmError(f"scontrol show job: no JobId in the answer: {text[:200]!r}")

@@ -201,33 +201,33 @@ class Daemon(Service):
 
     def refresh_factors(self) -> None:
         if self.cfg.clusters[self.monitor.cluster].carbon_signal is not None:
-            self._refresh_signal()
+            # A live carbon signal (greend/carbon_feed.py): ask the provider at most every
+            # carbon_signal.refresh_s, within its timeout_s, outside the daemon's lock; an outage
+            # falls back to the cache, the series, then the static value, and the factors name
+            # what is used.
+            from . import carbon_feed
+
+            self._install_factors(carbon_feed.live_factors,
+                                  "carbon signal: keeping the factors in force")
             return
         mt = self._series_mtimes()
-        if mt != self._series_mtime:
-            try:
-                factors = config_mod.cluster_factors(self.cfg)
-            except config_mod.ConfigError as e:
-                log.error("carbon intensity series changed but is invalid, keeping the old: %s", e)
-                return
-            with self.lock:
-                self.monitor.factors = factors
+        if mt != self._series_mtime and self._install_factors(
+                config_mod.cluster_factors,
+                "carbon intensity series changed but is invalid, keeping the old"):
             self._series_mtime = mt
             log.info("carbon intensity series re-read")
 
-    def _refresh_signal(self) -> None:
-        """A live carbon signal (greend/carbon_feed.py): ask the provider at most every
-        carbon_signal.refresh_s, within its timeout_s, outside the daemon's lock; an outage falls
-        back to the cache, the series, then the static value, and the factors name what is used."""
-        from . import carbon_feed
-
+    def _install_factors(self, make, keeping: str) -> bool:
+        """Put make(cfg) in force under the lock; a ConfigError keeps the factors in force and
+        logs `keeping` with the error."""
         try:
-            factors = carbon_feed.live_factors(self.cfg)
+            factors = make(self.cfg)
         except config_mod.ConfigError as e:
-            log.error("carbon signal: keeping the factors in force: %s", e)
-            return
+            log.error("%s: %s", keeping, e)
+            return False
         with self.lock:
             self.monitor.factors = factors
+        return True
 
     def _series_mtimes(self) -> dict:
         out = {}

@@ -366,7 +366,9 @@ def cmd_submit(args) -> int:
                     c = engine.site.cluster(d.plan.cluster)
                     conf = f"SLURM_CONF={c.slurm.conf} " if c.slurm.conf else ""
                     if c.slurm.transport == "rest":
-                        print(f"would POST {c.slurm.rest_url}/slurm/{c.slurm.rest_api}/job/submit "
+                        from .transport import url
+
+                        print(f"would POST {url(c.slurm, 'job/submit')} "
                               f"with ${c.slurm.token_env} (your own token): {script}")
                     elif c.slurm.transport == "ssh":
                         import shlex

@@ -223,8 +223,9 @@ def submit(engine, decision, script: Path, decisions: DecisionLog | None, *,
             sub.command = cluster.slurm.argv(argv)
             try:
                 if cluster.slurm.transport == "rest":
-                    spec = cluster.slurm
-                    sub.command = ["POST", f"{spec.rest_url}/slurm/{spec.rest_api}/job/submit"]
+                    from .transport import url
+
+                    sub.command = ["POST", url(cluster.slurm, "job/submit")]
                     rc, out, err = _rest_submit(cluster.slurm, r, plan, comment, script)
                 elif cluster.slurm.transport == "ssh":
                     from .transport import ssh_argv

@@ -57,6 +57,11 @@ def token(spec, env: dict[str, str] | None = None) -> str:
                     "centre (e.g. `scontrol token` on its login node)")
 
 
+def url(spec, path: str) -> str:
+    """The address of `path` (e.g. "job/submit") on the cluster's slurmrestd, in its API version."""
+    return f"{spec.rest_url}/slurm/{spec.rest_api}/{path.lstrip('/')}"
+
+
 def request(spec, method: str, path: str, body: dict | None, timeout_s: float,
             env: dict[str, str] | None = None) -> dict:
     """One request to the cluster's slurmrestd as the invoking user; the answer's JSON. Raises
@@ -64,14 +69,14 @@ def request(spec, method: str, path: str, body: dict | None, timeout_s: float,
     import urllib.error
     import urllib.request
 
-    url = f"{spec.rest_url}/slurm/{spec.rest_api}/{path.lstrip('/')}"
+    where = url(spec, path)
     headers = {"X-SLURM-USER-NAME": user_name(), "X-SLURM-USER-TOKEN": token(spec, env),
                "Accept": "application/json"}
     data = None
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
-    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    req = urllib.request.Request(where, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             raw = resp.read()
@@ -89,7 +94,7 @@ def request(spec, method: str, path: str, body: dict | None, timeout_s: float,
     try:
         out = json.loads(raw or b"{}")
     except ValueError:
-        raise RestError(f"slurmrestd {url}: the answer is not JSON") from None
+        raise RestError(f"slurmrestd {where}: the answer is not JSON") from None
     errs = _errors(raw)
     if errs:
         raise RestError(f"slurmrestd {spec.rest_url}: {errs}")

@@ -127,6 +127,27 @@ def greend_as_user(user_work: Path, cfg: Path, *argv, env: dict | None = None):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=user_work, timeout=120)
 
 
+def wait_text(path: Path, timeout: float) -> str:
+    """What the job wrote to `path`, once it has written something (or "" after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return path.read_text().strip() if path.exists() else ""
+
+
+def accounted_user(tb: Testbed, cluster: str, job_id, name: str, timeout: float = 60) -> list[str]:
+    """sacct's `JobName|User` lines for `job_id`, once one names the job `name` (or after
+    `timeout`). (-j also lists older jobs with that id from earlier testbed runs, so the caller
+    matches the job by name.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        acct = tb.run(cluster, "sacct", "-X", "-n", "-P", "-j", str(job_id),
+                      "-o", "JobName,User", check=False).stdout
+        if f"{name}|" in acct or time.monotonic() > deadline:
+            return acct.splitlines()
+        time.sleep(0.5)
+
+
 def test_national_job_goes_through_slurmrestd_as_the_user(tb, user_work, clean):
     """An 8-CPU job routed to national is submitted through slurmrestd with the test user's own
     token and runs as that user: squeue, the job's own `id -un` and sacct show greendtest."""
@@ -134,6 +155,13 @@ def test_national_job_goes_through_slurmrestd_as_the_user(tb, user_work, clean):
     script = job_script(user_work, "rest-national",
                         "#SBATCH -c 8\n#SBATCH -t 10\n#SBATCH -A proj-green\nid -un > whoami.txt")
     shutil.chown(script, TEST_USER, TEST_USER)
+    # --dry-run names the request it would make, and makes none
+    p = greend_as_user(user_work, cfg, "submit", "--dry-run", script,
+                       env={"SLURM_JWT": token_for(tb, TEST_USER)})
+    assert p.returncode == 0, p.stderr + p.stdout
+    assert f"would POST {REST_URL}/slurm/v0.0.38/job/submit with $SLURM_JWT" in p.stdout, p.stdout
+    assert not any(j["name"] == "rest-national" and j["job_state"] in ("PENDING", "RUNNING")
+                   for j in tb.jobs("national"))
     p = greend_as_user(user_work, cfg, "submit", "--json", script,
                        env={"SLURM_JWT": token_for(tb, TEST_USER)})
     assert p.returncode == 0, p.stderr + p.stdout
@@ -151,22 +179,11 @@ def test_national_job_goes_through_slurmrestd_as_the_user(tb, user_work, clean):
     assert job["user_name"] == TEST_USER
     assert job["name"] == "rest-national" and job["cpus"] == 8
     assert sub["token"] in job["comment"]
-    who = user_work / "whoami.txt"
-    deadline = time.monotonic() + 20
-    while not (who.exists() and who.read_text().strip()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert who.read_text().strip() == TEST_USER
+    assert wait_text(user_work / "whoami.txt", 20) == TEST_USER
     tb.run("national", "scancel", str(sub["job_id"]))
-    # Accounting records the job as the token's user. (-j also lists older jobs with that id from
-    # earlier testbed runs, so the job is matched by name.)
-    deadline = time.monotonic() + 60
-    while True:
-        acct = tb.run("national", "sacct", "-X", "-n", "-P", "-j", str(sub["job_id"]),
-                      "-o", "JobName,User", check=False).stdout
-        if "rest-national|" in acct or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert f"rest-national|{TEST_USER}" in acct.splitlines(), acct
+    # Accounting records the job as the token's user.
+    acct = accounted_user(tb, "national", sub["job_id"], "rest-national")
+    assert f"rest-national|{TEST_USER}" in acct, acct
 
 
 def test_array_job_goes_through_slurmrestd(tb, user_work, clean):
@@ -198,11 +215,7 @@ def test_array_job_goes_through_slurmrestd(tb, user_work, clean):
         time.sleep(0.3)
     assert set(tasks) == {(0, "", "RUNNING"), (None, "1-2%2", "PENDING")}, tasks
     assert all(t["user_name"] == TEST_USER and t["name"] == "rest-array" for t in tasks.values())
-    who = user_work / "whoami-0.txt"
-    deadline = time.monotonic() + 30
-    while not (who.exists() and who.read_text().strip()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert who.read_text().strip() == TEST_USER
+    assert wait_text(user_work / "whoami-0.txt", 30) == TEST_USER
     tb.run("national", "scancel", str(job_id))
 
 

@@ -159,19 +159,10 @@ def test_national_job_goes_through_the_users_ssh(tb, login, user_work, clean):
     assert job["user_name"] == TEST_USER
     assert job["name"] == "ssh-national" and job["cpus"] == 8
     assert sub["token"] in job["comment"]
-    deadline = time.monotonic() + 20
-    while not (who.exists() and who.read_text().strip()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert who.read_text().strip() == TEST_USER
+    assert tt.wait_text(who, 20) == TEST_USER
     tb.run("national", "scancel", str(sub["job_id"]))
-    deadline = time.monotonic() + 60
-    while True:
-        acct = tb.run("national", "sacct", "-X", "-n", "-P", "-j", str(sub["job_id"]),
-                      "-o", "JobName,User", check=False).stdout
-        if "ssh-national|" in acct or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert f"ssh-national|{TEST_USER}" in acct.splitlines(), acct
+    acct = tt.accounted_user(tb, "national", sub["job_id"], "ssh-national")
+    assert f"ssh-national|{TEST_USER}" in acct, acct
     # The login node's sshd saw the test user's key, nobody else's.
     log = (login.base / "sshd.log").read_text()
     assert f"Accepted publickey for {TEST_USER}" in log and "for root" not in log
