@@ -406,12 +406,12 @@ class LocalJobs:
             job = k.job if k is not None else None
             if job is None and rec is not None:
                 job = job_from_hook(rec, node)
-            elif job is not None and rec is not None and not job.cluster:
-                # scontrol show job does not name the cluster; slurmd's hook does
-                job = replace(job, cluster=job_from_hook(rec, node).cluster)
-            elif job is not None and rec is not None and rec.epilog_t is not None and not job.ended \
-                    and job.end_time is None:
-                job = replace(job, end_time=int(rec.epilog_t))
+            elif job is not None and rec is not None:
+                if not job.cluster:  # scontrol show job does not name the cluster; the hook does
+                    job = replace(job, cluster=job_from_hook(rec, node).cluster)
+                if rec.epilog_t is not None and not job.ended and job.end_time is None:
+                    # ended here (Epilog) while slurmctld still holds it COMPLETING
+                    job = replace(job, end_time=int(rec.epilog_t))
             if job is not None:
                 out.append(job)
         self._forget(hooks, here, now)

@@ -216,6 +216,22 @@ def test_many_new_jobs_are_asked_about_within_the_bucket(tmp_path):
     assert sum(1 for a in cmds.asked if a[-1] == "999") == 1
 
 
+def test_a_job_still_completing_ends_at_its_epilog_here(tmp_path):
+    """slurmctld names no cluster and holds the job COMPLETING (no end yet) after its Epilog ran on
+    this node: the node takes the cluster and the end time from its hook records."""
+    spool = tmp_path / "spool"
+    env = {"SLURM_JOB_ID": "80001", "SLURM_JOB_USER": "greendtest", "SLURM_JOB_UID": "4242",
+           "SLURM_CLUSTER_NAME": "site"}
+    write_record(spool, "prolog", env, 1000.0)
+    write_record(spool, "epilog", env, 1060.0)
+    completing = RUNNING.replace("JobState=RUNNING", "JobState=COMPLETING").replace(
+        "EndTime=2026-12-01T11:38:48", "EndTime=Unknown")
+    local = LocalJobs(CountingCommands({"80001": completing}), spool, cgroupfs=tmp_path / "cg",
+                      procfs=tmp_path, clock=lambda: 1070.0)
+    (j,) = local.jobs("site-n1")
+    assert not j.ended and j.cluster == "site" and j.end_time == 1060
+
+
 def test_local_mode_is_the_default_and_squeue_stays_an_option(tmp_path):
     cfg = config_mod.parse({})
     assert cfg.slurm.discovery == "local" and cfg.slurm.spool_dir == Path("/run/greend/slurm-jobs")
