@@ -322,6 +322,22 @@ _testbed: Testbed | None = None
 _failure: TestbedError | None = None
 
 
+# A batch script that keeps one CPU busy for {secs} seconds (BURN.format(secs=...)).
+BURN = """#!/bin/bash
+end=$((SECONDS + {secs}))
+while (( SECONDS < end )); do :; done
+"""
+
+
+def testbed_or_skip() -> Testbed:
+    """ensure_testbed() for a test module's `tb` fixture; the test is skipped without root."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("the Slurm testbed needs root")
+    return ensure_testbed()
+
+
 def ensure_testbed(timeout: float = 180) -> Testbed:
     """Start the testbed (`testbed/slurm-testbed start`, once per process) and return it.
 

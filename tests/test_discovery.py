@@ -322,19 +322,12 @@ def test_hook_identity_is_provisional_until_slurmctld_gives_the_submit_time(node
 
 
 # -- against the real testbed: slurmctld's own counts (sdiag) -------------------------------------
-BURN = """#!/bin/bash
-end=$((SECONDS + {secs}))
-while (( SECONDS < end )); do :; done
-"""
+from slurmbed import BURN, testbed_or_skip  # noqa: E402 - with the testbed tests it serves
 
 
 @pytest.fixture(scope="module")
 def tb():
-    if os.geteuid() != 0:
-        pytest.skip("the Slurm testbed needs root")
-    from slurmbed import ensure_testbed
-
-    return ensure_testbed()
+    return testbed_or_skip()
 
 
 def sdiag(tb, cluster: str, reset: bool = False) -> dict[str, int]:

@@ -701,19 +701,12 @@ def test_slurm_off_or_absent_means_no_metadata(tmp_path, monkeypatch):
 
 
 # -- against the real testbed ---------------------------------------------------------------------
-BURN = """#!/bin/bash
-end=$((SECONDS + {secs}))
-while (( SECONDS < end )); do :; done
-"""
+from slurmbed import BURN, testbed_or_skip  # noqa: E402 - with the testbed tests it serves
 
 
 @pytest.fixture(scope="module")
 def tb():
-    if os.geteuid() != 0:
-        pytest.skip("the Slurm testbed needs root")
-    from slurmbed import ensure_testbed
-
-    return ensure_testbed()
+    return testbed_or_skip()
 
 
 def wait_cgroup(tb, cluster: str, node: str, job_id: int, timeout: float = 30) -> None:

@@ -184,19 +184,12 @@ def test_report_prefers_the_newest_final_figure_and_labels_the_model():
 
 
 # -- against the real testbed -----------------------------------------------------------------------
-BURN = """#!/bin/bash
-end=$((SECONDS + {secs}))
-while (( SECONDS < end )); do :; done
-"""
+from slurmbed import BURN, testbed_or_skip  # noqa: E402 - with the testbed tests it serves
 
 
 @pytest.fixture(scope="module")
 def tb():
-    if os.geteuid() != 0:
-        pytest.skip("the Slurm testbed needs root")
-    from slurmbed import ensure_testbed
-
-    return ensure_testbed()
+    return testbed_or_skip()
 
 
 def greend_cli(tb, cluster: str, *args: str) -> subprocess.CompletedProcess:
