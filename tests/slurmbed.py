@@ -329,7 +329,7 @@ while (( SECONDS < end )); do :; done
 """
 
 
-def testbed_or_skip() -> Testbed:
+def root_testbed() -> Testbed:
     """ensure_testbed() for a test module's `tb` fixture; the test is skipped without root."""
     import pytest
 

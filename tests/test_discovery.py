@@ -322,12 +322,12 @@ def test_hook_identity_is_provisional_until_slurmctld_gives_the_submit_time(node
 
 
 # -- against the real testbed: slurmctld's own counts (sdiag) -------------------------------------
-from slurmbed import BURN, testbed_or_skip  # noqa: E402 - with the testbed tests it serves
+from slurmbed import BURN, root_testbed  # noqa: E402 - with the testbed tests it serves
 
 
 @pytest.fixture(scope="module")
 def tb():
-    return testbed_or_skip()
+    return root_testbed()
 
 
 def sdiag(tb, cluster: str, reset: bool = False) -> dict[str, int]:

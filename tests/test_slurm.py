@@ -701,12 +701,12 @@ def test_slurm_off_or_absent_means_no_metadata(tmp_path, monkeypatch):
 
 
 # -- against the real testbed ---------------------------------------------------------------------
-from slurmbed import BURN, testbed_or_skip  # noqa: E402 - with the testbed tests it serves
+from slurmbed import BURN, root_testbed  # noqa: E402 - with the testbed tests it serves
 
 
 @pytest.fixture(scope="module")
 def tb():
-    return testbed_or_skip()
+    return root_testbed()
 
 
 def wait_cgroup(tb, cluster: str, node: str, job_id: int, timeout: float = 30) -> None:

@@ -184,12 +184,12 @@ def test_report_prefers_the_newest_final_figure_and_labels_the_model():
 
 
 # -- against the real testbed -----------------------------------------------------------------------
-from slurmbed import BURN, testbed_or_skip  # noqa: E402 - with the testbed tests it serves
+from slurmbed import BURN, root_testbed  # noqa: E402 - with the testbed tests it serves
 
 
 @pytest.fixture(scope="module")
 def tb():
-    return testbed_or_skip()
+    return root_testbed()
 
 
 def greend_cli(tb, cluster: str, *args: str) -> subprocess.CompletedProcess:
