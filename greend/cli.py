@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .cmdline import EXIT_USAGE, fail, load_config
+from .cmdline import EXIT_USAGE, fail, load_config, pause_gc, resume_gc
 from .errors import GreendError
 
 log = logging.getLogger("greend")
@@ -462,6 +462,14 @@ def install_policy_checks() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    pause_gc()  # until the command runs (the TUI: until its first page is painted)
+    try:
+        return _main(argv)
+    finally:
+        resume_gc()
+
+
+def _main(argv: list[str] | None) -> int:
     install_policy_checks()
     command = command_of(sys.argv[1:] if argv is None else argv)
     parser = build_parser(command if command in COMMAND_MODULES else None)
@@ -481,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
 
         tui_data.live_load_provider = live_load_provider(
             getattr(args, "config", None) or os.environ.get("GREEND_CONFIG"))
+    else:
+        resume_gc()  # every other command collects as usual once it runs
     try:
         return args.func(args)
     except GreendError as e:  # ConfigError, LedgerError, ...: a message for the person, no traceback

@@ -4,9 +4,37 @@ import it, so that no command module has to import greend.cli (which imports the
 
 from __future__ import annotations
 
+import gc
 import sys
 
 EXIT_USAGE = 2  # bad command line, bad config, unusable state directory
+
+_gc_paused = False
+
+
+def pause_gc() -> None:
+    """Start-up without the cyclic garbage collector: importing greend, Textual and the rest
+    allocates hundreds of thousands of long-lived objects (modules, classes, functions) and next to
+    no cyclic garbage, yet each allocation threshold crossed starts a collection that walks them
+    all: ~7 % of `greend tui`'s start (docs/performance.md). greend.cli.main pauses it and resumes it
+    when it returns at the latest; a command whose start-up ends sooner (the TUI's first page)
+    resumes it then."""
+    global _gc_paused
+    if gc.isenabled():
+        gc.disable()
+        _gc_paused = True
+
+
+def resume_gc(freeze: bool = False) -> None:
+    """Resume what pause_gc paused (nothing otherwise). freeze: first move every object alive now
+    (the start-up's) to the permanent generation, so that later collections skip them: an
+    interactive program then collects in well under a millisecond."""
+    global _gc_paused
+    if _gc_paused:
+        _gc_paused = False
+        if freeze:
+            gc.freeze()
+        gc.enable()
 
 
 def fail(msg: str, status: int = EXIT_USAGE) -> int:

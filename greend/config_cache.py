@@ -25,13 +25,12 @@ from __future__ import annotations
 import logging
 import marshal
 import os
-import stat
 import sys
 import zlib
 from pathlib import Path
 from typing import ClassVar
 
-from . import __version__
+from . import __version__, usercache
 from .config_env import node_name_of, state_dir_of
 
 log = logging.getLogger(__name__)
@@ -219,9 +218,7 @@ def view(tree: dict):
 
 
 # -- the cache file -------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "greend"
+cache_dir = usercache.cache_dir
 
 
 def _stamp(st: os.stat_result) -> tuple:
@@ -253,43 +250,13 @@ def _file_of(key: tuple) -> Path:
     return cache_dir() / f"config-{zlib.crc32(name):08x}.snapshot"
 
 
-def _dir_is_ours(d: Path) -> bool:
-    try:
-        st = os.lstat(d)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
-
-
 def read(key: tuple):
     """The views of the cached snapshot for `key`, or None (absent, foreign, stale or corrupted)."""
     f = _file_of(key)
-    if not _dir_is_ours(f.parent):
+    body = usercache.read(f, MAGIC)
+    if body is None:
         return None
     try:
-        fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            log.debug("%s: not the user's own 0600 file: ignored", f)
-            return None
-        with os.fdopen(fd, "rb") as fh:
-            fd = -1
-            data = fh.read()
-    except OSError:
-        return None
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    try:
-        if not data.startswith(MAGIC):
-            return None
-        body = data[len(MAGIC) + 4:]
-        if zlib.crc32(body) != int.from_bytes(data[len(MAGIC):len(MAGIC) + 4], "big"):
-            log.debug("%s: corrupted (CRC): ignored", f)
-            return None
         stored_key, tree = marshal.loads(body)
         if stored_key != key:
             return None
@@ -300,36 +267,15 @@ def read(key: tuple):
 
 
 def write(key: tuple, cfg) -> bool:
-    """Store the snapshot of a validated Config for `key`: atomically, 0600, in a 0700 directory
-    that is the user's own. False (and nothing written) when it cannot be."""
+    """Store the snapshot of a validated Config for `key` (greend.usercache.write: atomically,
+    0600, in the user's own 0700 directory). False (and nothing written) when it cannot be."""
     f = _file_of(key)
     try:
         body = marshal.dumps((key, snapshot(cfg)))
-        f.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not _dir_is_ours(f.parent):
-            log.debug("%s: not the user's own directory (or writable by others): no snapshot",
-                      f.parent)
-            return False
-        tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fd = -1
-                fh.write(MAGIC + zlib.crc32(body).to_bytes(4, "big") + body)
-            os.replace(tmp, f)
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-    except (OSError, ValueError, Unsnapshottable) as e:
+    except (ValueError, Unsnapshottable) as e:
         log.debug("configuration snapshot not written to %s: %s", f, e)
         return False
-    return True
+    return usercache.write(f, MAGIC, body)
 
 
 def load(path: str | os.PathLike | None):

@@ -21,6 +21,7 @@ from .keybar import KeyBar
 log = logging.getLogger(__name__)
 
 NAMES_AFTER_S = 0.5
+STARTED_AFTER_S = 2.0
 
 SCREENS_HELP = [
     ("1", "My jobs: your jobs and their footprints"),
@@ -103,7 +104,7 @@ class GreendApp(App[None]):
 
     def __init__(self, source: DataSource, *, user: str | None, me: str | None = None,
                  clock: Callable[[], float] = time.time, refresh_s: float = 5.0,
-                 page_size: int = 100) -> None:
+                 page_size: int = 100, on_started: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.source = source
         self.user = user
@@ -114,12 +115,23 @@ class GreendApp(App[None]):
         self.page_size = page_size
         self.cluster_names: list[str] = []
         self._names_asked = False
+        self._on_started = on_started
+        """Called once the first page is painted (or STARTED_AFTER_S after the start at the latest):
+        `greend tui` resumes the garbage collector and stores the parsed stylesheets then."""
 
     def now(self) -> float:
         return self.clock()
 
     def on_mount(self) -> None:
         self._subtitle()
+        if self._on_started is not None:
+            self.set_timer(STARTED_AFTER_S, self.started)
+
+    def started(self) -> None:
+        """The start-up is over: the jobs screen's first page is painted (tui/jobs.py)."""
+        callback, self._on_started = self._on_started, None
+        if callback is not None:
+            callback()
 
     def load_cluster_names(self) -> None:
         """Learn every cluster's name for the jobs screen's cluster filter (once, a moment after the

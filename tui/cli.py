@@ -112,7 +112,20 @@ def cmd_tui(args) -> int:
     user = None if args.all_users else (args.user or me)
     # The first page is read while Textual is imported (a ledger source does; docs/performance.md).
     source.prefetch(first_query(user, time.time(), PAGE_SIZE), time.time())
+    from greend.cmdline import resume_gc
+
+    from . import css_cache
     from .app import GreendApp
 
-    GreendApp(source, user=user, me=me, refresh_s=args.refresh, page_size=PAGE_SIZE).run()
+    css_cache.install()
+
+    def started() -> None:  # the first page is painted (greend.cli.main paused the collector)
+        resume_gc(freeze=True)
+        css_cache.save()
+
+    try:
+        GreendApp(source, user=user, me=me, refresh_s=args.refresh, page_size=PAGE_SIZE,
+                  on_started=started).run()
+    finally:
+        css_cache.save()  # what the screens opened later parsed
     return 0

@@ -34,6 +34,7 @@ WIDE = 120  # columns from which the table shows full units and more columns
 # ... and a sparkline of each running job's power (everyone's jobs have two more columns)
 WIDE_POWER, WIDE_POWER_ALL = 150, 175
 TOTALS_S, TOTALS_CHANGED_S = 30.0, 5.0  # how often the totals line is read again
+STARTED_S = 0.1  # after the first page was handed to the screen, the start-up is over (app.started)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +302,8 @@ class JobsScreen(SourceScreen):
             self._show_page(q, page)
         # once the page is painted; new figures (a new page from the source) are read again soon
         self.call_after_refresh(self._load_totals, q, False, page is not self._totals_page)
+        # (a refresh's callbacks run before the frame is written: a moment later, it is on screen)
+        self.set_timer(STARTED_S, self.app.started)  # type: ignore[attr-defined]
         self._totals_page = page
 
     def _show_page(self, q: JobQuery, page: JobPage) -> None:
