@@ -5,7 +5,6 @@ Pure functions over explicit factors, so each figure can be checked against publ
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -26,6 +25,8 @@ class Factors:
     def key(self) -> str:
         """A stable identity for the ledger: same values and sources -> same key."""
         blob = json.dumps(asdict(self), sort_keys=True).encode()
+        import hashlib  # (when a key is made: not by every reader's start)
+
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_dict(self) -> dict:

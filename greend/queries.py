@@ -19,7 +19,6 @@ import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from . import phases
 from .ledger import JobRow
 from .report import SLURM_FAILED, SLURM_OK, outcome_of, slurm_state  # noqa: F401 - read here too
 
@@ -240,6 +239,13 @@ class Summary:
 
 # -- rows ---------------------------------------------------------------------------------------
 _JOB_FIELDS = frozenset(f.name for f in dataclasses.fields(JobRow))
+
+
+def _phases():
+    """greend.phases, imported when a job's detail is read (not by every reader's start)."""
+    from . import phases
+
+    return phases
 
 
 def _dicts(cur) -> list[dict]:
@@ -518,7 +524,7 @@ def job_detail(db: sqlite3.Connection, cluster: str, job_id: str, *, user: str |
         node_series=[per_pk[pk] for pk in pks],
         node_factors=[factors_pk[pk] for pk in pks],
         # Phases are a node's (POST /api/v1/phases): a site database server has no table of them.
-        node_phases=[phases.of_job(db, pk) if dialect_of(db).name == "sqlite" else []
+        node_phases=[_phases().of_job(db, pk) if dialect_of(db).name == "sqlite" else []
                      for pk in pks],
     )
 

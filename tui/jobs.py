@@ -211,10 +211,7 @@ class JobsScreen(SourceScreen):
     def compose(self) -> ComposeResult:
         yield TitleBar()
         yield Static(id="filters")
-        with Horizontal(id="search-bar"):
-            yield Static("Search:", id="search-label")
-            yield Input(placeholder="job id, name, account, cluster… (Enter: apply, Esc: clear)",
-                        id="search", compact=True)
+        yield Horizontal(id="search-bar")  # its label and input are mounted when first opened
         # The column header is a line of its own: its sort arrow changes without DataTable
         # rebuilding every row.
         yield Static(id="header")
@@ -432,7 +429,7 @@ class JobsScreen(SourceScreen):
         if header != self._header:
             table = self.query_one(DataTable)
             table.clear(columns=True)
-            table.add_column("", key="line", width=len(header))
+            table.add_column(Text(), key="line", width=len(header))  # (a str label is parsed as markup)
             self._header = header
             self._widths_now = widths
             self._keys = []
@@ -497,8 +494,13 @@ class JobsScreen(SourceScreen):
 
             self.app.push_screen(JobScreen(r.cluster, r.job_id, tier=r.tier))
 
-    def action_search(self) -> None:
+    async def action_search(self) -> None:
         bar = self.query_one("#search-bar")
+        if not bar.children:  # (not composed with the screen: its first page comes sooner)
+            await bar.mount_all([
+                Static("Search:", id="search-label"),
+                Input(placeholder="job id, name, account, cluster… (Enter: apply, Esc: clear)",
+                      id="search", compact=True)])
         bar.display = True
         inp = self.query_one("#search", Input)
         inp.value = self.search
@@ -514,7 +516,8 @@ class JobsScreen(SourceScreen):
     def action_clear_search(self) -> None:
         bar = self.query_one("#search-bar")
         if bar.display or self.search:
-            self.query_one("#search", Input).value = ""
+            for inp in self.query("#search").results(Input):
+                inp.value = ""
             bar.display = False
             self.search = ""
             self.query_one(DataTable).focus()
