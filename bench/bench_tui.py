@@ -277,7 +277,7 @@ def first_paint_pty(path: Path, user: str, size: tuple[int, int] = (80, 24),
         if pycache is not None:  # compiled modules kept, as an installed greend has them
             os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
             os.environ["PYTHONPYCACHEPREFIX"] = str(pycache)
-        os.execv(sys.executable, [sys.executable, "-m", "greend.cli", "tui", "--ledger", str(path),
+        os.execv(sys.executable, [sys.executable, "-m", "greend", "tui", "--ledger", str(path),
                                   "--user", user, "--refresh", "0"])
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", size[1], size[0], 0, 0))
     buf, first = b"", None
