@@ -129,3 +129,76 @@ def test_the_default_does_not_build_the_validators_at_import():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "False"]
+
+
+# -- the garbage collector during start-up (greend.cmdline.pause_gc) ------------------------------
+@pytest.fixture
+def collector_on():
+    import gc
+
+    assert gc.isenabled()
+    yield
+    gc.enable()
+
+
+def test_every_command_but_the_tui_runs_with_the_collector_and_main_always_resumes_it(
+        monkeypatch, collector_on, tmp_path):
+    import gc
+
+    seen = {}
+
+    def fake_jobs(args):  # what a command sees when it runs
+        seen["jobs"] = gc.isenabled()
+        return 0
+
+    fake_jobs.__module__ = "greend.cli"
+    monkeypatch.setattr(cli, "cmd_jobs", fake_jobs)
+    assert cli.main(["--state-dir", str(tmp_path), "jobs"]) == 0
+    assert seen == {"jobs": True} and gc.isenabled()
+
+    from greend.tui import cli as tui_cli
+
+    def fake_tui(args):  # the TUI resumes it itself, once its first page is painted
+        seen["tui"] = gc.isenabled()
+        return 0
+
+    fake_tui.__module__ = "greend.tui.cli"
+    monkeypatch.setattr(tui_cli, "cmd_tui", fake_tui)
+    assert cli.main(["tui", "--ledger", str(tmp_path / "none.sqlite")]) == 0
+    assert seen["tui"] is False
+    assert gc.isenabled()  # main resumed it on the way out
+
+    with pytest.raises(SystemExit):
+        cli.main(["no-such-command"])
+    assert gc.isenabled()
+
+
+def test_resume_only_resumes_what_pause_paused_and_freeze_keeps_start_up_objects(collector_on):
+    import gc
+
+    from greend import cmdline
+
+    gc.disable()  # somebody else's choice (e.g. an embedding program): left as it is
+    cmdline.pause_gc()
+    cmdline.resume_gc()
+    assert not gc.isenabled()
+    gc.enable()
+    before = gc.get_freeze_count()
+    cmdline.pause_gc()
+    assert not gc.isenabled()
+    cmdline.resume_gc(freeze=True)
+    try:
+        assert gc.isenabled() and gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()
+
+
+def test_the_greend_command_pauses_the_collector_before_its_modules_load():
+    code = ("import gc, sys\n"
+            "import greend.__main__\n"
+            "print(gc.isenabled(), 'greend.cli' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["False", "True"], r.stderr
+    r = subprocess.run([sys.executable, "-m", "greend", "--version"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("greend "), r.stderr

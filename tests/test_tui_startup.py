@@ -90,3 +90,41 @@ def test_the_default_source_reads_the_cached_configuration(tmp_path, monkeypatch
     assert not isinstance(first.cfg, config_cache.View)  # validated, then stored
     assert isinstance(second.cfg, config_cache.ConfigView)
     assert first.path == second.path == tmp_path / "state" / "ledger.sqlite"
+
+
+def test_the_start_up_ends_once_the_first_page_is_shown(ledger_path):
+    # `greend tui` resumes the garbage collector and stores the parsed stylesheets then
+    # (tui/cli.py): once, after the page is on screen, not before.
+    calls = []
+
+    async def run() -> None:
+        app = GreendApp(LedgerSource(ledger_path, config()), user="alice", me="alice",
+                        clock=lambda: NOW, refresh_s=0,
+                        on_started=lambda: calls.append(app.screen.page is not None))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await app.workers.wait_for_complete()
+            await pilot.pause(0.3)
+            assert calls == [True]
+            await pilot.press("r")
+            await app.workers.wait_for_complete()
+            await pilot.pause(0.3)
+            assert calls == [True]
+
+    asyncio.run(run())
+
+
+def test_the_start_up_also_ends_when_the_first_page_cannot_be_read(tmp_path, monkeypatch):
+    from greend.tui import app as app_mod
+
+    monkeypatch.setattr(app_mod, "STARTED_AFTER_S", 0.2)
+    calls = []
+
+    async def run() -> None:
+        app = GreendApp(LedgerSource(tmp_path / "absent.sqlite"), user="alice", me="alice",
+                        clock=lambda: NOW, refresh_s=0, on_started=lambda: calls.append(1))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.6)
+            assert "Press r to retry" in str(app.screen.query_one("#status").render())
+            assert calls == [1]
+
+    asyncio.run(run())
