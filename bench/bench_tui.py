@@ -8,6 +8,9 @@ itself in a pseudo-terminal, from exec to its first page of jobs (with its modul
 cached, in a temporary directory, as an installed greend has it, unless --no-bytecode); then,
 driven headless by Textual's Pilot, first paint and the time of a refresh (unchanged data; changed
 figures of running jobs), a page change and a re-sort.
+With --first-paint-only, also a reference: a bare Textual app that shows one line of text, exec to
+paint, on the same interpreter (the floor of any Textual start there: greend's own share is the
+difference), and which interpreter ran.
 Goals: exec to first page < 250 ms on a quiet machine, a refresh of running rows < 50 ms.
 """
 
@@ -258,11 +261,24 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# The floor of any Textual start on this interpreter: an app that shows one line of text.
+REFERENCE_APP = """
+from textual.app import App
+from textual.widgets import Static
+class One(App):
+    def compose(self):
+        yield Static("Enter: details")
+One().run()
+"""
+
+
 def first_paint_pty(path: Path, user: str, size: tuple[int, int] = (80, 24),
-                    cpu: list[float] | None = None, pycache: Path | None = None) -> float | None:
+                    cpu: list[float] | None = None, pycache: Path | None = None,
+                    reference: bool = False) -> float | None:
     """The real thing: `greend tui` in a pseudo-terminal, from exec to the status line that follows
     the first page of jobs (interpreter start and imports included). The CPU time the process used
-    until then is appended to `cpu` (less sensitive than wall time to other work on the machine)."""
+    until then is appended to `cpu` (less sensitive than wall time to other work on the machine).
+    reference: the same for REFERENCE_APP instead of greend."""
     import fcntl
     import os
     import pty
@@ -277,6 +293,8 @@ def first_paint_pty(path: Path, user: str, size: tuple[int, int] = (80, 24),
         if pycache is not None:  # compiled modules kept, as an installed greend has them
             os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
             os.environ["PYTHONPYCACHEPREFIX"] = str(pycache)
+        if reference:
+            os.execv(sys.executable, [sys.executable, "-c", REFERENCE_APP])
         os.execv(sys.executable, [sys.executable, "-m", "greend", "tui", "--ledger", str(path),
                                   "--user", user, "--refresh", "0"])
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", size[1], size[0], 0, 0))
@@ -292,7 +310,7 @@ def first_paint_pty(path: Path, user: str, size: tuple[int, int] = (80, 24),
                 if cpu is not None:
                     cpu.append(_cpu_s(pid))
                 break
-    os.write(fd, b"q")
+    os.write(fd, b"\x11" if reference else b"q")  # ctrl+q quits a bare Textual app
     end = time.perf_counter() + 5
     while time.perf_counter() < end:
         if select.select([fd], [], [], 0.05)[0]:
@@ -327,6 +345,13 @@ def main(argv: list[str] | None = None) -> int:
             first_paint_pty(path, ME, pycache=pyc)  # (fills the bytecode cache)
             ok = [x for x in (first_paint_pty(path, ME, cpu=cpu, pycache=pyc) for _ in range(args.runs)) if x]
             print(f"greend tui, exec to first page: wall {ms(ok)}; CPU {ms(cpu)} ({len(ok)} runs)")
+            ref_cpu: list[float] = []
+            first_paint_pty(path, ME, pycache=pyc, reference=True)
+            ref = [x for x in (first_paint_pty(path, ME, cpu=ref_cpu, pycache=pyc, reference=True)
+                               for _ in range(args.runs)) if x]
+            print(f"reference, a Textual app showing one line, exec to paint: wall {ms(ref)}; "
+                  f"CPU {ms(ref_cpu)}")
+            print(f"interpreter: {sys.executable} (Python {sys.version.split()[0]})")
             return 0
         t0 = time.perf_counter()
         import greend.tui.app  # noqa: F401 - what `greend tui` imports before it paints
