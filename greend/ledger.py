@@ -229,6 +229,32 @@ def _is_full(e: sqlite3.Error) -> bool:
     return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(e)
 
 
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection. A reader of a WAL database needs its -shm file, which SQLite creates
+    next to it: in a directory the reader may not write to (a ledger copied for an admin, a
+    read-only mount) it cannot. A ledger closed cleanly has no -wal file left, so it is then read
+    as the immutable file it is; one with a -wal (its daemon running, or stopped abruptly) cannot
+    be read this way, and the error says what would let it be read."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
+    try:
+        db.execute("PRAGMA user_version").fetchone()  # opens the database (and its WAL index)
+        return db
+    except sqlite3.OperationalError as e:
+        db.close()
+        cannot_make_shm = "readonly" in str(e) or "unable to open" in str(e)
+        if not cannot_make_shm or os.access(path.parent, os.W_OK):
+            raise
+        wal = Path(f"{path}-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise LedgerError(
+                f"{path}: cannot read the ledger: its latest writes are in {wal.name}, and reading "
+                f"them needs {path.name}-shm, which uid {os.geteuid()} cannot create in "
+                f"{path.parent} (read it through the daemon's socket, or as a user who may write "
+                "to that directory)") from None
+    return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, timeout=10,
+                           check_same_thread=False)
+
+
 class Ledger:
     def __init__(self, path: str | os.PathLike, readonly: bool = False):
         self.path = Path(path)
@@ -237,8 +263,7 @@ class Ledger:
             if readonly:
                 if not self.path.exists():
                     raise LedgerError(f"{self.path}: no ledger here (has greend run on this node?)")
-                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10,
-                                          check_same_thread=False)
+                self.db = _connect_readonly(self.path)
             else:
                 try:
                     _make_private_dir(self.path.parent)
