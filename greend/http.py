@@ -46,6 +46,8 @@ MAX_BODY = 1 << 20
 MAX_ANONYMOUS_BODY = 64 << 10  # a request without the site token sends no more than this
 MAX_TARGET = 8192
 MAX_HEADER_BYTES = 16384
+LINGER_S = 2.0  # after an early refusal, how long the unread rest of a request is read and dropped
+LINGER_BYTES = 1 << 20  # ... and how much of it at most
 
 __all__ = ["ApiError", "Caller", "Limits", "Server", "bearer_ok", "default_socket", "dumps",
            "parse_json", "parse_listen", "serve"]
@@ -485,6 +487,7 @@ class Server:
                     if count and (request.method.decode(), path) in self.api.host.routes:
                         count("too_large")
                 await self._reply(conn, writer, request, reply, close=True)
+                await self._linger(reader, writer)
                 return
             method = request.method.decode("ascii", "replace")
             target = request.target.decode("latin-1")
@@ -498,6 +501,26 @@ class Server:
                 conn.start_next_cycle()
             except h11.LocalProtocolError:
                 return
+
+    async def _linger(self, reader, writer) -> None:
+        """After answering a request refused before its body was read (413, 400, ...): stop
+        writing, then read and drop what the client is still sending, for LINGER_S and
+        LINGER_BYTES at most, before closing. Closing with unread data makes the client's own
+        writes fail before it reads the answer (curl: "Send failure: Broken pipe" instead of the
+        413); web servers linger the same way (nginx's lingering_close)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + LINGER_S
+        dropped = 0
+        try:
+            if writer.can_write_eof():
+                writer.write_eof()
+            while dropped < LINGER_BYTES and (left := end - loop.time()) > 0:
+                data = await asyncio.wait_for(reader.read(65536), left)
+                if not data:
+                    return
+                dropped += len(data)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            pass
 
     def _check_head(self, req: h11.Request) -> int:
         """Refuse what can be refused from the head alone; the largest body this request may
