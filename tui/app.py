@@ -127,6 +127,11 @@ class GreendApp(App[None]):
         if self._on_started is not None:
             self.set_timer(STARTED_AFTER_S, self.started)
 
+    @property
+    def starting(self) -> bool:
+        """Whether the start-up is still on (its end not yet announced to on_started)."""
+        return self._on_started is not None
+
     def started(self) -> None:
         """The start-up is over: the jobs screen's first page is painted (tui/jobs.py)."""
         callback, self._on_started = self._on_started, None

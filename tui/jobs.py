@@ -299,8 +299,9 @@ class JobsScreen(SourceScreen):
             self._show_page(q, page)
         # once the page is painted; new figures (a new page from the source) are read again soon
         self.call_after_refresh(self._load_totals, q, False, page is not self._totals_page)
-        # (a refresh's callbacks run before the frame is written: a moment later, it is on screen)
-        self.set_timer(STARTED_S, self.app.started)  # type: ignore[attr-defined]
+        if self.app.starting:  # type: ignore[attr-defined]
+            # (a refresh's callbacks run before the frame is written: a moment later, it is shown)
+            self.set_timer(STARTED_S, self.app.started)  # type: ignore[attr-defined]
         self._totals_page = page
 
     def _show_page(self, q: JobQuery, page: JobPage) -> None:
