@@ -301,10 +301,7 @@ def test_hook_identity_is_provisional_until_slurmctld_gives_the_submit_time(node
     node.fake.jobs = lambda n: answer
     node.slurm.refresh()
     key = node.jobs.add("42")
-    m = node.monitor()
-    m.tick()
-    node.step(cpu_s={key: 2.0})
-    m.tick()
+    m = node.sampled({key: 2.0})
     m.checkpoint()
     (row,) = node.rows("42")
     assert (row.user, row.account, row.partition, row.alloc_gpus) == ("alice", "proj-hook", "gpu", 1)

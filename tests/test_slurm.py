@@ -311,6 +311,14 @@ class Node:
         self.proc.advance(active, total - active)
         self.clock.advance(dt)
 
+    def sampled(self, cpu_s: dict[str, float]) -> Monitor:
+        """A monitor that sampled the node, then again after the jobs used `cpu_s` of CPU."""
+        m = self.monitor()
+        m.tick()
+        self.step(cpu_s=cpu_s)
+        m.tick()
+        return m
+
     def rows(self, job_id: str):
         return self.ledger.get_job("c1", job_id, "n1")
 
@@ -338,10 +346,7 @@ def test_metadata_enriches_accounts_and_ledger_rows(node):
     node.fake.entries["42"] = entry(42, 1000, gres=1)
     node.slurm.refresh()
     key = node.jobs.add("42", alloc_cpus=1, uid=1000)  # the cpuset is narrower than the allocation
-    m = node.monitor()
-    m.tick()
-    node.step(cpu_s={key: 5.0})
-    m.tick()
+    m = node.sampled({key: 5.0})
     m.checkpoint()
     (row,) = node.rows("42")
     assert (row.user, row.uid, row.account, row.partition, row.name) == (
@@ -386,10 +391,7 @@ def test_unknown_jobs_get_a_provisional_identity_fixed_by_pk(node):
 def test_a_job_that_started_after_its_id_was_first_seen_is_another_job(node):
     node.slurm.refresh()
     key = node.jobs.add("42")
-    m = node.monitor()
-    m.tick()
-    node.step(cpu_s={key: 2.0})
-    m.tick()
+    m = node.sampled({key: 2.0})
     # The cache now shows a job 42 that started after greend first saw a job_42 cgroup: the
     # provisional account was another (unknown) job's.
     node.fake.entries["42"] = entry(42, int(T0) + 3, start=int(T0) + 4)
@@ -407,10 +409,7 @@ def test_job_id_reuse_gives_two_rows_never_merged(node):
     node.fake.entries["42"] = entry(42, 1000)
     node.slurm.refresh()
     key = node.jobs.add("42")
-    m = node.monitor()
-    m.tick()
-    node.step(cpu_s={key: 4.0})
-    m.tick()
+    m = node.sampled({key: 4.0})
     m.checkpoint()
     (first,) = node.rows("42")
     # The controller lost its state and gave id 42 to another job; its cgroup starts from 0.
@@ -434,10 +433,7 @@ def test_a_stale_cache_never_merges_a_new_job_into_a_closed_one(node):
     node.fake.entries["42"] = entry(42, 1000)
     node.slurm.refresh()
     key = node.jobs.add("42")
-    m = node.monitor()
-    m.tick()
-    node.step(cpu_s={key: 4.0})
-    m.tick()
+    m = node.sampled({key: 4.0})
     node.jobs.end(key)
     node.step()
     m.tick()
@@ -459,10 +455,7 @@ def test_job_ending_between_samples_is_closed_at_its_last_sample_with_slurms_end
     node.slurm.refresh()
     key, other = node.jobs.add("42"), node.jobs.add("43")
     node.fake.entries["43"] = entry(43, 1001, start=int(T0) - 100)
-    m = node.monitor()
-    m.tick()
-    node.step(cpu_s={key: 4.0, other: 4.0})
-    m.tick()
+    m = node.sampled({key: 4.0, other: 4.0})
     last_sample = node.clock.t
     m.checkpoint()
     (before,) = node.rows("42")
