@@ -241,13 +241,6 @@ class Summary:
 _JOB_FIELDS = frozenset(f.name for f in dataclasses.fields(JobRow))
 
 
-def _phases():
-    """greend.phases, imported when a job's detail is read (not by every reader's start)."""
-    from . import phases
-
-    return phases
-
-
 def _dicts(cur) -> list[dict]:
     """Rows as dicts whatever the connection's row factory (or a server reader's result)."""
     names = list(cur.keys()) if hasattr(cur, "keys") else [d[0] for d in cur.description]
@@ -490,6 +483,8 @@ def job_detail(db: sqlite3.Connection, cluster: str, job_id: str, *, user: str |
     A job id that Slurm reused (after its counter was reset) has several submissions: the latest
     one is shown, or every record with `all_submissions` (`job` then merges the latest).
     """
+    from . import phases  # (here: not imported by every reader's start)
+
     sql, args = "SELECT * FROM jobs WHERE cluster = ? AND job_id = ?", [cluster, job_id]
     if user is not None:
         sql += ' AND "user" = ?'
@@ -524,7 +519,7 @@ def job_detail(db: sqlite3.Connection, cluster: str, job_id: str, *, user: str |
         node_series=[per_pk[pk] for pk in pks],
         node_factors=[factors_pk[pk] for pk in pks],
         # Phases are a node's (POST /api/v1/phases): a site database server has no table of them.
-        node_phases=[_phases().of_job(db, pk) if dialect_of(db).name == "sqlite" else []
+        node_phases=[phases.of_job(db, pk) if dialect_of(db).name == "sqlite" else []
                      for pk in pks],
     )
 

@@ -29,7 +29,6 @@ import marshal
 import os
 import pickle
 import sys
-import threading
 import types
 import zlib
 from pathlib import Path
@@ -82,6 +81,7 @@ class _Unpickler(pickle.Unpickler):
 
 class Cache:
     """The stored rules: {(read_from, is_default, tie_breaker, scope): [[css, variables, rules]]}
+    (used from the app's one thread: Textual parses there, and the app saves there)
     with rules pickled, unpickled when first used (then shared, as Textual's own in-process cache
     of parsed rules shares them: Textual does not change a parsed rule set)."""
 
@@ -91,7 +91,6 @@ class Cache:
         self.entries: dict[tuple, list[list]] = {}
         self.dirty = False
         self.hits = self.misses = 0
-        self._lock = threading.Lock()
 
     def load(self) -> None:
         body = usercache.read(self.path, MAGIC)
@@ -106,43 +105,40 @@ class Cache:
             self.entries = entries
 
     def get(self, where: tuple, css: str, variables: dict) -> list | None:
-        with self._lock:
-            for entry in self.entries.get(where, ()):
-                if entry[0] == css and entry[1] == variables:
-                    try:
-                        if len(entry) < 4:  # unpickled once per process
-                            entry.append(_Unpickler(io.BytesIO(entry[2])).load())
-                        return entry[3]
-                    except Exception as e:  # refused or damaged: parsed again (and replaced)
-                        log.debug("stylesheet cache entry unusable (%s): parsed again", e)
-                        self.entries[where].remove(entry)
-                        return None
+        for entry in self.entries.get(where, ()):
+            if entry[0] == css and entry[1] == variables:
+                try:
+                    if len(entry) < 4:  # unpickled once per process
+                        entry.append(_Unpickler(io.BytesIO(entry[2])).load())
+                    return entry[3]
+                except Exception as e:  # refused or damaged: parsed again (and replaced)
+                    log.debug("stylesheet cache entry unusable (%s): parsed again", e)
+                    self.entries[where].remove(entry)
+                    return None
         return None
 
     def put(self, where: tuple, css: str, variables: dict, rules: list) -> None:
         """Keep rules just parsed; they are pickled when saved (after the first page is painted)."""
-        with self._lock:
-            if sum(len(v) for v in self.entries.values()) >= MAX_ENTRIES:
-                self.entries = {}
-            self.entries.setdefault(where, []).append([css, dict(variables), None, rules])
-            self.dirty = True
+        if sum(len(v) for v in self.entries.values()) >= MAX_ENTRIES:
+            self.entries = {}
+        self.entries.setdefault(where, []).append([css, dict(variables), None, rules])
+        self.dirty = True
 
     def save(self) -> bool:
-        with self._lock:
-            if not self.dirty:
-                return False
-            self.dirty = False
-            entries: dict[tuple, list] = {}
-            for where, stored in self.entries.items():
-                for e in stored:
-                    if e[2] is None:
-                        try:
-                            e[2] = pickle.dumps(e[3], protocol=pickle.HIGHEST_PROTOCOL)
-                        except Exception as ex:  # not picklable (a later Textual): parsed each time
-                            log.debug("stylesheet rules not cached: %s", ex)
-                            continue
-                    entries.setdefault(where, []).append(e[:3])
-            body = marshal.dumps((self.key, entries))
+        if not self.dirty:
+            return False
+        self.dirty = False
+        entries: dict[tuple, list] = {}
+        for where, stored in self.entries.items():
+            for e in stored:
+                if e[2] is None:
+                    try:
+                        e[2] = pickle.dumps(e[3], protocol=pickle.HIGHEST_PROTOCOL)
+                    except Exception as ex:  # not picklable (a later Textual): parsed each time
+                        log.debug("stylesheet rules not cached: %s", ex)
+                        continue
+                entries.setdefault(where, []).append(e[:3])
+        body = marshal.dumps((self.key, entries))
         return usercache.write(self.path, MAGIC, body)
 
 
