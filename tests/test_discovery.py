@@ -466,15 +466,15 @@ def test_testbed_unplaceable_jobs_are_asked_by_id_within_the_bound(tb, tmp_path)
 
 @pytest.mark.slurm
 def test_testbed_rpcs_per_node_hour_local_vs_squeue(tb):
-    """bench_slurm_rpc.py's measurement, short: 8 simulated nodes, each refreshing every 5 s while
-    real jobs come and go. squeue mode: one full-queue dump per node per refresh; local mode: none,
+    """bench_slurm_rpc.py's measurement, short: 8 simulated nodes, each refreshing every 2.5 s for
+    10 s while real jobs come and go. squeue mode: one full-queue dump per node per refresh; local mode: none,
     and by-id questions within the bound (about two per job: at its start and after its end)."""
     sys.path.insert(0, str(REPO / "bench"))
     import argparse
 
     from bench_slurm_rpc import run_mode
 
-    args = argparse.Namespace(nodes=8, seconds=20.0, interval=5.0, job_every=2.0, job_seconds=4.0,
+    args = argparse.Namespace(nodes=8, seconds=10.0, interval=2.5, job_every=1.5, job_seconds=3.0,
                               lookups_per_minute=12.0, lookup_burst=30)
     local = run_mode("local", args, tb.conf("site"), tb)
     squeue = run_mode("squeue", args, tb.conf("site"), tb)

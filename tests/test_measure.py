@@ -344,10 +344,10 @@ def test_a_short_runs_series_has_its_sampling_step(tmp_path):
 def test_a_long_runs_series_is_coarsened_to_a_bounded_number_of_points(tmp_path):
     from greend.measure import MAX_POINTS
 
-    # 0.1 s sampling: past 120 points (12 s) the step becomes 1 s and what was stored is merged.
-    d = _footprint(tmp_path, "sleep", "14", extra=("--interval", "0.1"))
+    # 0.05 s sampling: past 120 points (6 s) the step becomes 1 s and what was stored is merged.
+    d = _footprint(tmp_path, "sleep", "7.5", extra=("--interval", "0.05"))
     rows = _series(tmp_path, d["job"]["job_id"])
-    assert len(rows) <= MAX_POINTS and len(rows) >= 10
+    assert len(rows) <= MAX_POINTS and len(rows) >= 7
     assert all(r[0] == int(r[0]) for r in rows)  # 1 s buckets
     db = sqlite3.connect(tmp_path / "state" / "ledger.sqlite")
     meta = db.execute("SELECT meta FROM jobs WHERE job_id = ?", (d["job"]["job_id"],)).fetchone()[0]

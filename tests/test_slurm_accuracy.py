@@ -29,7 +29,7 @@ import pytest
 pytestmark = pytest.mark.slurm
 
 GREEND = str(Path(sys.executable).with_name("greend"))
-BURN_SECONDS = 20
+BURN_SECONDS = 10
 # Burn until the stop file appears, then idle (no CPU to speak of) until the done file appears.
 SCRIPT = """#!/bin/bash
 while [ ! -e {stop} ] && (( SECONDS < 60 )); do :; done
