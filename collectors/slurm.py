@@ -25,7 +25,7 @@ from typing import Literal
 
 from . import slurmcli
 from .base import CollectorStatus
-from .slurmcli import number
+from .slurmcli import json_failure, number
 
 log = logging.getLogger(__name__)
 
@@ -211,13 +211,9 @@ def parse_squeue_json(text: str, node: str) -> list[SlurmJob]:
         data = json.loads(text)
     except ValueError as e:
         raise SlurmError(f"squeue --json: not JSON ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
-        raise SlurmError("squeue --json: no 'jobs' list in the answer")
-    errors = [e for e in data.get("errors") or [] if e]
-    if errors and not data["jobs"]:
-        first = errors[0]
-        raise SlurmError(f"squeue --json: {first.get('description') or first.get('error') or first}"
-                         if isinstance(first, dict) else f"squeue --json: {first}")
+    failure = json_failure(data, "jobs")
+    if failure:
+        raise SlurmError(f"squeue --json: {failure}")
     out = []
     for j in data["jobs"]:
         try:

@@ -75,6 +75,25 @@ def first_error(err: str) -> str:
     return lines[-1] if lines else "no output"
 
 
+def json_failure(data, key: str) -> str | None:
+    """Why a Slurm command's --json answer cannot be used, or None when it can.
+
+    22.05's `squeue --json` and `sinfo --json` exit 0 when they cannot reach the controller: the
+    answer is an `errors` list and an empty `key` list ("jobs", "nodes"), which must not be read as
+    an empty queue or cluster. Errors beside a non-empty list are Slurm's warnings: usable."""
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        return f"no '{key}' list in the answer"
+    errors = [e for e in data.get("errors") or [] if e]
+    if not errors or data[key]:
+        return None
+    first = errors[0]
+    if not isinstance(first, dict):
+        return str(first)
+    what = str(first.get("description") or "").strip()
+    why = ": ".join(str(first[k]) for k in ("source", "error") if first.get(k))
+    return f"{what} ({why})" if what and why else what or why or "an error without a message"
+
+
 def number(v, default=None):
     """A number of Slurm's JSON: plain (22.05) or {"set": true, "infinite": false, "number": N}
     (23.02+); `default` when unset, infinite, missing or not a number."""

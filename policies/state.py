@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from greend.collectors import slurmcli
-from greend.collectors.slurmcli import first_error, number
+from greend.collectors.slurmcli import first_error, json_failure, number
 
 from greend import quantities as q
 
@@ -361,8 +361,14 @@ def fetch(cluster, now: float | None = None) -> ClusterState:
             return ClusterState(cluster.name, False, now, error=f"controller did not answer: {msg}",
                                 fetch_s=elapsed)
     try:
-        nodes = parse_sinfo(json.loads(results["sinfo"][1]))
-        running, pending, _ = parse_squeue(json.loads(results["squeue"][1]), now)
+        answers = {name: json.loads(results[name][1]) for name in ("sinfo", "squeue")}
+        for name, key in (("squeue", "jobs"), ("sinfo", "nodes")):
+            failure = json_failure(answers[name], key)
+            if failure:  # 22.05 exits 0 with only an error when the controller cannot be reached
+                return ClusterState(cluster.name, False, now,
+                                    error=f"controller did not answer: {name}: {failure}", fetch_s=elapsed)
+        nodes = parse_sinfo(answers["sinfo"])
+        running, pending, _ = parse_squeue(answers["squeue"], now)
     except (ValueError, TypeError, AttributeError) as e:
         return ClusterState(cluster.name, False, now, error=f"unreadable sinfo/squeue JSON: {e}",
                             fetch_s=elapsed)

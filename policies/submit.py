@@ -16,7 +16,7 @@ import secrets
 import time
 from pathlib import Path
 
-from greend.collectors.slurmcli import first_error
+from greend.collectors.slurmcli import first_error, json_failure
 
 from .records import Record
 from .state import run_slurm
@@ -141,10 +141,12 @@ def find_by_token(cluster, job_name: str, token: str) -> str | bool | None:
     if rc != 0:
         return None
     try:
-        jobs = json.loads(out).get("jobs", [])
+        data = json.loads(out)
     except ValueError:
         return None
-    for j in jobs:
+    if json_failure(data, "jobs"):  # exit 0 with only an error: the controller did not answer
+        return None
+    for j in data["jobs"]:
         if j.get("name") == job_name and token in str(j.get("comment") or ""):
             # an array's tasks are listed one by one: the job is the array's own id
             return str(j.get("array_job_id") or j.get("job_id"))

@@ -763,6 +763,23 @@ def test_fetch_reports_a_missing_slurm_conf_without_waiting(tmp_path):
     assert time.monotonic() - t0 < 1
 
 
+def test_fetch_reads_an_answer_of_only_errors_as_a_controller_that_did_not_answer(tmp_path):
+    # 22.05's squeue/sinfo --json exit 0 when the controller cannot be reached: not an empty cluster
+    from greend.policies.state import fetch
+
+    d = tmp_path / "bin"
+    d.mkdir()
+    sinfo = {"errors": [{"error": "Unspecified error", "errno": -1}], "nodes": []}
+    for cmd, answer in (("squeue", SQUEUE_2205_NO_CONTROLLER), ("sinfo", sinfo)):
+        (d / cmd).write_text(f"#!/bin/sh\necho '{json.dumps(answer)}'\n")
+        (d / cmd).chmod(0o755)
+    data = site_data()
+    data["clusters"]["site"]["slurm"] = {"bin_dir": str(d)}
+    st = fetch(make_site(data).by_name["site"])
+    assert not st.ok and st.error == ("controller did not answer: squeue: Failed while looking for jobs "
+                                      "(slurm_load_jobs: Unspecified error)")
+
+
 # -- submission with stand-in Slurm commands -------------------------------------------------------
 FAKE_SBATCH = """#!/bin/sh
 # Stand-in sbatch: behaviour chosen by files next to it.
@@ -777,6 +794,10 @@ case "$(cat "$dir/mode")" in
   invalid) fail "Invalid account or account/partition combination specified" ;;
 esac
 """
+# What 22.05's `squeue --json` prints, with exit status 0, when it cannot reach the controller.
+SQUEUE_2205_NO_CONTROLLER = {"meta": {"Slurm": {"release": "22.05.8"}}, "errors": [
+    {"description": "Failed while looking for jobs", "error_number": -1, "error": "Unspecified error",
+     "source": "slurm_load_jobs"}], "jobs": []}
 FAKE_SQUEUE = """#!/bin/sh
 dir=$(dirname "$0")
 token=$(grep -o 'greend-[0-9a-f]*' "$dir/calls" | tail -1)
@@ -784,8 +805,9 @@ case "$(cat "$dir/queue")" in
   has) printf '{"jobs": [{"job_id": 777, "name": "job.sh", "comment": "%s"}]}' "$token" ;;
   empty) echo '{"jobs": []}' ;;
   dead) echo "squeue: error: Unable to contact slurm controller" >&2; exit 1 ;;
+  dead-json) echo 'NO_CONTROLLER' ;;
 esac
-"""
+""".replace("NO_CONTROLLER", json.dumps(SQUEUE_2205_NO_CONTROLLER))
 
 
 def fake_slurm(tmp_path: Path, name: str, mode: str, queue: str = "empty") -> Path:
@@ -849,8 +871,10 @@ def test_sbatch_timeout_without_the_job_tries_the_next_cluster(tmp_path):
     assert "squeue shows no such job" in sub.tried[0]["result"]
 
 
-def test_sbatch_timeout_with_squeue_dead_stops_with_exit_75(tmp_path):
-    eng, d, led, job = submit_setup(tmp_path, {"site": ("hang", "dead"), "national": ("ok", "empty")})
+@pytest.mark.parametrize("squeue", ["dead", "dead-json"])
+def test_sbatch_timeout_with_squeue_dead_stops_with_exit_75(tmp_path, squeue):
+    # dead-json: squeue exits 0 with only an error, which is no proof that the job is not queued
+    eng, d, led, job = submit_setup(tmp_path, {"site": ("hang", squeue), "national": ("ok", "empty")})
     log = DecisionLog(led)
     sub = submit(eng, d, job, log, user="alice")
     assert (sub.outcome, sub.exit_status) == ("unknown", 75)

@@ -64,10 +64,11 @@ def write_config(work: Path, tb: Testbed, name: str = "greend.toml", dead: set[s
 
     data = tomllib.loads(EXAMPLE.read_text())
     for c in CLUSTERS:
-        conf = tb.conf(c)
-        if c in dead:
-            conf = dead_conf(work, tb, c)
-        data["clusters"][c]["slurm"] = {"conf": str(conf), "bin_dir": str(work / "bin"), "timeout_s": 5.0}
+        conf, timeout_s = tb.conf(c), 5.0
+        if c in dead:  # Slurm's commands retry a dead controller: greend's timeout ends them
+            conf, timeout_s = dead_conf(work, tb, c), 2.0
+        data["clusters"][c]["slurm"] = {"conf": str(conf), "bin_dir": str(work / "bin"),
+                                        "timeout_s": timeout_s}
     data["clusters"]["site"]["accounts"] += ["proj-refuse", "proj-defer"]
     h0 = hour0() if h0 is None else h0
     rows = ["timestamp,g_per_kwh"]
@@ -100,10 +101,12 @@ def write_config(work: Path, tb: Testbed, name: str = "greend.toml", dead: set[s
 
 
 def dead_conf(work: Path, tb: Testbed, cluster: str) -> Path:
-    """A copy of the cluster's slurm.conf whose controller port nobody listens on."""
+    """A copy of the cluster's slurm.conf whose controller port nobody listens on. Slurm's commands
+    try to connect for MessageTimeout seconds (default 10): 2 here, as a short test's patience."""
     d = work / f"dead-{cluster}"
     d.mkdir(exist_ok=True)
     text = re.sub(r"^SlurmctldPort=\d+", "SlurmctldPort=16999", tb.conf(cluster).read_text(), flags=re.M)
+    text += "MessageTimeout=2\n"
     (d / "slurm.conf").write_text(text)
     return d / "slurm.conf"
 

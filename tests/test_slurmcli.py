@@ -21,6 +21,22 @@ def test_number_reads_every_slurm_json_spelling(v, want):
     assert slurmcli.number(v, 0) == (0 if want is None else want)
 
 
+@pytest.mark.parametrize(("answer", "want"), [
+    # 22.05 without a controller (exit status 0)
+    ({"errors": [{"description": "Failed while looking for jobs", "error_number": -1,
+                  "error": "Unspecified error", "source": "slurm_load_jobs"}], "jobs": []},
+     "Failed while looking for jobs (slurm_load_jobs: Unspecified error)"),
+    ({"errors": [{"error": "Unspecified error", "errno": -1}], "jobs": []}, "Unspecified error"),
+    ({"errors": ["plain text"], "jobs": []}, "plain text"),
+    ({"errors": [], "jobs": []}, None),  # an empty queue
+    ({"errors": [{"error": "a warning"}], "jobs": [{"job_id": 1}]}, None),  # warnings beside data
+    ({"nodes": []}, "no 'jobs' list in the answer"),
+    ([], "no 'jobs' list in the answer"),
+])
+def test_json_failure_tells_an_error_from_an_empty_answer(answer, want):
+    assert slurmcli.json_failure(answer, "jobs") == want
+
+
 def test_a_timeout_kills_the_command_and_what_it_started(tmp_path):
     pidfile = tmp_path / "child.pid"
     script = tmp_path / "squeue"
