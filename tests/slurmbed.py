@@ -233,8 +233,9 @@ class Testbed:
         proc = self.run(cluster, "scontrol", "listpids", str(job_id), check=False)
         if proc.returncode != 0:
             return []
-        # Header "PID JOBID STEPID LOCALID GLOBALID", then one line per process.
-        return [int(line.split()[0]) for line in proc.stdout.splitlines()[1:] if line.strip()]
+        # Header "PID JOBID STEPID LOCALID GLOBALID", then one line per process. A step that is
+        # still starting is listed with PID -1 (as collectors/slurm.py's listpids, skip it).
+        return [int(f[0]) for f in map(str.split, proc.stdout.splitlines()[1:]) if f and f[0].isdigit()]
 
     def wait_started(self, cluster: str, job_id: int | str, timeout: float = 30.0) -> dict:
         """Wait until the job is RUNNING *and* its processes exist; return its squeue entry.
