@@ -37,6 +37,13 @@ def tb():
     testbed.cancel_all()
 
 
+@pytest.fixture(autouse=True)
+def no_jobs_left(tb):
+    """A test that fails half-way leaves no job behind to hold the next test's CPUs."""
+    yield
+    tb.cancel_all()
+
+
 def stop_file(tb: Testbed, cluster: str) -> Path:
     path = tb.base / cluster / "jobs" / f"stop-{uuid.uuid4().hex}"
     path.parent.mkdir(parents=True, exist_ok=True)
