@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from fixtures import make_procfs
+from greend.collectors import procscan
 from greend.collectors.procscan import NS_PER_TICK, ProcScan, _parse_stat
 
 PY = sys.executable
@@ -25,10 +26,22 @@ def groups(scan: ProcScan) -> dict:
 
 
 # -- fixture procfs -------------------------------------------------------------------------------
+class _OsOfAnotherPid:
+    """The os module, but getpid() is above any kernel's pid_max (2**22): the fixture's pids never
+    look like the scanner itself, even where the test's own pid has wrapped round to a small one."""
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    @staticmethod
+    def getpid() -> int:
+        return 2**22 + 1
+
+
 @pytest.fixture
-def fake(tmp_path):
+def fake(tmp_path, monkeypatch):
     proc = make_procfs(tmp_path / "proc")
-    assert os.getpid() not in range(1, 1000)  # fixture pids never look like the scanner itself
+    monkeypatch.setattr(procscan, "os", _OsOfAnotherPid())
     proc.add_process(1, ppid=0, comm="systemd", utime=5)
     return proc
 
