@@ -97,12 +97,15 @@ def test_a_controller_killed_mid_batch_loses_and_doubles_nothing(server_db, tmp_
         a.__exit__()
         ctl1.__exit__()
     assert a.rows("SELECT COUNT(*) FROM outbox")[0][0] == 0, f"outbox not drained:\n{a.log()[-3000:]}"
+    # (for the message below: records the site database judged older than what it had)
+    stale = metric_value(ctl2.metrics(), "greend_controller_records_stale_total")
     assert ctl2.stop() == 0
     site = sitedb.ServerSite(server_db.url, server_db.password)
     try:
         mine, theirs = agent_books(a, "n1"), site_books(site, "n1")
         assert mine["jobs"] and mine["series"] and mine["node_totals"]
-        why = f"agent log:\n{a.log()[-3000:]}\ncontroller 2 log:\n{ctl2.log()[-2000:]}"
+        why = (f"controller 2 judged {stale} record(s) stale\nagent log:\n{a.log()[-3000:]}\n"
+               f"controller 2 log:\n{ctl2.log()[-2000:]}")
         assert theirs["jobs"] == mine["jobs"], why
         assert theirs["series"] == mine["series"], why
         assert theirs["node_totals"] == mine["node_totals"], why
