@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 from fixtures import Clock, FakeProc, FakeRapl, make_procfs, make_rapl
 
@@ -36,3 +42,20 @@ def procfs(tmp_path) -> FakeProc:
 @pytest.fixture
 def rapl(tmp_path) -> FakeRapl:
     return make_rapl(tmp_path / "sys")
+
+
+@pytest.fixture
+def greendtest_dir():
+    """For a test acting as the unprivileged user greendtest (made by bin/test and the testbed):
+    a directory in /tmp that user can enter (pytest's tmp_path is root's only). Skipped unless
+    running as root with that user present."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as the user greendtest")
+    try:
+        pwd.getpwnam("greendtest")
+    except KeyError:
+        pytest.skip("needs the user greendtest (made by bin/test and the testbed)")
+    d = Path(tempfile.mkdtemp(prefix="greend-user-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

@@ -318,31 +318,18 @@ def test_lookup_order_flag_env_user_system(tmp_path):
     assert check_json(tmp_path, env, "--config", str(flag))["cluster"] == "flag"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run greend as user greendtest")
-def test_user_config_is_read_for_an_unprivileged_user(tmp_path):
-    import pwd
-    import shutil
-    import tempfile
-
+def test_user_config_is_read_for_an_unprivileged_user(tmp_path, greendtest_dir):
     from daemonproc import greend_argv
 
-    try:
-        pwd.getpwnam("greendtest")
-    except KeyError:
-        pytest.skip("needs user greendtest (made by the testbed)")
-    top = Path(tempfile.mkdtemp(prefix="greend-xdg-", dir="/tmp"))  # pytest's tmp is root-only
-    try:
-        os.chmod(top, 0o755)
-        write(top / "greend" / "greend.toml", 'cluster = "mine"\n[clusters.mine]\n')
-        for p in top.rglob("*"):
-            os.chmod(p, 0o755 if p.is_dir() else 0o644)
-        env = lookup_env(tmp_path, XDG_CONFIG_HOME=str(top))
-        r = subprocess.run([*greend_argv("greendtest"), "config", "check", "--json"],
-                           capture_output=True, text=True, cwd="/tmp", env=env, timeout=60)
-        assert r.returncode == 0, r.stderr
-        assert '"cluster": "mine"' in r.stdout and "user configuration" in r.stdout
-    finally:
-        shutil.rmtree(top)
+    top = greendtest_dir
+    write(top / "greend" / "greend.toml", 'cluster = "mine"\n[clusters.mine]\n')
+    for p in top.rglob("*"):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    env = lookup_env(tmp_path, XDG_CONFIG_HOME=str(top))
+    r = subprocess.run([*greend_argv("greendtest"), "config", "check", "--json"],
+                       capture_output=True, text=True, cwd="/tmp", env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert '"cluster": "mine"' in r.stdout and "user configuration" in r.stdout
 
 
 def test_unreadable_config_is_an_error_not_the_default(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from pathlib import Path
 
@@ -204,62 +203,52 @@ def test_merge_series_keeps_every_figure(tmp_path):
     led.close()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as another user")
-def test_a_ledger_in_a_directory_the_reader_cannot_write_is_read(tmp_path):
+def test_a_ledger_in_a_directory_the_reader_cannot_write_is_read(greendtest_dir):
     # An admin's copy of a ledger, or a read-only mount: SQLite cannot create the WAL index (-shm)
     # there. A ledger closed cleanly is read as it is; one whose latest writes are still in its
     # -wal is refused with an explanation, never read without them.
-    import pwd
     import shutil
     import subprocess
-    import tempfile
 
-    try:
-        pwd.getpwnam("greendtest")
-    except KeyError:
-        pytest.skip("no unprivileged user greendtest (the testbed's)")
-    d = Path(tempfile.mkdtemp(prefix="greend-ro-", dir="/tmp"))
-    try:
-        d.chmod(0o755)
-        path = d / "ledger.sqlite"
-        led = Ledger(path)
-        with led.transaction() as db:
-            led.upsert_job(db, JobRow(cluster="c", job_id="1", node="n", kind="slurm", state="ended",
-                                      first_seen=1.0, last_seen=2.0))
-        led.close()
-        assert not Path(f"{path}-wal").exists()
-        path.chmod(0o644)
-        code = ("import sys\nfrom greend.ledger import Ledger, LedgerError\n"
-                "try:\n    l = Ledger(sys.argv[1], readonly=True)\n"
-                "    print(l.db.execute('SELECT count(*) FROM jobs').fetchone()[0])\n"
-                "except LedgerError as e:\n    print('ERROR', e)\n")
-        # The reader runs the system's Python on a copy of greend's core (this checkout and its
-        # venv may sit in a directory the unprivileged user cannot enter).
-        python = shutil.which("python3", path="/usr/bin:/bin")
-        if python is None:
-            pytest.skip("no /usr/bin/python3 for the unprivileged reader")
-        src = d / "src"
-        shutil.copytree(Path(__file__).resolve().parent.parent / "greend", src / "greend",
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        for p in [src, *src.rglob("*")]:
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        run = ["runuser", "-u", "greendtest", "--", "env", f"PYTHONPATH={src}",
-               python, "-c", code, str(path)]
-        r = subprocess.run(run, capture_output=True, text=True, timeout=60, cwd="/")
-        assert r.stdout.strip() == "1", r.stderr
+    d = greendtest_dir
+    path = d / "ledger.sqlite"
+    led = Ledger(path)
+    with led.transaction() as db:
+        led.upsert_job(db, JobRow(cluster="c", job_id="1", node="n", kind="slurm", state="ended",
+                                  first_seen=1.0, last_seen=2.0))
+    led.close()
+    assert not Path(f"{path}-wal").exists()
+    path.chmod(0o644)
+    code = ("import sys\nfrom greend.ledger import Ledger, LedgerError\n"
+            "try:\n    l = Ledger(sys.argv[1], readonly=True)\n"
+            "    print(l.db.execute('SELECT count(*) FROM jobs').fetchone()[0])\n"
+            "except LedgerError as e:\n    print('ERROR', e)\n")
+    # The reader runs the system's Python on a copy of greend's core (this checkout and its
+    # venv may sit in a directory the unprivileged user cannot enter).
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("no /usr/bin/python3 for the unprivileged reader")
+    src = d / "src"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "greend", src / "greend",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for p in [src, *src.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    run = ["runuser", "-u", "greendtest", "--", "env", f"PYTHONPATH={src}",
+           python, "-c", code, str(path)]
+    r = subprocess.run(run, capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.stdout.strip() == "1", r.stderr
 
-        # the daemon's writes not yet checkpointed into the file: refused, and says why
-        writer = Ledger(path)
-        with writer.transaction() as db:
-            writer.upsert_job(db, JobRow(cluster="c", job_id="2", node="n", kind="slurm",
-                                         state="ended", first_seen=1.0, last_seen=2.0))
-        shutil.copy(f"{path}-wal", d / "keep-wal")
-        writer.close()
-        shutil.copy(d / "keep-wal", f"{path}-wal")
-        Path(f"{path}-wal").chmod(0o644)
-        Path(f"{path}-shm").unlink(missing_ok=True)
-        r = subprocess.run(run, capture_output=True, text=True, timeout=60, cwd="/")
-        assert r.stdout.startswith("ERROR "), (r.stdout, r.stderr)
-        assert "ledger.sqlite-wal" in r.stdout and "daemon's socket" in r.stdout
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    # the daemon's writes not yet checkpointed into the file: refused, and says why
+    writer = Ledger(path)
+    with writer.transaction() as db:
+        writer.upsert_job(db, JobRow(cluster="c", job_id="2", node="n", kind="slurm",
+                                     state="ended", first_seen=1.0, last_seen=2.0))
+    shutil.copy(f"{path}-wal", d / "keep-wal")
+    writer.close()
+    shutil.copy(d / "keep-wal", f"{path}-wal")
+    Path(f"{path}-wal").chmod(0o644)
+    Path(f"{path}-shm").unlink(missing_ok=True)
+    r = subprocess.run(run, capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.stdout.startswith("ERROR "), (r.stdout, r.stderr)
+    assert "ledger.sqlite-wal" in r.stdout and "daemon's socket" in r.stdout
+
